@@ -1,0 +1,351 @@
+//! Stage 4, aggregate: joined sockets → the groups of a report, like
+//! `netstat -anp | grep ESTABLISHED | awk '{print $4}' | sort | uniq -c | sort -n`.
+//!
+//! Input: a `Joined` sample and a `Query` (group-by key, filters, top N). Output: a `Report`,
+//! the serde model the renderers print (its JSON is the documented schema, docs/json.md).
+//! Pure: no I/O, no clock.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use serde::{Serialize, Serializer};
+
+use crate::join::Joined;
+use crate::model::{Sample, StateSet, TcpState};
+
+/// The JSON schema version this module writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What the groups are keyed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupBy {
+    /// Local address:port, netstat's `$4` column.
+    Port,
+    /// Owning process.
+    Process,
+    /// Remote address:port.
+    Peer,
+    /// Owning process → remote address:port.
+    Pair,
+}
+
+/// Which sockets to show and how to group them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Query {
+    pub group_by: GroupBy,
+    pub states: StateSet,
+    /// Local or remote port.
+    pub port: Option<u16>,
+    pub pid: Option<u32>,
+    /// Exact `comm` of an owner.
+    pub process: Option<String>,
+    /// Keep the largest N groups; `None` or `Some(0)` keeps all.
+    pub top: Option<usize>,
+}
+
+/// A process and how many of the group's sockets it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OwnerCount {
+    pub pid: u32,
+    pub comm: String,
+    pub count: usize,
+}
+
+/// The fields that identify a group; which ones depends on `GroupBy`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum GroupKey {
+    Port {
+        local_addr: String,
+        local_port: u16,
+        /// A listener accepts on this endpoint: these are the server ends.
+        listening: bool,
+    },
+    Process {
+        pid: Option<u32>,
+        comm: Option<String>,
+        cmdline: Option<String>,
+    },
+    Peer {
+        remote_addr: String,
+        remote_port: u16,
+    },
+    Pair {
+        pid: Option<u32>,
+        comm: Option<String>,
+        cmdline: Option<String>,
+        remote_addr: String,
+        remote_port: u16,
+    },
+}
+
+/// Socket counts per state, written as a JSON object in kernel state order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateCounts([usize; 11]);
+
+impl StateCounts {
+    fn add(&mut self, st: TcpState) {
+        self.0[usize::from(st.kernel_number() - 1)] += 1;
+    }
+
+    /// Non-zero counts in kernel order.
+    pub fn iter(&self) -> impl Iterator<Item = (TcpState, usize)> + '_ {
+        TcpState::ALL
+            .into_iter()
+            .zip(self.0)
+            .filter(|&(_, n)| n > 0)
+    }
+}
+
+impl Serialize for StateCounts {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter().map(|(st, n)| (st.name(), n)))
+    }
+}
+
+/// One row of the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Group {
+    /// `10.0.0.101:5000`, `[::1]:8443`, `registry(2811)`, `registry(2811) -> 10.0.0.101:5000`.
+    pub key: String,
+    #[serde(flatten)]
+    pub what: GroupKey,
+    /// Sockets in the group, each counted once.
+    pub count: usize,
+    pub states: StateCounts,
+    /// Holders of the group's sockets; empty for unattributed sockets.
+    pub processes: Vec<OwnerCount>,
+    /// Holders of the other ends, where those are on this node.
+    pub peer_processes: Vec<OwnerCount>,
+}
+
+/// Socket totals over the filtered set, each socket once however many processes share it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    pub sockets: usize,
+    pub attributed: usize,
+    pub unattributed: usize,
+}
+
+/// A whole `shimcheck ports` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    pub schema_version: u32,
+    pub taken_at: String,
+    pub hostname: String,
+    pub group_by: GroupBy,
+    pub states: Vec<TcpState>,
+    pub totals: Totals,
+    /// Number of groups before `--top` cut the list.
+    pub total_groups: usize,
+    pub groups: Vec<Group>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Default)]
+struct Acc {
+    count: usize,
+    states: StateCounts,
+    owners: HashMap<u32, usize>,
+    peers: HashMap<u32, usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum RawKey {
+    Port(SocketAddr),
+    Process(Option<u32>),
+    Peer(SocketAddr),
+    Pair(Option<u32>, SocketAddr),
+}
+
+/// Filters, groups and sorts (largest group first, then by key).
+pub fn aggregate(joined: &Joined<'_>, query: &Query) -> Report {
+    let sample = joined.sample;
+    let mut totals = Totals::default();
+    let mut accs: HashMap<RawKey, Acc> = HashMap::new();
+    let mut owners: Vec<u32> = Vec::new();
+    let mut peers: Vec<u32> = Vec::new();
+    let mut hidden_owner = false;
+    for (i, s) in sample.sockets.iter().enumerate() {
+        if !query.states.contains(s.state) {
+            continue;
+        }
+        if query
+            .port
+            .is_some_and(|p| s.local.port() != p && s.remote.port() != p)
+        {
+            continue;
+        }
+        owners.clear();
+        owners.extend(joined.owners(i));
+        if query.pid.is_some_and(|pid| !owners.contains(&pid)) {
+            continue;
+        }
+        if let Some(name) = &query.process {
+            let comm_of = |pid: &u32| sample.owners.processes.get(pid).map(|p| p.comm.as_str());
+            if !owners.iter().any(|pid| comm_of(pid) == Some(name.as_str())) {
+                continue;
+            }
+        }
+        peers.clear();
+        if let Some(j) = joined.peer(i) {
+            peers.extend(joined.owners(j));
+        }
+        totals.sockets += 1;
+        if owners.is_empty() {
+            totals.unattributed += 1;
+            hidden_owner |= s.inode != 0;
+        } else {
+            totals.attributed += 1;
+        }
+        let mut add = |key: RawKey| {
+            let acc = accs.entry(key).or_default();
+            acc.count += 1;
+            acc.states.add(s.state);
+            for &pid in &owners {
+                *acc.owners.entry(pid).or_default() += 1;
+            }
+            for &pid in &peers {
+                *acc.peers.entry(pid).or_default() += 1;
+            }
+        };
+        match query.group_by {
+            GroupBy::Port => add(RawKey::Port(s.local)),
+            GroupBy::Peer => add(RawKey::Peer(s.remote)),
+            GroupBy::Process if owners.is_empty() => add(RawKey::Process(None)),
+            GroupBy::Pair if owners.is_empty() => add(RawKey::Pair(None, s.remote)),
+            // A socket shared by several processes belongs to each of their groups.
+            GroupBy::Process => owners
+                .clone()
+                .into_iter()
+                .for_each(|p| add(RawKey::Process(Some(p)))),
+            GroupBy::Pair => owners
+                .clone()
+                .into_iter()
+                .for_each(|p| add(RawKey::Pair(Some(p), s.remote))),
+        }
+    }
+
+    let mut groups: Vec<Group> = accs
+        .into_iter()
+        .map(|(key, acc)| make_group(joined, key, acc))
+        .collect();
+    groups.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.key.cmp(&b.key)));
+    let total_groups = groups.len();
+    if let Some(top) = query.top.filter(|&t| t > 0) {
+        groups.truncate(top);
+    }
+    Report {
+        schema_version: SCHEMA_VERSION,
+        taken_at: jiff::Timestamp::try_from(sample.taken_at)
+            .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+            .unwrap_or_default(),
+        hostname: sample.hostname.clone(),
+        group_by: query.group_by,
+        states: query.states.iter().collect(),
+        totals,
+        total_groups,
+        groups,
+        warnings: warnings(sample, hidden_owner),
+    }
+}
+
+/// The sample's own warnings, plus the /proc scan's where they can matter: a socket with an
+/// inode and no owner may belong to a process the scan could not read.
+fn warnings(sample: &Sample, hidden_owner: bool) -> Vec<String> {
+    let mut w = sample.warnings.clone();
+    let scan = &sample.scan;
+    let processes = |n: usize| {
+        if n == 1 {
+            "1 process".to_string()
+        } else {
+            format!("{n} processes")
+        }
+    };
+    if hidden_owner && scan.denied > 0 {
+        w.push(format!(
+            "cannot read the open files of {} (permission denied): the sockets they hold are \
+             counted as unattributed; run as root (sudo) to see every owner",
+            processes(scan.denied)
+        ));
+    }
+    if hidden_owner && scan.unreadable > 0 {
+        w.push(format!(
+            "cannot read the open files of {} ({}): the sockets they hold are counted as \
+             unattributed",
+            processes(scan.unreadable),
+            scan.first_unreadable.as_deref().unwrap_or("unknown error")
+        ));
+    }
+    w
+}
+
+fn make_group(joined: &Joined<'_>, key: RawKey, acc: Acc) -> Group {
+    let procs = &joined.sample.owners.processes;
+    let comm = |pid: u32| {
+        procs
+            .get(&pid)
+            .map_or_else(|| "?".to_string(), |p| p.comm.clone())
+    };
+    let cmdline = |pid: u32| procs.get(&pid).map(|p| p.cmdline.clone());
+    let counts = |m: HashMap<u32, usize>| {
+        let mut v: Vec<OwnerCount> = m
+            .into_iter()
+            .map(|(pid, count)| OwnerCount {
+                pid,
+                comm: comm(pid),
+                count,
+            })
+            .collect();
+        v.sort_by(|a, b| b.count.cmp(&a.count).then(a.pid.cmp(&b.pid)));
+        v
+    };
+    let proc_key = |pid: Option<u32>| match pid {
+        Some(p) => format!("{}({p})", comm(p)),
+        None => "(unattributed)".to_string(),
+    };
+    let (key_text, what) = match key {
+        RawKey::Port(a) => (
+            a.to_string(),
+            GroupKey::Port {
+                local_addr: a.ip().to_string(),
+                local_port: a.port(),
+                listening: joined.listening(a),
+            },
+        ),
+        RawKey::Peer(a) => (
+            a.to_string(),
+            GroupKey::Peer {
+                remote_addr: a.ip().to_string(),
+                remote_port: a.port(),
+            },
+        ),
+        RawKey::Process(pid) => (
+            proc_key(pid),
+            GroupKey::Process {
+                pid,
+                comm: pid.map(comm),
+                cmdline: pid.and_then(cmdline),
+            },
+        ),
+        RawKey::Pair(pid, a) => (
+            format!("{} -> {a}", proc_key(pid)),
+            GroupKey::Pair {
+                pid,
+                comm: pid.map(comm),
+                cmdline: pid.and_then(cmdline),
+                remote_addr: a.ip().to_string(),
+                remote_port: a.port(),
+            },
+        ),
+    };
+    Group {
+        key: key_text,
+        what,
+        count: acc.count,
+        states: acc.states,
+        processes: counts(acc.owners),
+        peer_processes: counts(acc.peers),
+    }
+}

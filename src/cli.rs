@@ -1,0 +1,86 @@
+//! Stage 0, the command line: clap derive structs only. Their doc comments are the `--help`
+//! text; `lib.rs` turns them into a `Query`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::aggregate::GroupBy;
+
+/// Find TCP connection leaks on a Linux node: which local ports hold how many connections,
+/// and which processes hold both ends. Exit status: 0 success, 2 usage or runtime error.
+#[derive(Debug, Parser)]
+#[command(name = "shimcheck", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Count connections per local address:port (or process, peer, process → peer), with the
+    /// processes holding each end. Like `netstat -anp | grep ESTABLISHED | awk '{print $4}' |
+    /// sort | uniq -c | sort -n` followed by `lsof -i :PORT`, in one pass.
+    Ports(PortsArgs),
+}
+
+/// Options of `shimcheck ports`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PortsArgs {
+    /// Group by local address:port, owning process, remote address:port, or process → remote.
+    #[arg(long, value_enum, default_value = "port")]
+    pub by: GroupBy,
+
+    /// Show sockets in this TCP state (repeatable), by ss's names, or `all`.
+    #[arg(long = "state", value_name = "STATE", default_value = "established", value_parser = STATE_NAMES)]
+    pub states: Vec<String>,
+
+    /// Only sockets whose local or remote port is N.
+    #[arg(long, value_name = "N")]
+    pub port: Option<u16>,
+
+    /// Only sockets held by this process id.
+    #[arg(long)]
+    pub pid: Option<u32>,
+
+    /// Only sockets held by a process with this exact name (`comm`, as `ps -o comm` shows).
+    #[arg(long, value_name = "NAME")]
+    pub process: Option<String>,
+
+    /// Show the N largest groups; 0 shows all. Default: 20 in the table, all in JSON.
+    #[arg(long, value_name = "N")]
+    pub top: Option<usize>,
+
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    pub output: Output,
+
+    /// The procfs to scan for socket owners, e.g. /host/proc from inside a container.
+    #[arg(long, value_name = "DIR", default_value = "/proc")]
+    pub proc_root: PathBuf,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON document, schema_version 1 (docs/json.md).
+    Json,
+}
+
+/// Accepted `--state` values: ss's state names plus `all`.
+pub const STATE_NAMES: [&str; 12] = [
+    "established",
+    "syn-sent",
+    "syn-recv",
+    "fin-wait-1",
+    "fin-wait-2",
+    "time-wait",
+    "close",
+    "close-wait",
+    "last-ack",
+    "listen",
+    "closing",
+    "all",
+];

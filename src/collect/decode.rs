@@ -1,0 +1,231 @@
+//! Stage 1, collector, pure half: the bytes of a `SOCK_DIAG_BY_FAMILY` dump reply → `Socket`s.
+//!
+//! Input: the datagrams one `recv` after another returned, in order. Output: the sockets, each
+//! once (deduplicated by cookie, since a dump under churn can report a socket twice), or a
+//! `CollectError` for a kernel error, a malformed message or a dump that never reached
+//! `NLMSG_DONE`. No I/O happens here, so captured replies in `fixtures/` test it byte for byte.
+
+use std::collections::HashSet;
+use std::io;
+
+use netlink_packet_core::{NLM_F_DUMP_INTR, NetlinkBuffer, NetlinkMessage, NetlinkPayload};
+use netlink_packet_sock_diag::SockDiagMessage;
+use netlink_packet_sock_diag::inet::{InetResponse, nlas::Nla};
+
+use super::CollectError;
+use crate::model::{Socket, TcpInfo, TcpState};
+
+/// What the decoder wants after a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feed {
+    /// The dump goes on: read another datagram.
+    More,
+    /// `NLMSG_DONE` arrived: the dump is complete.
+    Done,
+}
+
+/// Accumulates one family's dump, datagram by datagram.
+#[derive(Debug, Default)]
+pub struct DumpDecoder {
+    sockets: Vec<Socket>,
+    cookies: HashSet<u64>,
+    bytes_seen: usize,
+    done: bool,
+    interrupted: bool,
+    duplicates: usize,
+}
+
+/// A finished dump.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dump {
+    pub sockets: Vec<Socket>,
+    /// The kernel flagged the dump `NLM_F_DUMP_INTR`: the table changed under it; retry.
+    pub interrupted: bool,
+    /// Sockets reported twice and kept once.
+    pub duplicates: usize,
+}
+
+impl DumpDecoder {
+    /// A decoder for one dump.
+    pub fn new() -> DumpDecoder {
+        DumpDecoder::default()
+    }
+
+    /// Decodes one datagram: zero or more netlink messages laid end to end.
+    pub fn feed(&mut self, datagram: &[u8]) -> Result<Feed, CollectError> {
+        let mut offset = 0;
+        while offset < datagram.len() {
+            if self.done {
+                return Err(self.malformed(offset, "data after NLMSG_DONE".into()));
+            }
+            let rest = &datagram[offset..];
+            let buf = NetlinkBuffer::new_checked(rest)
+                .map_err(|e| self.malformed(offset, format!("bad netlink header: {e}")))?;
+            let len = buf.length() as usize;
+            if buf.flags() & NLM_F_DUMP_INTR != 0 {
+                self.interrupted = true;
+            }
+            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&rest[..len])
+                .map_err(|e| self.malformed(offset, format!("{e}")))?;
+            match msg.payload {
+                NetlinkPayload::Done(done) => {
+                    if done.code < 0 {
+                        return Err(CollectError::Kernel(io::Error::from_raw_os_error(
+                            -done.code,
+                        )));
+                    }
+                    self.done = true;
+                }
+                NetlinkPayload::Error(err) => {
+                    // An ACK (code 0) is not an end of dump either: nothing here asks for one.
+                    return Err(CollectError::Kernel(err.to_io()));
+                }
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(resp)) => {
+                    let socket =
+                        to_socket(&resp).map_err(|reason| self.malformed(offset, reason))?;
+                    self.push(socket);
+                }
+                NetlinkPayload::Noop => {}
+                other => {
+                    let kind = other.message_type();
+                    return Err(self.malformed(offset, format!("unexpected message type {kind}")));
+                }
+            }
+            // Messages are 4-byte aligned; the last one may lack its padding.
+            offset += (len + 3) & !3;
+        }
+        self.bytes_seen += datagram.len();
+        Ok(if self.done { Feed::Done } else { Feed::More })
+    }
+
+    /// Ends the dump: an error unless `NLMSG_DONE` was seen.
+    pub fn finish(self) -> Result<Dump, CollectError> {
+        if !self.done {
+            return Err(CollectError::Truncated {
+                sockets: self.sockets.len(),
+            });
+        }
+        Ok(Dump {
+            sockets: self.sockets,
+            interrupted: self.interrupted,
+            duplicates: self.duplicates,
+        })
+    }
+
+    fn push(&mut self, socket: Socket) {
+        if let Some(cookie) = socket.cookie
+            && !self.cookies.insert(cookie)
+        {
+            self.duplicates += 1;
+            return;
+        }
+        self.sockets.push(socket);
+    }
+
+    fn malformed(&self, offset: usize, reason: String) -> CollectError {
+        CollectError::Malformed {
+            offset: self.bytes_seen + offset,
+            reason,
+        }
+    }
+}
+
+fn to_socket(resp: &InetResponse) -> Result<Socket, String> {
+    let h = &resp.header;
+    let state = TcpState::from_kernel(h.state)
+        .ok_or_else(|| format!("unknown TCP state {} in reply", h.state))?;
+    let id = &h.socket_id;
+    // idiag_cookie is two native-endian u32 halves, low half first.
+    let lo = u32::from_ne_bytes([id.cookie[0], id.cookie[1], id.cookie[2], id.cookie[3]]);
+    let hi = u32::from_ne_bytes([id.cookie[4], id.cookie[5], id.cookie[6], id.cookie[7]]);
+    let tcp_info = resp.nlas.iter().find_map(|nla| match nla {
+        Nla::TcpInfo(bytes) => parse_tcp_info(bytes),
+        _ => None,
+    });
+    Ok(Socket {
+        state,
+        local: (id.source_address, id.source_port).into(),
+        remote: (id.destination_address, id.destination_port).into(),
+        inode: u64::from(h.inode),
+        cookie: Some(u64::from(hi) << 32 | u64::from(lo)),
+        uid: h.uid,
+        recv_q: h.recv_queue,
+        send_q: h.send_queue,
+        tcp_info,
+    })
+}
+
+/// Offsets in `struct tcp_info` (`include/uapi/linux/tcp.h`): 8 one-byte fields, then u32s.
+const LAST_DATA_SENT: usize = 44;
+const LAST_DATA_RECV: usize = 52;
+const LAST_ACK_RECV: usize = 56;
+const BYTES_ACKED: usize = 120;
+const BYTES_RECEIVED: usize = 128;
+
+/// Reads the fields shimcheck needs by length: `tcp_info` grows with the kernel, so a field
+/// past the end of what this kernel sent is absent, and a reply too short to hold even the
+/// idle clocks yields no `TcpInfo` at all.
+pub fn parse_tcp_info(bytes: &[u8]) -> Option<TcpInfo> {
+    let u32_at = |off: usize| -> Option<u32> {
+        let b = bytes.get(off..off + 4)?;
+        Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |off: usize| -> Option<u64> {
+        let b: [u8; 8] = bytes.get(off..off + 8)?.try_into().ok()?;
+        Some(u64::from_ne_bytes(b))
+    };
+    Some(TcpInfo {
+        last_data_sent_ms: u32_at(LAST_DATA_SENT)?,
+        last_data_recv_ms: u32_at(LAST_DATA_RECV)?,
+        last_ack_recv_ms: u32_at(LAST_ACK_RECV)?,
+        bytes_acked: u64_at(BYTES_ACKED),
+        bytes_received: u64_at(BYTES_RECEIVED),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_info_is_read_by_length() {
+        let mut full = vec![0u8; 232];
+        full[LAST_DATA_SENT..LAST_DATA_SENT + 4].copy_from_slice(&7000u32.to_ne_bytes());
+        full[LAST_DATA_RECV..LAST_DATA_RECV + 4].copy_from_slice(&6000u32.to_ne_bytes());
+        full[LAST_ACK_RECV..LAST_ACK_RECV + 4].copy_from_slice(&100u32.to_ne_bytes());
+        full[BYTES_ACKED..BYTES_ACKED + 8].copy_from_slice(&42u64.to_ne_bytes());
+        let info = parse_tcp_info(&full).unwrap();
+        assert_eq!(info.data_idle_ms(), 6000);
+        assert_eq!(info.bytes_acked, Some(42));
+        // A 2.6-era tcp_info (104 bytes) has the clocks but no byte counters.
+        let old = parse_tcp_info(&full[..104]).unwrap();
+        assert_eq!(old.last_ack_recv_ms, 100);
+        assert_eq!(old.bytes_acked, None);
+        assert_eq!(parse_tcp_info(&full[..59]), None);
+    }
+
+    #[test]
+    fn empty_input_is_not_a_finished_dump() {
+        let d = DumpDecoder::new();
+        assert!(matches!(
+            d.finish(),
+            Err(CollectError::Truncated { sockets: 0 })
+        ));
+    }
+
+    #[test]
+    fn garbage_is_malformed_not_a_panic() {
+        let mut d = DumpDecoder::new();
+        let err = d.feed(&[0xff; 7]).unwrap_err();
+        assert!(
+            matches!(err, CollectError::Malformed { offset: 0, .. }),
+            "{err}"
+        );
+        // A header that claims more bytes than there are.
+        let mut hdr = vec![0u8; 20];
+        hdr[0..4].copy_from_slice(&400u32.to_ne_bytes());
+        hdr[4..6].copy_from_slice(&20u16.to_ne_bytes());
+        let mut d = DumpDecoder::new();
+        assert!(matches!(d.feed(&hdr), Err(CollectError::Malformed { .. })));
+    }
+}

@@ -1,0 +1,142 @@
+//! shimcheck as a library: the pipeline behind the binary, so tests drive it directly.
+//!
+//! collect (sockets from the kernel) ∥ procs (socket inode → processes from /proc)
+//!   → join (owners, same-host peers, listeners) → aggregate (groups) → render (table, JSON).
+//! `collect` and `procs` touch the OS; every later stage is pure.
+
+pub mod aggregate;
+pub mod cli;
+pub mod collect;
+pub mod join;
+pub mod model;
+pub mod procs;
+pub mod render;
+
+use std::collections::HashSet;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::SystemTime;
+
+use anyhow::{Context, anyhow};
+
+use crate::aggregate::{Query, Report};
+use crate::cli::{Output, PortsArgs};
+use crate::collect::SocketSource;
+use crate::join::Joined;
+use crate::model::{Sample, StateSet, TcpState};
+use crate::procs::ProcScanner;
+
+/// Rows the table shows when `--top` is not given.
+pub const DEFAULT_TABLE_TOP: usize = 20;
+
+/// Takes one sample of the node: the socket dump and the fd scan run at the same time (the
+/// fd scan is the slow half), then the owners of the dumped sockets are described.
+/// LISTEN sockets are always dumped too, to tell server ports from client ports.
+pub fn collect(
+    source: &mut (dyn SocketSource + Send),
+    proc_root: &Path,
+    states: StateSet,
+) -> anyhow::Result<Sample> {
+    let dump_states = states.union([TcpState::Listen].into_iter().collect());
+    let scanner = ProcScanner::new(proc_root);
+    let taken_at = SystemTime::now();
+    let (sockets, scan) = std::thread::scope(|s| {
+        let dump = s.spawn(|| source.sockets(dump_states));
+        let scan = scanner.socket_fds();
+        (dump.join(), scan)
+    });
+    let sockets = sockets
+        .map_err(|_| anyhow!("the socket collector thread panicked"))?
+        .map_err(|e| {
+            let hint = e.hint();
+            anyhow::Error::new(e).context(format!("cannot list TCP sockets ({hint})"))
+        })?;
+    let (pairs, stats) =
+        scan.with_context(|| format!("cannot list processes in {}", proc_root.display()))?;
+    let wanted: HashSet<u64> = sockets
+        .iter()
+        .map(|s| s.inode)
+        .filter(|&i| i != 0)
+        .collect();
+    let owners = scanner.index(pairs, Some(&wanted));
+    Ok(Sample {
+        taken_at,
+        hostname: hostname(),
+        sockets,
+        owners,
+        scan: stats,
+        warnings: Vec::new(),
+    })
+}
+
+/// The node's name, as `hostname` prints it.
+pub fn hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Joins and aggregates a sample: the pure half of `shimcheck ports`.
+pub fn ports_report(sample: &Sample, query: &Query) -> Report {
+    aggregate::aggregate(&Joined::new(sample), query)
+}
+
+/// The states `--state` names; `all` stands for every state.
+pub fn parse_states(names: &[String]) -> anyhow::Result<StateSet> {
+    let mut set = StateSet::empty();
+    for name in names {
+        if name == "all" {
+            set = set.union(StateSet::all());
+        } else {
+            set.insert(name.parse::<TcpState>().map_err(|e| anyhow!(e))?);
+        }
+    }
+    Ok(set)
+}
+
+/// The query `shimcheck ports` runs for these arguments.
+pub fn ports_query(args: &PortsArgs) -> anyhow::Result<Query> {
+    Ok(Query {
+        group_by: args.by,
+        states: parse_states(&args.states)?,
+        port: args.port,
+        pid: args.pid,
+        process: args.process.clone(),
+        top: match (args.top, args.output) {
+            (Some(n), _) => Some(n),
+            (None, Output::Table) => Some(DEFAULT_TABLE_TOP),
+            (None, Output::Json) => None,
+        },
+    })
+}
+
+/// Runs `shimcheck ports` against the live node, writing the report to `out` and warnings
+/// (fallbacks, unreadable processes) to `err`.
+pub fn run_ports(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<()> {
+    let query = ports_query(args)?;
+    let (mut source, fallback) = collect::open_default(&args.proc_root);
+    let mut sample = collect(source.as_mut(), &args.proc_root, query.states)?;
+    sample.warnings.extend(fallback);
+    let report = ports_report(&sample, &query);
+    for w in &report.warnings {
+        writeln!(err, "shimcheck: warning: {}", render::escape_control(w))?;
+    }
+    match args.output {
+        Output::Json => render::json::render(&report, out)?,
+        Output::Table => render::table::render(&report, out, terminal_width())?,
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn terminal_width() -> Option<u16> {
+    let stdout = std::io::stdout();
+    if !stdout.is_terminal() {
+        return None;
+    }
+    rustix::termios::tcgetwinsize(&stdout)
+        .ok()
+        .map(|w| w.ws_col)
+        .filter(|&c| c > 0)
+}

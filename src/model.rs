@@ -1,0 +1,335 @@
+//! Stage 0, the vocabulary: what the collector produces (`Socket`), what the /proc scan
+//! produces (`Process`), and the TCP state names every later stage speaks.
+//!
+//! Nothing here touches the OS; every type is plain data.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use serde::{Serialize, Serializer};
+
+/// A TCP state, numbered as the kernel numbers them (`include/net/tcp_states.h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TcpState {
+    Established,
+    SynSent,
+    SynRecv,
+    FinWait1,
+    FinWait2,
+    TimeWait,
+    Close,
+    CloseWait,
+    LastAck,
+    Listen,
+    Closing,
+}
+
+impl TcpState {
+    /// Every state, in kernel order.
+    pub const ALL: [TcpState; 11] = [
+        TcpState::Established,
+        TcpState::SynSent,
+        TcpState::SynRecv,
+        TcpState::FinWait1,
+        TcpState::FinWait2,
+        TcpState::TimeWait,
+        TcpState::Close,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::Listen,
+        TcpState::Closing,
+    ];
+
+    /// The kernel's number for the state (`TCP_ESTABLISHED` = 1 ...).
+    pub fn kernel_number(self) -> u8 {
+        match self {
+            TcpState::Established => 1,
+            TcpState::SynSent => 2,
+            TcpState::SynRecv => 3,
+            TcpState::FinWait1 => 4,
+            TcpState::FinWait2 => 5,
+            TcpState::TimeWait => 6,
+            TcpState::Close => 7,
+            TcpState::CloseWait => 8,
+            TcpState::LastAck => 9,
+            TcpState::Listen => 10,
+            TcpState::Closing => 11,
+        }
+    }
+
+    /// Maps the kernel's number back; `TCP_NEW_SYN_RECV` (12, a request socket) is
+    /// reported as `syn-recv`, as `ss` does.
+    pub fn from_kernel(n: u8) -> Option<TcpState> {
+        match n {
+            12 => Some(TcpState::SynRecv),
+            n => TcpState::ALL.into_iter().find(|s| s.kernel_number() == n),
+        }
+    }
+
+    /// The name `ss` uses for the state (`established`, `close-wait` ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            TcpState::Established => "established",
+            TcpState::SynSent => "syn-sent",
+            TcpState::SynRecv => "syn-recv",
+            TcpState::FinWait1 => "fin-wait-1",
+            TcpState::FinWait2 => "fin-wait-2",
+            TcpState::TimeWait => "time-wait",
+            TcpState::Close => "close",
+            TcpState::CloseWait => "close-wait",
+            TcpState::LastAck => "last-ack",
+            TcpState::Listen => "listen",
+            TcpState::Closing => "closing",
+        }
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for TcpState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TcpState::ALL
+            .into_iter()
+            .find(|st| st.name() == s)
+            .ok_or_else(|| format!("unknown TCP state '{s}'"))
+    }
+}
+
+impl Serialize for TcpState {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// A set of TCP states, as the kernel's `idiag_states` bitmask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StateSet(u32);
+
+impl StateSet {
+    /// The empty set.
+    pub const fn empty() -> StateSet {
+        StateSet(0)
+    }
+
+    /// Every state `ss state all` shows.
+    pub fn all() -> StateSet {
+        TcpState::ALL.into_iter().collect()
+    }
+
+    /// Adds one state.
+    pub fn insert(&mut self, st: TcpState) {
+        self.0 |= 1 << st.kernel_number();
+    }
+
+    /// True when `st` is in the set.
+    pub fn contains(self, st: TcpState) -> bool {
+        self.0 & (1 << st.kernel_number()) != 0
+    }
+
+    /// The union of two sets.
+    pub fn union(self, other: StateSet) -> StateSet {
+        StateSet(self.0 | other.0)
+    }
+
+    /// The bitmask to put in `idiag_states`: `syn-recv` also asks for `TCP_NEW_SYN_RECV`.
+    pub fn kernel_mask(self) -> u32 {
+        if self.contains(TcpState::SynRecv) {
+            self.0 | 1 << 12
+        } else {
+            self.0
+        }
+    }
+
+    /// The states in kernel order.
+    pub fn iter(self) -> impl Iterator<Item = TcpState> {
+        TcpState::ALL.into_iter().filter(move |s| self.contains(*s))
+    }
+}
+
+impl FromIterator<TcpState> for StateSet {
+    fn from_iter<I: IntoIterator<Item = TcpState>>(iter: I) -> Self {
+        let mut set = StateSet::empty();
+        for st in iter {
+            set.insert(st);
+        }
+        set
+    }
+}
+
+/// The part of `struct tcp_info` shimcheck reads: the idle clocks and the byte counters.
+///
+/// Kernels of different ages send `tcp_info` of different lengths; a field the kernel did
+/// not send is `None`, never zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct TcpInfo {
+    /// Milliseconds since data was last sent (`tcpi_last_data_sent`).
+    pub last_data_sent_ms: u32,
+    /// Milliseconds since data was last received (`tcpi_last_data_recv`).
+    pub last_data_recv_ms: u32,
+    /// Milliseconds since an ACK was last received (`tcpi_last_ack_recv`).
+    pub last_ack_recv_ms: u32,
+    /// Bytes acknowledged by the peer (`tcpi_bytes_acked`, Linux 4.1+).
+    pub bytes_acked: Option<u64>,
+    /// Bytes received (`tcpi_bytes_received`, Linux 4.1+).
+    pub bytes_received: Option<u64>,
+}
+
+impl TcpInfo {
+    /// How long the connection has carried no data either way: keepalives refresh only
+    /// `last_ack_recv`, so data-idle is the smaller of the two data clocks.
+    pub fn data_idle_ms(&self) -> u32 {
+        self.last_data_sent_ms.min(self.last_data_recv_ms)
+    }
+}
+
+/// One TCP socket, as one line of `ss -tan` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Socket {
+    pub state: TcpState,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The socket inode, the key of the /proc join; 0 for TIME_WAIT, SYN_RECV and orphans.
+    pub inode: u64,
+    /// The kernel's stable socket id (`idiag_cookie`); `None` from the /proc/net fallback.
+    pub cookie: Option<u64>,
+    pub uid: u32,
+    /// Bytes in the receive queue (for LISTEN: pending connections).
+    pub recv_q: u32,
+    /// Bytes in the send queue (for LISTEN: the backlog).
+    pub send_q: u32,
+    /// `None` when the kernel sent no tcp_info (the /proc/net fallback, or TIME_WAIT).
+    pub tcp_info: Option<TcpInfo>,
+}
+
+/// A process that holds at least one of the sockets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Process {
+    pub pid: u32,
+    /// `/proc/PID/comm`: chosen by the process itself, so untrusted.
+    pub comm: String,
+    /// `/proc/PID/cmdline`, arguments joined by spaces; untrusted too.
+    pub cmdline: String,
+    pub uid: Option<u32>,
+}
+
+/// Socket inode → pids, plus the details of the pids that own a socket of interest.
+#[derive(Debug, Clone, Default)]
+pub struct OwnerIndex {
+    /// Sorted, deduplicated `(inode, pid)`: a socket inherited across fork has one pair per
+    /// process; a process holding the same socket on two fds has one pair.
+    pairs: Vec<(u64, u32)>,
+    pub processes: HashMap<u32, Process>,
+}
+
+impl OwnerIndex {
+    /// Builds an index from `(inode, pid)` pairs in any order.
+    pub fn from_pairs(mut pairs: Vec<(u64, u32)>, processes: HashMap<u32, Process>) -> OwnerIndex {
+        pairs.sort_unstable();
+        pairs.dedup();
+        OwnerIndex { pairs, processes }
+    }
+
+    /// The pids holding socket `inode`, ascending; empty for inode 0 (TIME_WAIT, orphans).
+    pub fn owners(&self, inode: u64) -> &[(u64, u32)] {
+        if inode == 0 {
+            return &[];
+        }
+        let start = self.pairs.partition_point(|&(i, _)| i < inode);
+        let end = start + self.pairs[start..].partition_point(|&(i, _)| i == inode);
+        &self.pairs[start..end]
+    }
+
+    /// Every pid that holds at least one socket.
+    pub fn pids(&self) -> HashSet<u32> {
+        self.pairs.iter().map(|&(_, pid)| pid).collect()
+    }
+
+    /// The raw pairs (for snapshots and tests).
+    pub fn pairs(&self) -> &[(u64, u32)] {
+        &self.pairs
+    }
+}
+
+/// What the scan could not see.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanStats {
+    /// Processes whose fd table was listed.
+    pub scanned: usize,
+    /// Processes whose fd table this user may not read (EACCES/EPERM): their sockets end up
+    /// unattributed.
+    pub denied: usize,
+    /// Processes that exited between being listed and being read.
+    pub vanished: usize,
+    /// Processes whose fd table failed for another reason; the first error, for the message.
+    pub unreadable: usize,
+    pub first_unreadable: Option<String>,
+}
+
+/// One look at the node: its sockets, who holds them, and what could not be seen.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// When the dump was taken; the only clock the pure stages ever see.
+    pub taken_at: SystemTime,
+    pub hostname: String,
+    pub sockets: Vec<Socket>,
+    pub owners: OwnerIndex,
+    /// What the /proc scan could not read.
+    pub scan: ScanStats,
+    /// Things the operator must know to trust the numbers (a collector fallback ...).
+    pub warnings: Vec<String>,
+}
+
+/// Formats an endpoint the way `ss` does: `10.0.0.101:5000`, `[::1]:8443`.
+pub fn endpoint_key(addr: &SocketAddr) -> String {
+    addr.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_round_trip() {
+        for st in TcpState::ALL {
+            assert_eq!(st.name().parse::<TcpState>(), Ok(st));
+            assert_eq!(TcpState::from_kernel(st.kernel_number()), Some(st));
+        }
+        assert!("estab".parse::<TcpState>().is_err());
+    }
+
+    #[test]
+    fn state_masks_match_the_kernel() {
+        let est: StateSet = [TcpState::Established].into_iter().collect();
+        assert_eq!(est.kernel_mask(), 1 << 1);
+        assert_eq!(StateSet::all().kernel_mask(), 0xFFE | 1 << 12);
+        assert_eq!(TcpState::from_kernel(12), Some(TcpState::SynRecv));
+        assert_eq!(TcpState::from_kernel(0), None);
+        assert_eq!(TcpState::from_kernel(13), None);
+    }
+
+    #[test]
+    fn owners_are_found_by_inode() {
+        let idx = OwnerIndex::from_pairs(vec![(9, 2), (5, 1), (9, 1), (9, 1)], HashMap::new());
+        let pids: Vec<u32> = idx.owners(9).iter().map(|p| p.1).collect();
+        assert_eq!(pids, [1, 2]);
+        assert!(idx.owners(7).is_empty());
+        assert!(idx.owners(0).is_empty());
+    }
+
+    #[test]
+    fn endpoint_keys_follow_ss() {
+        assert_eq!(
+            endpoint_key(&"10.0.0.101:5000".parse().unwrap()),
+            "10.0.0.101:5000"
+        );
+        assert_eq!(endpoint_key(&"[::1]:8443".parse().unwrap()), "[::1]:8443");
+    }
+}

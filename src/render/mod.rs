@@ -1,0 +1,38 @@
+//! Stage 5, render: a `Report` → bytes on a `Write`, as a table for people (`table`) or JSON
+//! for scripts (`json`). Renderers never print directly, so tests render into a `Vec<u8>`.
+
+pub mod json;
+pub mod table;
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+/// Makes a string from the host safe for a terminal: control characters (C0, DEL, C1) become
+/// `\x1b`-style escapes, so a process named with escape codes cannot repaint the screen.
+pub fn escape_control(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            let _ = write!(out, "\\x{:02x}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape_control("registry"), "registry");
+        assert_eq!(escape_control("evil\x1b[31m"), "evil\\x1b[31m");
+        assert_eq!(escape_control("a\tb\u{7f}\u{9b}"), "a\\x09b\\x7f\\x9b");
+        assert_eq!(escape_control("καλά"), "καλά");
+    }
+}

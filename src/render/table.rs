@@ -1,0 +1,163 @@
+//! Stage 5, render as a table: the report for a person at a terminal, largest group first,
+//! owners as `name(pid)`, listening ports marked, a footer with what `--top` left out.
+
+use std::io::{self, Write};
+
+use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
+
+use super::escape_control;
+use crate::aggregate::{Group, GroupBy, GroupKey, OwnerCount, Report};
+use crate::model::TcpState;
+
+/// How many owners a cell names before it says "+N more".
+const OWNERS_SHOWN: usize = 3;
+
+/// Writes the table, then the footer (warnings are the caller's, for stderr). `width` wraps the table to a terminal
+/// of that many columns; `None` (a pipe) never wraps.
+pub fn render(report: &Report, out: &mut dyn Write, width: Option<u16>) -> io::Result<()> {
+    let states = if report.states.len() == TcpState::ALL.len() {
+        "all states".to_string()
+    } else {
+        let names: Vec<&str> = report.states.iter().map(|s| s.name()).collect();
+        names.join(", ")
+    };
+    if report.groups.is_empty() {
+        writeln!(out, "no TCP sockets match ({states})")?;
+    } else {
+        let table = build(report, width);
+        writeln!(out, "{}", table.to_string().trim_end())?;
+    }
+    let shown = report.groups.len();
+    if shown < report.total_groups {
+        writeln!(
+            out,
+            "... {} more groups not shown (--top 0 shows all {})",
+            report.total_groups - shown,
+            report.total_groups
+        )?;
+    }
+    let t = report.totals;
+    let sockets = if t.sockets == 1 { "socket" } else { "sockets" };
+    writeln!(
+        out,
+        "{} {sockets} ({states}): {} attributed to a process, {} unattributed",
+        t.sockets, t.attributed, t.unattributed
+    )?;
+    Ok(())
+}
+
+fn build(report: &Report, width: Option<u16>) -> Table {
+    let multi_state = report.states.len() > 1;
+    let mut header: Vec<&str> = match report.group_by {
+        GroupBy::Port => vec!["LOCAL ADDRESS:PORT", "SIDE", "CONNS"],
+        GroupBy::Process => vec!["PROCESS", "CONNS"],
+        GroupBy::Peer => vec!["REMOTE ADDRESS:PORT", "CONNS"],
+        GroupBy::Pair => vec!["PROCESS", "REMOTE ADDRESS:PORT", "CONNS"],
+    };
+    if multi_state {
+        header.push("STATES");
+    }
+    match report.group_by {
+        GroupBy::Process => header.push("COMMAND"),
+        _ => header.push("HELD BY"),
+    }
+    header.push("OTHER END ON THIS HOST");
+
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING).set_header(header);
+    match width {
+        Some(w) => {
+            table
+                .set_content_arrangement(ContentArrangement::Dynamic)
+                .set_width(w);
+        }
+        None => {
+            table.set_content_arrangement(ContentArrangement::Disabled);
+        }
+    }
+    for g in &report.groups {
+        table.add_row(row(g, multi_state));
+    }
+    let count_col = match report.group_by {
+        GroupBy::Port => 2,
+        GroupBy::Pair => 2,
+        _ => 1,
+    };
+    if let Some(col) = table.column_mut(count_col) {
+        col.set_cell_alignment(CellAlignment::Right);
+    }
+    table
+}
+
+fn row(g: &Group, multi_state: bool) -> Vec<String> {
+    let mut cells = match &g.what {
+        GroupKey::Port { listening, .. } => vec![
+            g.key.clone(),
+            if *listening { "server" } else { "client" }.to_string(),
+            g.count.to_string(),
+        ],
+        GroupKey::Process { pid, comm, .. } => {
+            vec![proc_name(*pid, comm.as_deref()), g.count.to_string()]
+        }
+        GroupKey::Peer { .. } => vec![g.key.clone(), g.count.to_string()],
+        GroupKey::Pair {
+            pid,
+            comm,
+            remote_addr,
+            remote_port,
+            ..
+        } => vec![
+            proc_name(*pid, comm.as_deref()),
+            if remote_addr.contains(':') {
+                format!("[{remote_addr}]:{remote_port}")
+            } else {
+                format!("{remote_addr}:{remote_port}")
+            },
+            g.count.to_string(),
+        ],
+    };
+    if multi_state {
+        let st: Vec<String> = g.states.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        cells.push(st.join(", "));
+    }
+    match &g.what {
+        GroupKey::Process { cmdline, .. } => {
+            cells.push(escape_control(cmdline.as_deref().unwrap_or("-")).into_owned())
+        }
+        _ => cells.push(owners(&g.processes, g.count)),
+    }
+    cells.push(owners(&g.peer_processes, g.count));
+    cells
+}
+
+fn proc_name(pid: Option<u32>, comm: Option<&str>) -> String {
+    match (pid, comm) {
+        (Some(pid), Some(comm)) => format!("{}({pid})", escape_control(comm)),
+        _ => "(unattributed)".to_string(),
+    }
+}
+
+/// `registry(2811)`, or with counts where owners hold different shares:
+/// `registry(2811) 40, sshd(12) 3, +2 more`.
+fn owners(list: &[OwnerCount], group_count: usize) -> String {
+    if list.is_empty() {
+        return "-".to_string();
+    }
+    let all_hold_all = list.iter().all(|o| o.count == group_count);
+    let mut parts: Vec<String> = list
+        .iter()
+        .take(OWNERS_SHOWN)
+        .map(|o| {
+            let name = format!("{}({})", escape_control(&o.comm), o.pid);
+            if all_hold_all {
+                name
+            } else {
+                format!("{name} {}", o.count)
+            }
+        })
+        .collect();
+    if list.len() > OWNERS_SHOWN {
+        parts.push(format!("+{} more", list.len() - OWNERS_SHOWN));
+    }
+    parts.join(", ")
+}
