@@ -28,12 +28,18 @@ const DIAG_HEADER: usize = 16 + 72;
 const OLD_TCP_INFO_LEN: usize = 104;
 
 fn main() -> anyhow::Result<()> {
-    let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "fixtures/netlink".into()));
+    let dir = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "fixtures/netlink".into()),
+    );
     // SAFETY: the process is still single-threaded here, so no other thread can be confused
     // by this thread moving to a new network namespace.
     unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) }
         .context("unshare(CLONE_NEWNET): run as root")?;
-    let up = Command::new("ip").args(["link", "set", "lo", "up"]).status()?;
+    let up = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()?;
     if !up.success() {
         bail!("ip link set lo up failed");
     }
@@ -43,7 +49,10 @@ fn main() -> anyhow::Result<()> {
 
     let v4 = record(&mut nl, AF_INET, all)?;
     if v4.len() < 3 {
-        bail!("the IPv4 dump came in {} datagrams; the fixture needs a multi-part dump", v4.len());
+        bail!(
+            "the IPv4 dump came in {} datagrams; the fixture needs a multi-part dump",
+            v4.len()
+        );
     }
     write(&dir.join("v4-multipart.bin"), &v4)?;
     write(&dir.join("truncated.bin"), &v4[..v4.len() - 1])?;
@@ -150,7 +159,8 @@ fn shorten_tcp_info(datagrams: &[Vec<u8>]) -> anyhow::Result<Vec<Vec<u8>>> {
 }
 
 fn write(path: &Path, datagrams: &[Vec<u8>]) -> anyhow::Result<()> {
-    let mut f = BufWriter::new(File::create(path).with_context(|| format!("create {}", path.display()))?);
+    let mut f =
+        BufWriter::new(File::create(path).with_context(|| format!("create {}", path.display()))?);
     for d in datagrams {
         f.write_all(&(d.len() as u32).to_le_bytes())?;
         f.write_all(d)?;
@@ -158,4 +168,3 @@ fn write(path: &Path, datagrams: &[Vec<u8>]) -> anyhow::Result<()> {
     f.flush()?;
     Ok(())
 }
-

@@ -5,9 +5,9 @@
 //! the serde model the renderers print (its JSON is the documented schema, docs/json.md).
 //! Pure: no I/O, no clock.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use rustc_hash::FxHashMap;
 use serde::{Serialize, Serializer};
 
 use crate::join::Joined;
@@ -147,11 +147,11 @@ pub struct Report {
 struct Acc {
     count: usize,
     states: StateCounts,
-    owners: HashMap<u32, usize>,
-    peers: HashMap<u32, usize>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// A group's identity before it is spelled out; its order (addresses numerically, then
+/// ports) breaks ties between groups of the same size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum RawKey {
     Port(SocketAddr),
     Process(Option<u32>),
@@ -159,11 +159,17 @@ enum RawKey {
     Pair(Option<u32>, SocketAddr),
 }
 
-/// Filters, groups and sorts (largest group first, then by key).
+/// Filters, groups and sorts (largest group first, then by address, port or pid). Only the
+/// groups that survive `top` are spelled out: `--by port` on a busy node has a group per
+/// client port.
 pub fn aggregate(joined: &Joined<'_>, query: &Query) -> Report {
     let sample = joined.sample;
     let mut totals = Totals::default();
-    let mut accs: HashMap<RawKey, Acc> = HashMap::new();
+    let mut slots: FxHashMap<RawKey, u32> = FxHashMap::default();
+    let mut accs: Vec<(RawKey, Acc)> = Vec::new();
+    // One entry per (group, holder): (group slot, pid, holds the other end). Counted once the
+    // groups to show are known, instead of two maps per group.
+    let mut holders: Vec<(u32, u32, bool)> = Vec::new();
     let mut owners: Vec<u32> = Vec::new();
     let mut peers: Vec<u32> = Vec::new();
     let mut hidden_owner = false;
@@ -200,15 +206,15 @@ pub fn aggregate(joined: &Joined<'_>, query: &Query) -> Report {
             totals.attributed += 1;
         }
         let mut add = |key: RawKey| {
-            let acc = accs.entry(key).or_default();
+            let slot = *slots.entry(key).or_insert_with(|| {
+                accs.push((key, Acc::default()));
+                (accs.len() - 1) as u32
+            });
+            let acc = &mut accs[slot as usize].1;
             acc.count += 1;
             acc.states.add(s.state);
-            for &pid in &owners {
-                *acc.owners.entry(pid).or_default() += 1;
-            }
-            for &pid in &peers {
-                *acc.peers.entry(pid).or_default() += 1;
-            }
+            holders.extend(owners.iter().map(|&pid| (slot, pid, false)));
+            holders.extend(peers.iter().map(|&pid| (slot, pid, true)));
         };
         match query.group_by {
             GroupBy::Port => add(RawKey::Port(s.local)),
@@ -216,26 +222,55 @@ pub fn aggregate(joined: &Joined<'_>, query: &Query) -> Report {
             GroupBy::Process if owners.is_empty() => add(RawKey::Process(None)),
             GroupBy::Pair if owners.is_empty() => add(RawKey::Pair(None, s.remote)),
             // A socket shared by several processes belongs to each of their groups.
-            GroupBy::Process => owners
-                .clone()
-                .into_iter()
-                .for_each(|p| add(RawKey::Process(Some(p)))),
+            GroupBy::Process => owners.iter().for_each(|&p| add(RawKey::Process(Some(p)))),
             GroupBy::Pair => owners
-                .clone()
-                .into_iter()
-                .for_each(|p| add(RawKey::Pair(Some(p), s.remote))),
+                .iter()
+                .for_each(|&p| add(RawKey::Pair(Some(p), s.remote))),
         }
     }
+    drop(slots);
 
-    let mut groups: Vec<Group> = accs
-        .into_iter()
-        .map(|(key, acc)| make_group(joined, key, acc))
-        .collect();
-    groups.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.key.cmp(&b.key)));
-    let total_groups = groups.len();
-    if let Some(top) = query.top.filter(|&t| t > 0) {
-        groups.truncate(top);
+    // Rank the groups, keep the top ones, and note where each kept slot landed.
+    let total_groups = accs.len();
+    let mut ranked: Vec<u32> = (0..accs.len() as u32).collect();
+    let order = |a: &u32, b: &u32| {
+        let (ka, aa) = &accs[*a as usize];
+        let (kb, ab) = &accs[*b as usize];
+        ab.count.cmp(&aa.count).then(ka.cmp(kb))
+    };
+    if let Some(top) = query.top.filter(|&t| t > 0 && t < ranked.len()) {
+        ranked.select_nth_unstable_by(top, order);
+        ranked.truncate(top);
     }
+    ranked.sort_unstable_by(order);
+    let mut position = vec![u32::MAX; accs.len()];
+    for (pos, &slot) in ranked.iter().enumerate() {
+        position[slot as usize] = pos as u32;
+    }
+    let mut counted: Vec<(u32, bool, u32)> = holders
+        .into_iter()
+        .filter_map(|(slot, pid, peer)| {
+            let pos = position[slot as usize];
+            (pos != u32::MAX).then_some((pos, peer, pid))
+        })
+        .collect();
+    counted.sort_unstable();
+    let mut holder_counts: Vec<[Vec<(u32, usize)>; 2]> =
+        vec![[Vec::new(), Vec::new()]; ranked.len()];
+    for run in counted.chunk_by(|a, b| a == b) {
+        let (pos, peer, pid) = run[0];
+        holder_counts[pos as usize][usize::from(peer)].push((pid, run.len()));
+    }
+    let mut accs: Vec<Option<(RawKey, Acc)>> = accs.into_iter().map(Some).collect();
+    let groups: Vec<Group> = ranked
+        .iter()
+        .zip(holder_counts)
+        .filter_map(|(&slot, [own, peer])| {
+            let (key, acc) = accs[slot as usize].take()?;
+            Some(make_group(joined, key, acc, own, peer))
+        })
+        .collect();
+
     Report {
         schema_version: SCHEMA_VERSION,
         taken_at: jiff::Timestamp::try_from(sample.taken_at)
@@ -281,7 +316,13 @@ fn warnings(sample: &Sample, hidden_owner: bool) -> Vec<String> {
     w
 }
 
-fn make_group(joined: &Joined<'_>, key: RawKey, acc: Acc) -> Group {
+fn make_group(
+    joined: &Joined<'_>,
+    key: RawKey,
+    acc: Acc,
+    owners: Vec<(u32, usize)>,
+    peers: Vec<(u32, usize)>,
+) -> Group {
     let procs = &joined.sample.owners.processes;
     let comm = |pid: u32| {
         procs
@@ -289,7 +330,7 @@ fn make_group(joined: &Joined<'_>, key: RawKey, acc: Acc) -> Group {
             .map_or_else(|| "?".to_string(), |p| p.comm.clone())
     };
     let cmdline = |pid: u32| procs.get(&pid).map(|p| p.cmdline.clone());
-    let counts = |m: HashMap<u32, usize>| {
+    let counts = |m: Vec<(u32, usize)>| {
         let mut v: Vec<OwnerCount> = m
             .into_iter()
             .map(|(pid, count)| OwnerCount {
@@ -345,7 +386,7 @@ fn make_group(joined: &Joined<'_>, key: RawKey, acc: Acc) -> Group {
         what,
         count: acc.count,
         states: acc.states,
-        processes: counts(acc.owners),
-        peer_processes: counts(acc.peers),
+        processes: counts(owners),
+        peer_processes: counts(peers),
     }
 }

@@ -6,30 +6,42 @@
 //! both ends live on this node (`peer`, the image-cri-shim → registry :5000 case), and
 //! `listening`. No I/O.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::model::{Sample, Socket, TcpState};
 
-/// A sample with its sockets cross-referenced.
-pub struct Joined<'a> {
-    pub sample: &'a Sample,
-    peer: Vec<Option<usize>>,
-    listeners: HashSet<(IpAddr, u16)>,
+/// Who is connected to whom on this node, from the sockets alone (no owners needed, so the
+/// collector computes it while the /proc scan is still running).
+#[derive(Debug, Clone, Default)]
+pub struct Topology {
+    peer: Vec<Option<u32>>,
+    listeners: FxHashSet<(IpAddr, u16)>,
 }
 
-impl<'a> Joined<'a> {
+/// An endpoint as one number pair: IPv4 as its IPv6-mapped form, so a v4 client of a
+/// dual-stack server and the server's `::ffff:` view of it compare equal.
+type Endpoint = (u128, u16);
+
+fn endpoint(addr: SocketAddr) -> Endpoint {
+    let ip = match addr.ip().to_canonical() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    (u128::from(ip), addr.port())
+}
+
+impl Topology {
     /// Matches every socket with its reverse 4-tuple and collects the listening endpoints.
-    pub fn new(sample: &'a Sample) -> Joined<'a> {
-        let sockets = &sample.sockets;
-        let mut by_tuple: HashMap<(SocketAddr, SocketAddr), usize> =
-            HashMap::with_capacity(sockets.len());
-        let mut listeners = HashSet::new();
+    pub fn new(sockets: &[Socket]) -> Topology {
+        let mut by_tuple: FxHashMap<(Endpoint, Endpoint), u32> =
+            FxHashMap::with_capacity_and_hasher(sockets.len(), Default::default());
+        let mut listeners = FxHashSet::default();
         for (i, s) in sockets.iter().enumerate() {
             if s.state == TcpState::Listen {
-                listeners.insert((canonical(s.local).ip(), s.local.port()));
-            } else {
-                by_tuple.insert((canonical(s.local), canonical(s.remote)), i);
+                listeners.insert((s.local.ip().to_canonical(), s.local.port()));
+            } else if let Ok(i) = u32::try_from(i) {
+                by_tuple.insert((endpoint(s.local), endpoint(s.remote)), i);
             }
         }
         let peer = sockets
@@ -40,15 +52,35 @@ impl<'a> Joined<'a> {
                     return None;
                 }
                 by_tuple
-                    .get(&(canonical(s.remote), canonical(s.local)))
+                    .get(&(endpoint(s.remote), endpoint(s.local)))
                     .copied()
-                    .filter(|&j| j != i)
+                    .filter(|&j| j as usize != i)
             })
             .collect();
+        Topology { peer, listeners }
+    }
+}
+
+/// A sample with its sockets cross-referenced.
+pub struct Joined<'a> {
+    pub sample: &'a Sample,
+    topology: Topology,
+    /// Per socket, its run `(start, len)` in the owner index's sorted pairs.
+    owner_runs: Vec<(u32, u32)>,
+}
+
+impl<'a> Joined<'a> {
+    /// Cross-references a sample from scratch.
+    pub fn new(sample: &'a Sample) -> Joined<'a> {
+        Joined::with_topology(sample, Topology::new(&sample.sockets))
+    }
+
+    /// Uses a topology computed earlier from the same sockets.
+    pub fn with_topology(sample: &'a Sample, topology: Topology) -> Joined<'a> {
         Joined {
             sample,
-            peer,
-            listeners,
+            topology,
+            owner_runs: owner_runs(&sample.sockets, sample.owners.pairs()),
         }
     }
 
@@ -59,33 +91,59 @@ impl<'a> Joined<'a> {
 
     /// Pids holding socket `i`, ascending.
     pub fn owners(&self, i: usize) -> impl Iterator<Item = u32> + 'a {
-        let inode = self.sample.sockets[i].inode;
-        self.sample.owners.owners(inode).iter().map(|&(_, pid)| pid)
+        let (start, len) = self.owner_runs[i];
+        let pairs = self.sample.owners.pairs();
+        pairs[start as usize..(start + len) as usize]
+            .iter()
+            .map(|&(_, pid)| pid)
     }
 
     /// The index of the socket at the other end, when it is on this node too.
     pub fn peer(&self, i: usize) -> Option<usize> {
-        self.peer[i]
+        self.topology
+            .peer
+            .get(i)
+            .copied()
+            .flatten()
+            .map(|j| j as usize)
     }
 
     /// True when a listener accepts on this endpoint: a specific address or a wildcard one.
     pub fn listening(&self, local: SocketAddr) -> bool {
-        let local = canonical(local);
+        let ip = local.ip().to_canonical();
         let port = local.port();
-        self.listeners.contains(&(local.ip(), port))
-            || self
-                .listeners
-                .contains(&(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
-            || self
-                .listeners
-                .contains(&(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port))
+        let l = &self.topology.listeners;
+        l.contains(&(ip, port))
+            || l.contains(&(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
+            || l.contains(&(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port))
     }
 }
 
-/// `::ffff:10.0.0.1` (a v4 client on a dual-stack listener) → `10.0.0.1`, so both ends of a
-/// connection name each other the same way.
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+/// Finds each socket's owners by walking the sockets in inode order alongside the sorted
+/// `(inode, pid)` pairs: one pass, no per-socket search through a large table.
+fn owner_runs(sockets: &[Socket], pairs: &[(u64, u32)]) -> Vec<(u32, u32)> {
+    let mut runs = vec![(0u32, 0u32); sockets.len()];
+    let mut by_inode: Vec<(u64, usize)> = sockets
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.inode != 0)
+        .map(|(i, s)| (s.inode, i))
+        .collect();
+    by_inode.sort_unstable();
+    let mut p = 0;
+    for (inode, i) in by_inode {
+        while p < pairs.len() && pairs[p].0 < inode {
+            p += 1;
+        }
+        let len = pairs[p..]
+            .iter()
+            .take_while(|&&(pi, _)| pi == inode)
+            .count();
+        if let (Ok(start), Ok(len)) = (u32::try_from(p), u32::try_from(len)) {
+            runs[i] = (start, len);
+        }
+    }
+    runs
 }
 
 #[cfg(test)]

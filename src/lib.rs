@@ -12,7 +12,6 @@ pub mod model;
 pub mod procs;
 pub mod render;
 
-use std::collections::HashSet;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::SystemTime;
@@ -22,30 +21,35 @@ use anyhow::{Context, anyhow};
 use crate::aggregate::{Query, Report};
 use crate::cli::{Output, PortsArgs};
 use crate::collect::SocketSource;
-use crate::join::Joined;
+use crate::join::{Joined, Topology};
 use crate::model::{Sample, StateSet, TcpState};
 use crate::procs::ProcScanner;
 
 /// Rows the table shows when `--top` is not given.
 pub const DEFAULT_TABLE_TOP: usize = 20;
 
-/// Takes one sample of the node: the socket dump and the fd scan run at the same time (the
-/// fd scan is the slow half), then the owners of the dumped sockets are described.
-/// LISTEN sockets are always dumped too, to tell server ports from client ports.
+/// Takes one sample of the node: the socket dump (then the peer matching, which needs only
+/// sockets) runs beside the fd scan (the slow half), then the owners of the dumped sockets are
+/// described. LISTEN sockets are always dumped too, to tell server ports from client ports.
 pub fn collect(
     source: &mut (dyn SocketSource + Send),
     proc_root: &Path,
     states: StateSet,
-) -> anyhow::Result<Sample> {
+) -> anyhow::Result<(Sample, Topology)> {
     let dump_states = states.union([TcpState::Listen].into_iter().collect());
     let scanner = ProcScanner::new(proc_root);
     let taken_at = SystemTime::now();
     let (sockets, scan) = std::thread::scope(|s| {
-        let dump = s.spawn(|| source.sockets(dump_states));
-        let scan = scanner.socket_fds();
+        let dump = s.spawn(|| {
+            source.sockets(dump_states).map(|sockets| {
+                let topology = Topology::new(&sockets);
+                (sockets, topology)
+            })
+        });
+        let scan = scanner.socket_fds(scan_threads());
         (dump.join(), scan)
     });
-    let sockets = sockets
+    let (sockets, topology) = sockets
         .map_err(|_| anyhow!("the socket collector thread panicked"))?
         .map_err(|e| {
             let hint = e.hint();
@@ -53,20 +57,21 @@ pub fn collect(
         })?;
     let (pairs, stats) =
         scan.with_context(|| format!("cannot list processes in {}", proc_root.display()))?;
-    let wanted: HashSet<u64> = sockets
-        .iter()
-        .map(|s| s.inode)
-        .filter(|&i| i != 0)
-        .collect();
-    let owners = scanner.index(pairs, Some(&wanted));
-    Ok(Sample {
+    let owners = scanner.index(pairs, sockets.iter().map(|s| s.inode));
+    let sample = Sample {
         taken_at,
         hostname: hostname(),
         sockets,
         owners,
         scan: stats,
         warnings: Vec::new(),
-    })
+    };
+    Ok((sample, topology))
+}
+
+/// Threads for the fd scan: every core, up to 8 (past that /proc's locks, not CPUs, limit).
+fn scan_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
 /// The node's name, as `hostname` prints it.
@@ -116,9 +121,9 @@ pub fn ports_query(args: &PortsArgs) -> anyhow::Result<Query> {
 pub fn run_ports(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<()> {
     let query = ports_query(args)?;
     let (mut source, fallback) = collect::open_default(&args.proc_root);
-    let mut sample = collect(source.as_mut(), &args.proc_root, query.states)?;
+    let (mut sample, topology) = collect(source.as_mut(), &args.proc_root, query.states)?;
     sample.warnings.extend(fallback);
-    let report = ports_report(&sample, &query);
+    let report = aggregate::aggregate(&Joined::with_topology(&sample, topology), &query);
     for w in &report.warnings {
         writeln!(err, "shimcheck: warning: {}", render::escape_control(w))?;
     }

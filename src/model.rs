@@ -273,6 +273,19 @@ pub struct ScanStats {
     pub first_unreadable: Option<String>,
 }
 
+impl ScanStats {
+    /// Adds another scanner thread's counts.
+    pub fn merge(&mut self, other: ScanStats) {
+        self.scanned += other.scanned;
+        self.denied += other.denied;
+        self.vanished += other.vanished;
+        self.unreadable += other.unreadable;
+        if self.first_unreadable.is_none() {
+            self.first_unreadable = other.first_unreadable;
+        }
+    }
+}
+
 /// One look at the node: its sockets, who holds them, and what could not be seen.
 #[derive(Debug, Clone)]
 pub struct Sample {

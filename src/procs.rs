@@ -8,10 +8,12 @@
 //! relative to the open fd directory, into a stack buffer), so it uses `rustix` directly; the
 //! few owner details go through `procfs`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::CStr;
+use std::fmt::Write as _;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rustix::fs::{Dir, Mode, OFlags};
 use rustix::io::Errno;
@@ -36,9 +38,13 @@ impl ProcScanner {
         &self.root
     }
 
-    /// Walks every process's fd table and returns `(socket inode, pid)` pairs. Fails only when
-    /// the root itself cannot be listed.
-    pub fn socket_fds(&self) -> Result<(Vec<(u64, u32)>, ScanStats), std::io::Error> {
+    /// Walks every process's fd table and returns `(socket inode, pid)` pairs, on `threads`
+    /// threads that take the next pid as they finish one (fd tables differ wildly in size).
+    /// Fails only when the root itself cannot be listed.
+    pub fn socket_fds(
+        &self,
+        threads: usize,
+    ) -> Result<(Vec<(u64, u32)>, ScanStats), std::io::Error> {
         let root = rustix::fs::open(
             &self.root,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -51,26 +57,42 @@ impl ProcScanner {
                 pids.push(pid);
             }
         }
-        let mut stats = ScanStats::default();
-        let mut pairs = Vec::new();
-        let mut path = Vec::with_capacity(32);
-        for pid in pids {
-            path.clear();
-            path.extend_from_slice(pid.to_string().as_bytes());
-            path.extend_from_slice(b"/fd");
-            match scan_fd_dir(&root, &path, pid, &mut pairs) {
-                Ok(()) => stats.scanned += 1,
-                Err(Errno::NOENT | Errno::SRCH) => stats.vanished += 1,
-                Err(Errno::ACCESS | Errno::PERM) => stats.denied += 1,
-                Err(e) => {
-                    stats.unreadable += 1;
-                    stats
-                        .first_unreadable
-                        .get_or_insert_with(|| format!("{}/{pid}/fd: {e}", self.root.display()));
+        let next = AtomicUsize::new(0);
+        let work = || {
+            let mut stats = ScanStats::default();
+            let mut pairs = Vec::new();
+            let mut path = String::with_capacity(24);
+            while let Some(&pid) = pids.get(next.fetch_add(1, Ordering::Relaxed)) {
+                path.clear();
+                let _ = write!(path, "{pid}/fd");
+                match scan_fd_dir(&root, &path, pid, &mut pairs) {
+                    Ok(()) => stats.scanned += 1,
+                    Err(Errno::NOENT | Errno::SRCH) => stats.vanished += 1,
+                    Err(Errno::ACCESS | Errno::PERM) => stats.denied += 1,
+                    Err(e) => {
+                        stats.unreadable += 1;
+                        stats.first_unreadable.get_or_insert_with(|| {
+                            format!("{}/{pid}/fd: {e}", self.root.display())
+                        });
+                    }
                 }
             }
+            (pairs, stats)
+        };
+        let parts: Vec<(Vec<(u64, u32)>, ScanStats)> = std::thread::scope(|s| {
+            let helpers: Vec<_> = (1..threads.max(1)).map(|_| s.spawn(work)).collect();
+            let mut parts = vec![work()];
+            // A scan thread that panicked lost its share: that is a bug, not a vanished pid.
+            parts.extend(helpers.into_iter().filter_map(|h| h.join().ok()));
+            parts
+        });
+        let mut all_pairs = Vec::new();
+        let mut stats = ScanStats::default();
+        for (pairs, st) in parts {
+            all_pairs.extend(pairs);
+            stats.merge(st);
         }
-        Ok((pairs, stats))
+        Ok((all_pairs, stats))
     }
 
     /// Reads name, command line and uid of one process; `None` if it has gone.
@@ -87,16 +109,16 @@ impl ProcScanner {
         })
     }
 
-    /// Scans the fd tables and describes the processes that own one of `wanted` (every socket
-    /// owner when `wanted` is `None`). Processes that vanish before they are described keep
-    /// their sockets with the name `?`.
-    pub fn index(&self, pairs: Vec<(u64, u32)>, wanted: Option<&HashSet<u64>>) -> OwnerIndex {
-        let pairs: Vec<(u64, u32)> = match wanted {
-            Some(w) => pairs.into_iter().filter(|(i, _)| w.contains(i)).collect(),
-            None => pairs,
-        };
+    /// Indexes the pairs and describes every process that holds one of `inodes`. A process
+    /// that exits before it is described keeps its sockets under the name `?`.
+    pub fn index(&self, pairs: Vec<(u64, u32)>, inodes: impl Iterator<Item = u64>) -> OwnerIndex {
         let mut index = OwnerIndex::from_pairs(pairs, HashMap::new());
-        for pid in index.pids() {
+        let mut pids: Vec<u32> = inodes
+            .flat_map(|i| index.owners(i).iter().map(|&(_, pid)| pid))
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        for pid in pids {
             let process = self.process(pid).unwrap_or_else(|| Process {
                 pid,
                 comm: "?".into(),
@@ -111,7 +133,7 @@ impl ProcScanner {
 
 fn scan_fd_dir(
     root: &rustix::fd::OwnedFd,
-    path: &[u8],
+    path: &str,
     pid: u32,
     pairs: &mut Vec<(u64, u32)>,
 ) -> Result<(), Errno> {

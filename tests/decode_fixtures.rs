@@ -11,7 +11,9 @@ use shimcheck::model::{Socket, TcpState};
 
 /// The datagrams of one fixture file: each a little-endian u32 length, then its bytes.
 fn datagrams(name: &str) -> Vec<Vec<u8>> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/netlink").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/netlink")
+        .join(name);
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut out = Vec::new();
     let mut rest = &bytes[..];
@@ -41,7 +43,11 @@ fn listing(sockets: &[Socket]) -> String {
         let info = match s.tcp_info {
             Some(t) => format!(
                 "sent={} recv={} ack={} acked={:?} received={:?}",
-                t.last_data_sent_ms, t.last_data_recv_ms, t.last_ack_recv_ms, t.bytes_acked, t.bytes_received
+                t.last_data_sent_ms,
+                t.last_data_recv_ms,
+                t.last_ack_recv_ms,
+                t.bytes_acked,
+                t.bytes_received
             ),
             None => "no tcp_info".into(),
         };
@@ -64,24 +70,45 @@ fn listing(sockets: &[Socket]) -> String {
 
 #[test]
 fn ipv4_multipart_dump_decodes_every_socket_once() {
-    assert!(datagrams("v4-multipart.bin").len() >= 3, "the fixture must span several datagrams");
+    assert!(
+        datagrams("v4-multipart.bin").len() >= 3,
+        "the fixture must span several datagrams"
+    );
     let dump = decode("v4-multipart.bin").unwrap();
     assert!(!dump.interrupted);
     assert_eq!(dump.duplicates, 0);
     let s = &dump.sockets;
-    let count = |st: TcpState, port: u16| s.iter().filter(|x| x.state == st && x.local.port() == port).count();
+    let count = |st: TcpState, port: u16| {
+        s.iter()
+            .filter(|x| x.state == st && x.local.port() == port)
+            .count()
+    };
     // 120 registry-side and 120 client-side ends, the listeners, one CLOSE_WAIT client.
     assert_eq!(count(TcpState::Established, 5000), 120);
-    assert_eq!(s.iter().filter(|x| x.state == TcpState::Established && x.remote.port() == 5000).count(), 120);
+    assert_eq!(
+        s.iter()
+            .filter(|x| x.state == TcpState::Established && x.remote.port() == 5000)
+            .count(),
+        120
+    );
     assert_eq!(count(TcpState::Listen, 5000), 1);
-    assert_eq!(s.iter().filter(|x| x.state == TcpState::CloseWait).count(), 1);
+    assert_eq!(
+        s.iter().filter(|x| x.state == TcpState::CloseWait).count(),
+        1
+    );
     assert!(s.iter().all(|x| x.local.is_ipv4()));
     let cookies: std::collections::HashSet<_> = s.iter().map(|x| x.cookie.unwrap()).collect();
     assert_eq!(cookies.len(), s.len());
     // The one connection that carried a 21-byte request has byte counters to show for it
     // (the sender's `bytes_acked` counts the SYN too).
-    assert!(s.iter().any(|x| x.tcp_info.and_then(|t| t.bytes_received) == Some(21)));
-    assert!(s.iter().any(|x| x.tcp_info.and_then(|t| t.bytes_acked) == Some(22)));
+    assert!(
+        s.iter()
+            .any(|x| x.tcp_info.and_then(|t| t.bytes_received) == Some(21))
+    );
+    assert!(
+        s.iter()
+            .any(|x| x.tcp_info.and_then(|t| t.bytes_acked) == Some(22))
+    );
     insta::assert_snapshot!(listing(s));
 }
 
@@ -89,8 +116,16 @@ fn ipv4_multipart_dump_decodes_every_socket_once() {
 fn ipv6_dump_keeps_v6_and_v4_mapped_addresses() {
     let dump = decode("v6.bin").unwrap();
     let s = &dump.sockets;
-    assert_eq!(s.iter().filter(|x| x.state == TcpState::Established && x.local.to_string() == "[::1]:8443").count(), 3);
-    assert!(s.iter().any(|x| x.local.to_string() == "[::ffff:127.0.0.1]:9000"));
+    assert_eq!(
+        s.iter()
+            .filter(|x| x.state == TcpState::Established && x.local.to_string() == "[::1]:8443")
+            .count(),
+        3
+    );
+    assert!(
+        s.iter()
+            .any(|x| x.local.to_string() == "[::ffff:127.0.0.1]:9000")
+    );
     assert!(s.iter().all(|x| x.local.is_ipv6()));
     insta::assert_snapshot!(listing(s));
 }
@@ -135,7 +170,11 @@ fn a_dump_without_done_is_truncated() {
 fn a_message_cut_short_is_malformed() {
     let err = decode("cut-message.bin").unwrap_err();
     assert!(matches!(err, CollectError::Malformed { .. }), "{err}");
-    assert!(err.to_string().starts_with("malformed sock_diag reply at byte"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("malformed sock_diag reply at byte"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -149,6 +188,9 @@ fn a_socket_reported_twice_under_churn_is_kept_once() {
         d.feed(dg).unwrap();
     }
     let dump = d.finish().unwrap();
-    assert_eq!(dump.sockets.len(), decode("v4-multipart.bin").unwrap().sockets.len());
+    assert_eq!(
+        dump.sockets.len(),
+        decode("v4-multipart.bin").unwrap().sockets.len()
+    );
     assert!(dump.duplicates > 0);
 }
