@@ -24,8 +24,10 @@ pub fn render(report: &Report, out: &mut dyn Write, width: Option<u16>) -> io::R
     if report.groups.is_empty() {
         writeln!(out, "no TCP sockets match ({states})")?;
     } else {
-        let table = build(report, width);
-        writeln!(out, "{}", table.to_string().trim_end())?;
+        // comfy-table pads every cell; trailing blanks only get in the way of grep and diff.
+        for line in build(report, width).lines() {
+            writeln!(out, "{}", line.trim_end())?;
+        }
     }
     let shown = report.groups.len();
     if shown < report.total_groups {

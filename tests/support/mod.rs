@@ -1,0 +1,207 @@
+//! Live-test harness: a socket population inside a network namespace the test makes
+//! (`unshare -n` + `tests/support/population.py`), and helpers to run shimcheck and the
+//! oracles (`ss`, `netstat`) inside it. Dropping a `Population` tears the namespace down.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Live tests make network namespaces; say so plainly instead of failing obscurely.
+pub fn require_root() {
+    let euid = rustix::process::geteuid();
+    assert!(
+        euid.is_root(),
+        "this live test makes network namespaces (unshare -n) and needs root: run `sudo cargo test`"
+    );
+}
+
+/// The shimcheck binary cargo built for these tests.
+pub fn shimcheck_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_shimcheck"))
+}
+
+/// A running population: its processes and the namespace they live in.
+pub struct Population {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    /// A pid inside the namespace, for `nsenter -t PID -n`.
+    pub ns_pid: u32,
+    /// Process name → pids, as population.py started them.
+    pub pids: BTreeMap<String, Vec<u32>>,
+}
+
+impl Population {
+    /// Starts `spec` (population.py's JSON spec) in a fresh network namespace and waits until
+    /// every connection is established.
+    pub fn start(spec: &Value) -> Population {
+        require_root();
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/population.py");
+        let mut child = Command::new("unshare")
+            .arg("-n")
+            .arg("python3")
+            .arg(&script)
+            .arg(spec.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn unshare -n python3 population.py");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("population stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("population did not become ready within 120 s: {spec}");
+            }
+        };
+        let Some(json) = line.strip_prefix("READY ") else {
+            let _ = child.kill();
+            let status = child.wait();
+            panic!("population failed ({status:?}): {line:?}");
+        };
+        let ready: Value = serde_json::from_str(json.trim()).expect("READY json");
+        let ns_pid = ready["netns_pid"].as_u64().expect("netns_pid") as u32;
+        let pids = ready["pids"]
+            .as_object()
+            .expect("pids")
+            .iter()
+            .map(|(name, v)| {
+                let list = v
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_u64().unwrap() as u32)
+                    .collect();
+                (name.clone(), list)
+            })
+            .collect();
+        Population {
+            child,
+            stdin,
+            ns_pid,
+            pids,
+        }
+    }
+
+    /// A command that runs `program` inside the population's network namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg("-t")
+            .arg(self.ns_pid.to_string())
+            .arg("-n")
+            .arg(program);
+        c
+    }
+
+    /// Runs shimcheck inside the namespace.
+    pub fn shimcheck(&self, args: &[&str]) -> Output {
+        let bin = shimcheck_bin();
+        let out = self
+            .command(bin.to_str().unwrap())
+            .args(args)
+            .output()
+            .expect("run shimcheck");
+        out
+    }
+
+    /// Runs `shimcheck ports -o json ARGS` and parses the document; panics on a failure.
+    pub fn report(&self, args: &[&str]) -> Value {
+        let mut all = vec!["ports", "-o", "json"];
+        all.extend_from_slice(args);
+        let out = self.shimcheck(&all);
+        assert!(
+            out.status.success(),
+            "shimcheck {all:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("shimcheck JSON")
+    }
+
+    /// Runs a shell pipeline inside the namespace and returns its stdout.
+    pub fn sh(&self, script: &str) -> String {
+        let out = self
+            .command("bash")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .expect("run bash");
+        assert!(
+            out.status.success(),
+            "`{script}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// The single pid population.py started under `name`.
+    pub fn pid(&self, name: &str) -> u32 {
+        let pids = &self.pids[name];
+        assert_eq!(pids.len(), 1, "{name} has several processes: {pids:?}");
+        pids[0]
+    }
+}
+
+impl Drop for Population {
+    fn drop(&mut self) {
+        // Closing stdin tells population.py to kill its children and exit; the namespace goes
+        // with its last process.
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.flush();
+        }
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `{"key": count}` of a shimcheck report's groups.
+pub fn group_counts(report: &Value) -> BTreeMap<String, u64> {
+    report["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["key"].as_str().unwrap().to_string(),
+                g["count"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// netstat prints IPv6 endpoints as `::1:8443`; shimcheck and ss as `[::1]:8443`.
+pub fn bracket_v6(endpoint: &str) -> String {
+    match endpoint.rsplit_once(':') {
+        Some((addr, port)) if addr.contains(':') => format!("[{addr}]:{port}"),
+        _ => endpoint.to_string(),
+    }
+}
+
+/// Parses `uniq -c` output (`  28 10.0.0.101:6443`) into endpoint → count.
+pub fn uniq_counts(text: &str) -> BTreeMap<String, u64> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let n = it.next()?.parse().ok()?;
+            Some((bracket_v6(it.next()?), n))
+        })
+        .collect()
+}
