@@ -109,12 +109,10 @@ impl Population {
     /// Runs shimcheck inside the namespace.
     pub fn shimcheck(&self, args: &[&str]) -> Output {
         let bin = shimcheck_bin();
-        let out = self
-            .command(bin.to_str().unwrap())
+        self.command(bin.to_str().unwrap())
             .args(args)
             .output()
-            .expect("run shimcheck");
-        out
+            .expect("run shimcheck")
     }
 
     /// Runs `shimcheck ports -o json ARGS` and parses the document; panics on a failure.
