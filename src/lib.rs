@@ -55,8 +55,12 @@ pub fn collect(
             let hint = e.hint();
             anyhow::Error::new(e).context(format!("cannot list TCP sockets ({hint})"))
         })?;
-    let (pairs, stats) =
-        scan.with_context(|| format!("cannot list processes in {}", proc_root.display()))?;
+    let (pairs, stats) = scan.with_context(|| {
+        format!(
+            "cannot list processes in {} (is procfs mounted there? --proc-root names another)",
+            proc_root.display()
+        )
+    })?;
     let owners = scanner.index(pairs, sockets.iter().map(|s| s.inode));
     let sample = Sample {
         taken_at,
