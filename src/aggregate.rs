@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use rustc_hash::FxHashMap;
 use serde::{Serialize, Serializer};
 
+use crate::detect::Finding;
 use crate::join::Joined;
 use crate::model::{Sample, StateSet, TcpState};
 
@@ -129,7 +130,7 @@ pub struct Totals {
 }
 
 /// A whole `shimcheck ports` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
     pub schema_version: u32,
     pub taken_at: String,
@@ -140,6 +141,8 @@ pub struct Report {
     /// Number of groups before `--top` cut the list.
     pub total_groups: usize,
     pub groups: Vec<Group>,
+    /// What the detector concluded (filled in by the caller; `aggregate` leaves it empty).
+    pub findings: Vec<Finding>,
     pub warnings: Vec<String>,
 }
 
@@ -282,6 +285,7 @@ pub fn aggregate(joined: &Joined<'_>, query: &Query) -> Report {
         totals,
         total_groups,
         groups,
+        findings: Vec::new(),
         warnings: warnings(sample, hidden_owner),
     }
 }

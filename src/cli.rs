@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::aggregate::GroupBy;
 
 /// Find TCP connection leaks on a Linux node: which local ports hold how many connections,
-/// and which processes hold both ends. Exit status: 0 success, 2 usage or runtime error.
+/// and which processes hold both ends. Exit status: 0 no finding, 1 at least one finding,
+/// 2 usage or runtime error.
 #[derive(Debug, Parser)]
 #[command(name = "shimcheck", version, about, long_about = None)]
 pub struct Cli {
@@ -58,6 +59,52 @@ pub struct PortsArgs {
     /// The procfs to scan for socket owners, e.g. /host/proc from inside a container.
     #[arg(long, value_name = "DIR", default_value = "/proc")]
     pub proc_root: PathBuf,
+
+    /// Growth: flag a (process, remote) pair whose ESTABLISHED count rose by at least N
+    /// within --window while keeping its sockets.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10,
+        help_heading = "Detection"
+    )]
+    pub min_growth: usize,
+
+    /// Growth: the span growth is judged over (500ms, 5s, 1m ...).
+    #[arg(
+        long,
+        value_name = "DUR",
+        default_value = "5m",
+        help_heading = "Detection"
+    )]
+    pub window: humantime::Duration,
+
+    /// Idle: flag at least N ESTABLISHED sockets from one process to one remote endpoint ...
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 50,
+        help_heading = "Detection"
+    )]
+    pub idle_min_count: usize,
+
+    /// ... each carrying no data for at least this long (tcp_info).
+    #[arg(
+        long,
+        value_name = "DUR",
+        default_value = "5m",
+        help_heading = "Detection"
+    )]
+    pub idle_after: humantime::Duration,
+
+    /// CLOSE_WAIT: flag a process holding at least N CLOSE_WAIT sockets (whatever --state shows).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 50,
+        help_heading = "Detection"
+    )]
+    pub close_wait_min: usize,
 }
 
 /// Output formats.

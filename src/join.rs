@@ -173,6 +173,7 @@ mod tests {
             sockets,
             owners: OwnerIndex::default(),
             scan: Default::default(),
+            host: Default::default(),
             warnings: vec![],
         }
     }

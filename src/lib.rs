@@ -7,6 +7,8 @@
 pub mod aggregate;
 pub mod cli;
 pub mod collect;
+pub mod culprits;
+pub mod detect;
 pub mod join;
 pub mod model;
 pub mod procs;
@@ -21,8 +23,9 @@ use anyhow::{Context, anyhow};
 use crate::aggregate::{Query, Report};
 use crate::cli::{Output, PortsArgs};
 use crate::collect::SocketSource;
+use crate::detect::DetectConfig;
 use crate::join::{Joined, Topology};
-use crate::model::{Sample, StateSet, TcpState};
+use crate::model::{HostFacts, Sample, StateSet, TcpState};
 use crate::procs::ProcScanner;
 
 /// Rows the table shows when `--top` is not given.
@@ -36,7 +39,7 @@ pub fn collect(
     proc_root: &Path,
     states: StateSet,
 ) -> anyhow::Result<(Sample, Topology)> {
-    let dump_states = states.union([TcpState::Listen].into_iter().collect());
+    let dump_states = states.union(DETECT_STATES.into_iter().collect());
     let scanner = ProcScanner::new(proc_root);
     let taken_at = SystemTime::now();
     let (sockets, scan) = std::thread::scope(|s| {
@@ -55,23 +58,43 @@ pub fn collect(
             let hint = e.hint();
             anyhow::Error::new(e).context(format!("cannot list TCP sockets ({hint})"))
         })?;
-    let (pairs, stats) = scan.with_context(|| {
+    let scan = scan.with_context(|| {
         format!(
             "cannot list processes in {} (is procfs mounted there? --proc-root names another)",
             proc_root.display()
         )
     })?;
-    let owners = scanner.index(pairs, sockets.iter().map(|s| s.inode));
+    // Processes near their fd limit get a name too: a finding may be about them.
+    let near_limit: Vec<u32> = scan
+        .fds
+        .iter()
+        .filter(|(_, f)| f.limit.is_some_and(|l| f.open * 5 >= l * 4))
+        .map(|(pid, _)| *pid)
+        .collect();
+    let owners = scanner.index(
+        scan.pairs,
+        sockets.iter().map(|s| s.inode),
+        near_limit.into_iter(),
+    );
     let sample = Sample {
         taken_at,
         hostname: hostname(),
         sockets,
         owners,
-        scan: stats,
+        scan: scan.stats,
+        host: HostFacts {
+            port_range: scanner.port_range(),
+            fds: scan.fds.into_iter().collect(),
+        },
         warnings: Vec::new(),
     };
     Ok((sample, topology))
 }
+
+/// States always dumped, whatever `--state` shows: LISTEN tells server ports from client
+/// ports; ESTABLISHED and CLOSE_WAIT are what the detector looks at.
+pub const DETECT_STATES: [TcpState; 3] =
+    [TcpState::Listen, TcpState::Established, TcpState::CloseWait];
 
 /// Threads for the fd scan: every core, up to 8 (past that /proc's locks, not CPUs, limit).
 fn scan_threads() -> usize {
@@ -121,13 +144,19 @@ pub fn ports_query(args: &PortsArgs) -> anyhow::Result<Query> {
 }
 
 /// Runs `shimcheck ports` against the live node, writing the report to `out` and warnings
-/// (fallbacks, unreadable processes) to `err`.
-pub fn run_ports(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<()> {
+/// (fallbacks, unreadable processes) to `err`. Returns the number of findings.
+pub fn run_ports(
+    args: &PortsArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<usize> {
     let query = ports_query(args)?;
     let (mut source, fallback) = collect::open_default(&args.proc_root);
     let (mut sample, topology) = collect(source.as_mut(), &args.proc_root, query.states)?;
     sample.warnings.extend(fallback);
-    let report = aggregate::aggregate(&Joined::with_topology(&sample, topology), &query);
+    let joined = Joined::with_topology(&sample, topology);
+    let mut report = aggregate::aggregate(&joined, &query);
+    report.findings = detect::findings(&joined, None, &detect_config(args));
     for w in &report.warnings {
         writeln!(err, "shimcheck: warning: {}", render::escape_control(w))?;
     }
@@ -136,7 +165,18 @@ pub fn run_ports(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> 
         Output::Table => render::table::render(&report, out, terminal_width())?,
     }
     out.flush()?;
-    Ok(())
+    Ok(report.findings.len())
+}
+
+/// The detector thresholds these arguments set.
+pub fn detect_config(args: &PortsArgs) -> DetectConfig {
+    DetectConfig {
+        min_growth: args.min_growth,
+        window: args.window.into(),
+        idle_min_count: args.idle_min_count,
+        idle_after: args.idle_after.into(),
+        close_wait_min: args.close_wait_min,
+    }
 }
 
 fn terminal_width() -> Option<u16> {

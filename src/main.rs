@@ -1,5 +1,5 @@
 //! The `shimcheck` binary: parse the command line, run the pipeline, map the outcome to an
-//! exit status (0 success, 2 usage or runtime error). A closed stdout (`| head`) ends quietly.
+//! exit status (0 no finding, 1 at least one finding, 2 usage or runtime error). A closed stdout (`| head`) ends quietly.
 
 use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;
@@ -16,7 +16,8 @@ fn main() -> ExitCode {
         Command::Ports(args) => shimcheck::run_ports(args, &mut out, &mut err),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             let _ = writeln!(err, "shimcheck: error: {e:#}");

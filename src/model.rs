@@ -3,13 +3,13 @@
 //!
 //! Nothing here touches the OS; every type is plain data.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::SystemTime;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// A TCP state, numbered as the kernel numbers them (`include/net/tcp_states.h`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -286,6 +286,23 @@ impl ScanStats {
     }
 }
 
+/// A process's open files against its limit, for the fd-limit finding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdUse {
+    pub open: u64,
+    /// The RLIMIT_NOFILE soft limit; `None` when unlimited or unreadable.
+    pub limit: Option<u64>,
+}
+
+/// Facts about the node the detector needs besides its sockets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFacts {
+    /// `net.ipv4.ip_local_port_range` of this network namespace.
+    pub port_range: Option<(u16, u16)>,
+    /// Open files per process, for every process the scan could read.
+    pub fds: BTreeMap<u32, FdUse>,
+}
+
 /// One look at the node: its sockets, who holds them, and what could not be seen.
 #[derive(Debug, Clone)]
 pub struct Sample {
@@ -296,6 +313,7 @@ pub struct Sample {
     pub owners: OwnerIndex,
     /// What the /proc scan could not read.
     pub scan: ScanStats,
+    pub host: HostFacts,
     /// Things the operator must know to trust the numbers (a collector fallback ...).
     pub warnings: Vec<String>,
 }

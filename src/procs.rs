@@ -18,7 +18,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use rustix::fs::{Dir, Mode, OFlags};
 use rustix::io::Errno;
 
-use crate::model::{OwnerIndex, Process, ScanStats};
+use crate::model::{FdUse, OwnerIndex, Process, ScanStats};
+
+/// What one walk over every fd table found.
+#[derive(Debug, Clone, Default)]
+pub struct FdScan {
+    /// `(socket inode, pid)`, unsorted.
+    pub pairs: Vec<(u64, u32)>,
+    pub stats: ScanStats,
+    /// Open files (and their limit) per process read.
+    pub fds: Vec<(u32, FdUse)>,
+}
 
 /// Reads `/proc/*/fd` under a root.
 pub struct ProcScanner {
@@ -41,10 +51,7 @@ impl ProcScanner {
     /// Walks every process's fd table and returns `(socket inode, pid)` pairs, on `threads`
     /// threads that take the next pid as they finish one (fd tables differ wildly in size).
     /// Fails only when the root itself cannot be listed.
-    pub fn socket_fds(
-        &self,
-        threads: usize,
-    ) -> Result<(Vec<(u64, u32)>, ScanStats), std::io::Error> {
+    pub fn socket_fds(&self, threads: usize) -> Result<FdScan, std::io::Error> {
         let root = rustix::fs::open(
             &self.root,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -61,12 +68,22 @@ impl ProcScanner {
         let work = || {
             let mut stats = ScanStats::default();
             let mut pairs = Vec::new();
+            let mut fds = Vec::new();
             let mut path = String::with_capacity(24);
             while let Some(&pid) = pids.get(next.fetch_add(1, Ordering::Relaxed)) {
                 path.clear();
                 let _ = write!(path, "{pid}/fd");
                 match scan_fd_dir(&root, &path, pid, &mut pairs) {
-                    Ok(()) => stats.scanned += 1,
+                    Ok(open) => {
+                        stats.scanned += 1;
+                        fds.push((
+                            pid,
+                            FdUse {
+                                open,
+                                limit: self.fd_limit(pid),
+                            },
+                        ));
+                    }
                     Err(Errno::NOENT | Errno::SRCH) => stats.vanished += 1,
                     Err(Errno::ACCESS | Errno::PERM) => stats.denied += 1,
                     Err(e) => {
@@ -77,22 +94,42 @@ impl ProcScanner {
                     }
                 }
             }
-            (pairs, stats)
+            FdScan { pairs, stats, fds }
         };
-        let parts: Vec<(Vec<(u64, u32)>, ScanStats)> = std::thread::scope(|s| {
+        let parts: Vec<FdScan> = std::thread::scope(|s| {
             let helpers: Vec<_> = (1..threads.max(1)).map(|_| s.spawn(work)).collect();
             let mut parts = vec![work()];
             // A scan thread that panicked lost its share: that is a bug, not a vanished pid.
             parts.extend(helpers.into_iter().filter_map(|h| h.join().ok()));
             parts
         });
-        let mut all_pairs = Vec::new();
-        let mut stats = ScanStats::default();
-        for (pairs, st) in parts {
-            all_pairs.extend(pairs);
-            stats.merge(st);
+        let mut all = FdScan::default();
+        for part in parts {
+            all.pairs.extend(part.pairs);
+            all.fds.extend(part.fds);
+            all.stats.merge(part.stats);
         }
-        Ok((all_pairs, stats))
+        Ok(all)
+    }
+
+    /// The soft RLIMIT_NOFILE of a process (`Max open files` in /proc/PID/limits).
+    fn fd_limit(&self, pid: u32) -> Option<u64> {
+        let p = procfs::process::Process::new_with_root(self.root.join(pid.to_string())).ok()?;
+        match p.limits().ok()?.max_open_files.soft_limit {
+            procfs::process::LimitValue::Value(v) => Some(v),
+            procfs::process::LimitValue::Unlimited => None,
+        }
+    }
+
+    /// `sys/net/ipv4/ip_local_port_range` under the root: the ephemeral port range.
+    pub fn port_range(&self) -> Option<(u16, u16)> {
+        let text =
+            std::fs::read_to_string(self.root.join("sys/net/ipv4/ip_local_port_range")).ok()?;
+        let mut it = text.split_whitespace().map(str::parse::<u16>);
+        match (it.next(), it.next()) {
+            (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => Some((lo, hi)),
+            _ => None,
+        }
     }
 
     /// Reads name, command line and uid of one process; `None` if it has gone.
@@ -109,13 +146,20 @@ impl ProcScanner {
         })
     }
 
-    /// Indexes the pairs and describes every process that holds one of `inodes`. A process
-    /// that exits before it is described keeps its sockets under the name `?`.
-    pub fn index(&self, pairs: Vec<(u64, u32)>, inodes: impl Iterator<Item = u64>) -> OwnerIndex {
+    /// Indexes the pairs and describes every process that holds one of `inodes`, plus the
+    /// `extra` ones (processes a finding may name). A process that exits before it is
+    /// described keeps its sockets under the name `?`.
+    pub fn index(
+        &self,
+        pairs: Vec<(u64, u32)>,
+        inodes: impl Iterator<Item = u64>,
+        extra: impl Iterator<Item = u32>,
+    ) -> OwnerIndex {
         let mut index = OwnerIndex::from_pairs(pairs, HashMap::new());
         let mut pids: Vec<u32> = inodes
             .flat_map(|i| index.owners(i).iter().map(|&(_, pid)| pid))
             .collect();
+        pids.extend(extra);
         pids.sort_unstable();
         pids.dedup();
         for pid in pids {
@@ -136,7 +180,7 @@ fn scan_fd_dir(
     path: &str,
     pid: u32,
     pairs: &mut Vec<(u64, u32)>,
-) -> Result<(), Errno> {
+) -> Result<u64, Errno> {
     let fd_dir = rustix::fs::openat(
         root,
         path,
@@ -145,6 +189,7 @@ fn scan_fd_dir(
     )?;
     let mut link = [MaybeUninit::<u8>::uninit(); 64];
     let mut dir = Dir::new(fd_dir)?;
+    let mut open = 0;
     // `Dir` owns the fd; readlinkat needs it too, so borrow it back through the iterator.
     while let Some(entry) = dir.read() {
         let entry = entry?;
@@ -152,6 +197,7 @@ fn scan_fd_dir(
         if name.to_bytes().first() == Some(&b'.') {
             continue;
         }
+        open += 1;
         match rustix::fs::readlinkat_raw(dir.fd()?, name, &mut link) {
             Ok((target, _)) => {
                 if let Some(inode) = socket_inode(target) {
@@ -163,7 +209,7 @@ fn scan_fd_dir(
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(open)
 }
 
 /// `socket:[12345]` → 12345.

@@ -7,6 +7,7 @@ use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
 
 use super::escape_control;
 use crate::aggregate::{Group, GroupBy, GroupKey, OwnerCount, Report};
+use crate::detect::{Finding, Severity};
 use crate::model::TcpState;
 
 /// How many owners a cell names before it says "+N more".
@@ -45,6 +46,28 @@ pub fn render(report: &Report, out: &mut dyn Write, width: Option<u16>) -> io::R
         "{} {sockets} ({states}): {} attributed to a process, {} unattributed",
         t.sockets, t.attributed, t.unattributed
     )?;
+    render_findings(&report.findings, out)
+}
+
+/// The detector's conclusions, most severe first, each with what to do.
+pub fn render_findings(findings: &[Finding], out: &mut dyn Write) -> io::Result<()> {
+    if findings.is_empty() {
+        return Ok(());
+    }
+    let n = findings.len();
+    writeln!(out, "\n{n} finding{}:", if n == 1 { "" } else { "s" })?;
+    for f in findings {
+        let severity = match f.severity {
+            Severity::Critical => "CRITICAL",
+            Severity::Warning => "WARNING",
+        };
+        let kind = serde_json::to_value(f.kind).ok();
+        let kind = kind.as_ref().and_then(|k| k.as_str()).unwrap_or("?");
+        writeln!(out, "  {severity} {kind}: {}", escape_control(&f.message))?;
+        if let Some(fix) = &f.remediation {
+            writeln!(out, "    fix: {}", escape_control(fix))?;
+        }
+    }
     Ok(())
 }
 

@@ -120,8 +120,9 @@ impl Population {
         let mut all = vec!["ports", "-o", "json"];
         all.extend_from_slice(args);
         let out = self.shimcheck(&all);
+        // 0: no finding, 1: findings; both carry a full report.
         assert!(
-            out.status.success(),
+            matches!(out.status.code(), Some(0 | 1)),
             "shimcheck {all:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );

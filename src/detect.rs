@@ -1,0 +1,565 @@
+//! Stage 4b, detect: joined samples → findings, what an SRE would conclude from watching
+//! `netstat -na | grep 5000 | wc -l` for half an hour, in one look where the kernel's clocks
+//! allow it (idle pile-ups, CLOSE_WAIT, port and fd exhaustion) and over a window of samples
+//! where only time tells (growth).
+//!
+//! Input: `Joined` samples, each with its own `taken_at`, and a `DetectConfig`. Output:
+//! `Finding`s. Pure: no clock is read here; a sample's timestamp is the only time.
+//!
+//! A finding is about the client end: when both ends of the connections are on this node the
+//! server's sockets are the mirror of the client's and are named in the client's message, not
+//! reported again. Server sockets whose clients are elsewhere are grouped by client address.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::Serialize;
+
+use crate::culprits;
+use crate::join::Joined;
+use crate::model::TcpState;
+
+/// Thresholds, as the `--min-growth`, `--window`, `--idle-*` and `--close-wait-min` options
+/// set them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetectConfig {
+    pub min_growth: usize,
+    pub window: Duration,
+    pub idle_min_count: usize,
+    pub idle_after: Duration,
+    pub close_wait_min: usize,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            min_growth: 10,
+            window: Duration::from_secs(300),
+            idle_min_count: 50,
+            idle_after: Duration::from_secs(300),
+            close_wait_min: 50,
+        }
+    }
+}
+
+/// Sockets a process must retain of those it had at the window's start for growth to count
+/// as a leak: a leak keeps its sockets, a busy client churns them.
+pub const MIN_RETAINED: f64 = 0.9;
+/// Sample-to-sample increases a growth must be spread over in watch mode, so a pool that
+/// opens its connections in one burst and then holds them is not taken for a leak.
+pub const MIN_RISES: usize = 3;
+/// Share of the ephemeral port range one (source, destination) may use before it is flagged.
+pub const PORT_RANGE_SHARE: f64 = 0.5;
+/// Share of RLIMIT_NOFILE a process may hold before it is flagged.
+pub const FD_LIMIT_SHARE: f64 = 0.8;
+
+/// What kind of trouble a finding reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    Growth,
+    Idle,
+    CloseWait,
+    PortExhaustion,
+    FdLimit,
+}
+
+/// How urgent a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Warning,
+    Critical,
+}
+
+/// The fields particular to each kind.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Detail {
+    Growth { rate_per_min: f64, retained: f64 },
+    Idle { idle_s_min: u64, idle_s_median: u64 },
+    CloseWait {},
+    PortExhaustion { used: usize, range: usize },
+    FdLimit { open: u64, limit: u64 },
+}
+
+/// One conclusion, with what to do about it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Finding {
+    pub kind: Kind,
+    pub severity: Severity,
+    pub pid: u32,
+    pub comm: String,
+    /// `addr:port` of the other end, or null when the sockets go to many places.
+    pub remote: Option<String>,
+    pub count: usize,
+    /// One sentence a person can act on.
+    pub message: String,
+    pub remediation: Option<String>,
+    #[serde(flatten)]
+    pub detail: Detail,
+}
+
+/// Where a process's connections go: one remote endpoint (the client side), or, for a server
+/// whose clients are on other hosts, one client address on one local service endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    Remote(SocketAddr),
+    Clients { local: SocketAddr, from: IpAddr },
+}
+
+/// A process and where its connections go: the unit growth and idle findings are about.
+pub type PairKey = (u32, Target);
+
+/// The pair keys of socket `i`: one per holder, none for a server end whose client is on
+/// this node (the client's finding covers it) or for a socket not ESTABLISHED.
+fn pair_keys(j: &Joined<'_>, i: usize, out: &mut Vec<PairKey>) {
+    out.clear();
+    let s = j.socket(i);
+    if s.state != TcpState::Established {
+        return;
+    }
+    let target = if j.listening(s.local) {
+        if j.peer(i).is_some() {
+            return;
+        }
+        Target::Clients {
+            local: s.local,
+            from: s.remote.ip(),
+        }
+    } else {
+        Target::Remote(s.remote)
+    };
+    out.extend(j.owners(i).map(|pid| (pid, target)));
+}
+
+/// A socket's identity across samples: its cookie, or (from /proc/net, which has none) its
+/// 4-tuple folded into a number.
+fn identity(j: &Joined<'_>, i: usize) -> u64 {
+    let s = j.socket(i);
+    s.cookie.unwrap_or_else(|| {
+        use std::hash::{Hash, Hasher};
+        let mut h = rustc_hash::FxHasher::default();
+        (s.local, s.remote).hash(&mut h);
+        h.finish()
+    })
+}
+
+fn comm_of(j: &Joined<'_>, pid: u32) -> String {
+    j.sample
+        .owners
+        .processes
+        .get(&pid)
+        .map_or_else(|| "?".to_string(), |p| p.comm.clone())
+}
+
+/// ", the other ends are held by registry(2811) on this node" when the pair's peers are here.
+fn mirror_note(j: &Joined<'_>, sockets: &[usize]) -> String {
+    let mut peers: FxHashMap<u32, usize> = FxHashMap::default();
+    for &i in sockets {
+        if let Some(p) = j.peer(i) {
+            for pid in j.owners(p) {
+                *peers.entry(pid).or_default() += 1;
+            }
+        }
+    }
+    let Some((&pid, _)) = peers
+        .iter()
+        .max_by_key(|&(pid, n)| (*n, std::cmp::Reverse(*pid)))
+    else {
+        return String::new();
+    };
+    format!(
+        "; the other ends are held by {}({pid}) on this node",
+        comm_of(j, pid)
+    )
+}
+
+fn describe_target(t: &Target) -> (Option<String>, String) {
+    match t {
+        Target::Remote(r) => (Some(r.to_string()), format!("to {r}")),
+        Target::Clients { local, from } => (None, format!("from clients at {from} on {local}")),
+    }
+}
+
+/// Attaches a known culprit's diagnosis: the message names the bug, the remediation is the
+/// culprit's, and the finding is critical.
+fn finish(mut f: Finding, generic_fix: Option<&str>) -> Finding {
+    match culprits::lookup(&f.comm) {
+        Some(c) => {
+            f.message = format!("{}: {}.", f.message, c.bug);
+            f.remediation = Some(c.remediation.to_string());
+            f.severity = Severity::Critical;
+        }
+        None => {
+            f.message.push('.');
+            f.remediation = generic_fix.map(str::to_string);
+        }
+    }
+    f
+}
+
+/// Findings one sample shows by itself: idle pile-ups, CLOSE_WAIT, ephemeral ports and fd
+/// limits running out.
+pub fn snapshot_findings(j: &Joined<'_>, cfg: &DetectConfig) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let sockets = &j.sample.sockets;
+    let mut pairs: FxHashMap<PairKey, Vec<usize>> = FxHashMap::default();
+    let mut close_wait: FxHashMap<u32, Vec<usize>> = FxHashMap::default();
+    let mut keys = Vec::new();
+    for (i, s) in sockets.iter().enumerate() {
+        if s.state == TcpState::CloseWait {
+            for pid in j.owners(i) {
+                close_wait.entry(pid).or_default().push(i);
+            }
+        }
+        pair_keys(j, i, &mut keys);
+        for k in &keys {
+            pairs.entry(*k).or_default().push(i);
+        }
+    }
+
+    // Idle: many connections from one process to one place, none carrying data for a while.
+    let idle_ms = cfg.idle_after.as_millis();
+    let mut idle_keys: Vec<&PairKey> = pairs.keys().collect();
+    idle_keys.sort();
+    for key in idle_keys {
+        let members = &pairs[key];
+        let mut idle: Vec<u64> = members
+            .iter()
+            .filter_map(|&i| sockets[i].tcp_info.map(|t| u64::from(t.data_idle_ms())))
+            .filter(|&ms| u128::from(ms) >= idle_ms)
+            .collect();
+        if idle.len() < cfg.idle_min_count || idle.is_empty() {
+            continue;
+        }
+        idle.sort_unstable();
+        let (pid, target) = *key;
+        let comm = comm_of(j, pid);
+        let (remote, where_) = describe_target(&target);
+        let min_s = idle[0] / 1000;
+        let median_s = idle[idle.len() / 2] / 1000;
+        out.push(finish(
+            Finding {
+                kind: Kind::Idle,
+                severity: if idle.len() >= 1000 { Severity::Critical } else { Severity::Warning },
+                pid,
+                message: format!(
+                    "{comm}({pid}) holds {} connections {where_} that carried no data for at least {} (median {}){}",
+                    idle.len(),
+                    human(min_s),
+                    human(median_s),
+                    mirror_note(j, members)
+                ),
+                comm,
+                remote,
+                count: idle.len(),
+                remediation: None,
+                detail: Detail::Idle { idle_s_min: min_s, idle_s_median: median_s },
+            },
+            Some("find why the client keeps connections it no longer uses (a new HTTP client per request is the usual cause); restarting it frees them for a while"),
+        ));
+    }
+
+    // CLOSE_WAIT: the peer hung up and the application never called close().
+    let mut cw: Vec<(&u32, &Vec<usize>)> = close_wait.iter().collect();
+    cw.sort();
+    for (&pid, members) in cw {
+        if members.len() < cfg.close_wait_min {
+            continue;
+        }
+        let remotes: FxHashSet<SocketAddr> = members.iter().map(|&i| sockets[i].remote).collect();
+        let remote = (remotes.len() == 1).then(|| sockets[members[0]].remote.to_string());
+        let comm = comm_of(j, pid);
+        out.push(finish(
+            Finding {
+                kind: Kind::CloseWait,
+                severity: if members.len() >= cfg.close_wait_min * 10 { Severity::Critical } else { Severity::Warning },
+                pid,
+                message: format!(
+                    "{comm}({pid}) holds {} CLOSE_WAIT sockets{}: their peers closed and the application never called close()",
+                    members.len(),
+                    remote.as_deref().map(|r| format!(" to {r}")).unwrap_or_default()
+                ),
+                comm,
+                remote,
+                count: members.len(),
+                remediation: None,
+                detail: Detail::CloseWait {},
+            },
+            Some("fix the code path that drops connections without closing them; restarting the process frees the sockets for a while"),
+        ));
+    }
+
+    out.extend(port_exhaustion(j));
+    out.extend(fd_limits(j));
+    out
+}
+
+/// The local ports one (source address, destination) pair occupies, and who holds them.
+#[derive(Default)]
+struct DestUse {
+    ports: FxHashSet<u16>,
+    holders: FxHashMap<u32, usize>,
+}
+
+/// Connections from one source address to one destination using half the ephemeral range.
+fn port_exhaustion(j: &Joined<'_>) -> Vec<Finding> {
+    let Some((lo, hi)) = j.sample.host.port_range else {
+        return Vec::new();
+    };
+    let range = usize::from(hi.saturating_sub(lo)) + 1;
+    let mut by_dest: FxHashMap<(IpAddr, SocketAddr), DestUse> = FxHashMap::default();
+    for (i, s) in j.sample.sockets.iter().enumerate() {
+        if s.state == TcpState::Listen || j.listening(s.local) {
+            continue;
+        }
+        let e = by_dest.entry((s.local.ip(), s.remote)).or_default();
+        e.ports.insert(s.local.port());
+        for pid in j.owners(i) {
+            *e.holders.entry(pid).or_default() += 1;
+        }
+    }
+    let mut out = Vec::new();
+    let mut dests: Vec<_> = by_dest.into_iter().collect();
+    dests.sort_by_key(|(k, _)| *k);
+    for ((src, dst), DestUse { ports, holders }) in dests {
+        let used = ports.len();
+        if (used as f64) < PORT_RANGE_SHARE * range as f64 {
+            continue;
+        }
+        let (pid, _) = holders
+            .iter()
+            .max_by_key(|&(pid, n)| (*n, std::cmp::Reverse(*pid)))
+            .map_or((0, 0), |(p, n)| (*p, *n));
+        let comm = if pid == 0 {
+            "?".to_string()
+        } else {
+            comm_of(j, pid)
+        };
+        let pct = used * 100 / range;
+        out.push(finish(
+            Finding {
+                kind: Kind::PortExhaustion,
+                severity: if used * 10 >= range * 9 { Severity::Critical } else { Severity::Warning },
+                pid,
+                message: format!(
+                    "connections from {src} to {dst} use {used} of the {range} ephemeral ports ({pct}%), most held by {comm}({pid}); \
+                     new connections to {dst} will fail with \"cannot assign requested address\""
+                ),
+                comm,
+                remote: Some(dst.to_string()),
+                count: used,
+                remediation: None,
+                detail: Detail::PortExhaustion { used, range },
+            },
+            Some("stop the process that piles up connections to this destination; widening net.ipv4.ip_local_port_range only buys time"),
+        ));
+    }
+    out
+}
+
+/// Processes holding most of their RLIMIT_NOFILE.
+fn fd_limits(j: &Joined<'_>) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for (&pid, fds) in &j.sample.host.fds {
+        let Some(limit) = fds.limit.filter(|&l| l > 0) else {
+            continue;
+        };
+        if (fds.open as f64) < FD_LIMIT_SHARE * limit as f64 {
+            continue;
+        }
+        let comm = comm_of(j, pid);
+        out.push(finish(
+            Finding {
+                kind: Kind::FdLimit,
+                severity: if fds.open * 100 >= limit * 95 { Severity::Critical } else { Severity::Warning },
+                pid,
+                message: format!(
+                    "{comm}({pid}) has {} of its {limit} allowed open files ({}%); it will soon fail with \"too many open files\"",
+                    fds.open,
+                    fds.open * 100 / limit
+                ),
+                comm,
+                remote: None,
+                count: fds.open as usize,
+                remediation: None,
+                detail: Detail::FdLimit { open: fds.open, limit },
+            },
+            Some("find what the process leaks (shimcheck ports --pid PID); raising LimitNOFILE only buys time"),
+        ));
+    }
+    out
+}
+
+fn human(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
+    }
+}
+
+/// The window of samples growth is judged on. Memory stays bounded: per sample only the
+/// count of each (process, destination) pair is kept, and per socket only when it was first
+/// seen, for the sockets open now.
+#[derive(Debug, Clone)]
+pub struct History {
+    window: Duration,
+    min_rises: usize,
+    samples: VecDeque<(SystemTime, FxHashMap<PairKey, u32>)>,
+    first_seen: FxHashMap<u64, SystemTime>,
+}
+
+impl History {
+    /// A history judging growth over `window`, requiring the rise to be spread over at least
+    /// `min_rises` sample-to-sample increases.
+    pub fn new(window: Duration, min_rises: usize) -> History {
+        History {
+            window,
+            min_rises,
+            samples: VecDeque::new(),
+            first_seen: FxHashMap::default(),
+        }
+    }
+
+    /// Adds a sample (at its own `taken_at`) and forgets what fell out of the window.
+    pub fn observe(&mut self, j: &Joined<'_>) {
+        let t = j.sample.taken_at;
+        let mut counts: FxHashMap<PairKey, u32> = FxHashMap::default();
+        let mut first_seen = FxHashMap::default();
+        let mut keys = Vec::new();
+        for i in 0..j.sample.sockets.len() {
+            pair_keys(j, i, &mut keys);
+            if keys.is_empty() {
+                continue;
+            }
+            let id = identity(j, i);
+            first_seen.insert(id, self.first_seen.get(&id).copied().unwrap_or(t));
+            for k in &keys {
+                *counts.entry(*k).or_default() += 1;
+            }
+        }
+        self.first_seen = first_seen;
+        self.samples.push_back((t, counts));
+        // Keep the newest sample at or before the window's start: it is the baseline.
+        let start = t.checked_sub(self.window).unwrap_or(SystemTime::UNIX_EPOCH);
+        while self.samples.len() > 2 && self.samples[1].0 <= start {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Number of samples held (bounded by the window).
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// True before the first sample.
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// Growth findings for the newest sample, which must be the one last observed.
+    pub fn growth(&self, j: &Joined<'_>, cfg: &DetectConfig) -> Vec<Finding> {
+        let (Some((t0, base)), Some((t1, now))) = (self.samples.front(), self.samples.back())
+        else {
+            return Vec::new();
+        };
+        if self.samples.len() < 2 {
+            return Vec::new();
+        }
+        let elapsed = t1.duration_since(*t0).unwrap_or_default();
+        let minutes = (elapsed.as_secs_f64() / 60.0).max(1.0 / 60.0);
+        // Per pair: sockets open now that were already open at the window's start.
+        let mut kept: FxHashMap<PairKey, u32> = FxHashMap::default();
+        let mut members: FxHashMap<PairKey, Vec<usize>> = FxHashMap::default();
+        let mut keys = Vec::new();
+        for i in 0..j.sample.sockets.len() {
+            pair_keys(j, i, &mut keys);
+            if keys.is_empty() {
+                continue;
+            }
+            let old = self
+                .first_seen
+                .get(&identity(j, i))
+                .is_some_and(|seen| seen <= t0);
+            for k in &keys {
+                if old {
+                    *kept.entry(*k).or_default() += 1;
+                }
+                members.entry(*k).or_default().push(i);
+            }
+        }
+        let mut out = Vec::new();
+        let mut grown: Vec<(&PairKey, &u32)> = now.iter().collect();
+        grown.sort();
+        for (key, &count) in grown {
+            let start = base.get(key).copied().unwrap_or(0);
+            let rise = count.saturating_sub(start) as usize;
+            if rise < cfg.min_growth {
+                continue;
+            }
+            let retained = if start == 0 {
+                1.0
+            } else {
+                f64::from(kept.get(key).copied().unwrap_or(0)) / f64::from(start)
+            };
+            if retained < MIN_RETAINED {
+                continue;
+            }
+            let rises = self
+                .samples
+                .iter()
+                .zip(self.samples.iter().skip(1))
+                .filter(|(a, b)| {
+                    b.1.get(key).copied().unwrap_or(0) > a.1.get(key).copied().unwrap_or(0)
+                })
+                .count();
+            if rises < self.min_rises {
+                continue;
+            }
+            let (pid, target) = *key;
+            let comm = comm_of(j, pid);
+            let (remote, where_) = describe_target(&target);
+            let rate = rise as f64 / minutes;
+            let no_members = Vec::new();
+            out.push(finish(
+                Finding {
+                    kind: Kind::Growth,
+                    severity: if count >= 1000 { Severity::Critical } else { Severity::Warning },
+                    pid,
+                    message: format!(
+                        "{comm}({pid}) went from {start} to {count} connections {where_} in {} ({rate:.1}/min) and kept {:.0}% of those it had{}",
+                        human(elapsed.as_secs()),
+                        retained * 100.0,
+                        mirror_note(j, members.get(key).unwrap_or(&no_members))
+                    ),
+                    comm,
+                    remote,
+                    count: count as usize,
+                    remediation: None,
+                    detail: Detail::Growth { rate_per_min: (rate * 10.0).round() / 10.0, retained: (retained * 1000.0).round() / 1000.0 },
+                },
+                None,
+            ));
+        }
+        out
+    }
+}
+
+/// Every finding for the newest sample: growth from the history (when there is one) and what
+/// the sample shows by itself, most severe first.
+pub fn findings(j: &Joined<'_>, history: Option<&History>, cfg: &DetectConfig) -> Vec<Finding> {
+    let mut out = history.map(|h| h.growth(j, cfg)).unwrap_or_default();
+    out.extend(snapshot_findings(j, cfg));
+    out.sort_by(|a, b| {
+        b.severity
+            .cmp(&a.severity)
+            .then(a.kind.cmp(&b.kind))
+            .then(b.count.cmp(&a.count))
+            .then(a.pid.cmp(&b.pid))
+    });
+    out
+}
