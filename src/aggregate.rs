@@ -119,6 +119,14 @@ pub struct Group {
     pub processes: Vec<OwnerCount>,
     /// Holders of the other ends, where those are on this node.
     pub peer_processes: Vec<OwnerCount>,
+    /// Change since the previous sample (`--watch`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<i64>,
+    /// Change since the first sample (`--watch`) or the baseline (`--baseline`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta_total: Option<i64>,
+    #[serde(skip)]
+    raw: RawKey,
 }
 
 /// Socket totals over the filtered set, each socket once however many processes share it.
@@ -140,6 +148,15 @@ pub struct Report {
     pub totals: Totals,
     /// Number of groups before `--top` cut the list.
     pub total_groups: usize,
+    /// `--watch`: the sample's number, from 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample: Option<u64>,
+    /// `--watch`: seconds since the first sample.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub elapsed_s: Option<f64>,
+    /// `--baseline`: when the baseline snapshot was taken.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_taken_at: Option<String>,
     pub groups: Vec<Group>,
     /// What the detector concluded (filled in by the caller; `aggregate` leaves it empty).
     pub findings: Vec<Finding>,
@@ -155,17 +172,26 @@ struct Acc {
 /// A group's identity before it is spelled out; its order (addresses numerically, then
 /// ports) breaks ties between groups of the same size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum RawKey {
+pub(crate) enum RawKey {
     Port(SocketAddr),
     Process(Option<u32>),
     Peer(SocketAddr),
     Pair(Option<u32>, SocketAddr),
 }
 
+/// Every group's size, including those `--top` left out: what later samples compare with.
+#[derive(Debug, Clone, Default)]
+pub struct GroupCounts(FxHashMap<RawKey, usize>);
+
 /// Filters, groups and sorts (largest group first, then by address, port or pid). Only the
 /// groups that survive `top` are spelled out: `--by port` on a busy node has a group per
 /// client port.
 pub fn aggregate(joined: &Joined<'_>, query: &Query) -> Report {
+    aggregate_with_counts(joined, query).0
+}
+
+/// `aggregate`, plus the size of every group for `annotate_deltas`.
+pub fn aggregate_with_counts(joined: &Joined<'_>, query: &Query) -> (Report, GroupCounts) {
     let sample = joined.sample;
     let mut totals = Totals::default();
     let mut slots: FxHashMap<RawKey, u32> = FxHashMap::default();
@@ -232,6 +258,7 @@ pub fn aggregate(joined: &Joined<'_>, query: &Query) -> Report {
         }
     }
     drop(slots);
+    let all_counts = GroupCounts(accs.iter().map(|(k, a)| (*k, a.count)).collect());
 
     // Rank the groups, keep the top ones, and note where each kept slot landed.
     let total_groups = accs.len();
@@ -274,20 +301,39 @@ pub fn aggregate(joined: &Joined<'_>, query: &Query) -> Report {
         })
         .collect();
 
-    Report {
+    let report = Report {
         schema_version: SCHEMA_VERSION,
-        taken_at: jiff::Timestamp::try_from(sample.taken_at)
-            .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
-            .unwrap_or_default(),
+        taken_at: rfc3339(sample.taken_at),
         hostname: sample.hostname.clone(),
         group_by: query.group_by,
         states: query.states.iter().collect(),
         totals,
         total_groups,
+        sample: None,
+        elapsed_s: None,
+        baseline_taken_at: None,
         groups,
         findings: Vec::new(),
         warnings: warnings(sample, hidden_owner),
+    };
+    (report, all_counts)
+}
+
+/// Fills in `delta` (against `previous`) and `delta_total` (against `first`); a group absent
+/// from an earlier sample had 0 sockets then.
+pub fn annotate_deltas(report: &mut Report, previous: Option<&GroupCounts>, first: &GroupCounts) {
+    let diff = |now: usize, then: Option<&usize>| now as i64 - then.copied().unwrap_or(0) as i64;
+    for g in &mut report.groups {
+        g.delta = previous.map(|p| diff(g.count, p.0.get(&g.raw)));
+        g.delta_total = Some(diff(g.count, first.0.get(&g.raw)));
     }
+}
+
+/// `2026-11-25T10:00:00Z`: a sample's time as the JSON documents write it.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    jiff::Timestamp::try_from(t)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default()
 }
 
 /// The sample's own warnings, plus the /proc scan's where they can matter: a socket with an
@@ -392,5 +438,8 @@ fn make_group(
         states: acc.states,
         processes: counts(owners),
         peer_processes: counts(peers),
+        delta: None,
+        delta_total: None,
+        raw: key,
     }
 }

@@ -23,6 +23,21 @@ pub enum Command {
     /// processes holding each end. Like `netstat -anp | grep ESTABLISHED | awk '{print $4}' |
     /// sort | uniq -c | sort -n` followed by `lsof -i :PORT`, in one pass.
     Ports(PortsArgs),
+    /// Write one full sample (every socket with its holders, cookies and idle times, plus the
+    /// host facts the detector uses) as JSON, to analyse elsewhere with `ports --from`.
+    Snapshot(SnapshotArgs),
+}
+
+/// Options of `shimcheck snapshot`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SnapshotArgs {
+    /// Write the snapshot to FILE instead of standard output.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// The procfs to scan for socket owners, e.g. /host/proc from inside a container.
+    #[arg(long, value_name = "DIR", default_value = "/proc")]
+    pub proc_root: PathBuf,
 }
 
 /// Options of `shimcheck ports`.
@@ -59,6 +74,33 @@ pub struct PortsArgs {
     /// The procfs to scan for socket owners, e.g. /host/proc from inside a container.
     #[arg(long, value_name = "DIR", default_value = "/proc")]
     pub proc_root: PathBuf,
+
+    /// Report on a snapshot (`shimcheck snapshot`) instead of the live node.
+    #[arg(long, value_name = "FILE", conflicts_with = "watch")]
+    pub from: Option<PathBuf>,
+
+    /// Report growth since an earlier snapshot: per-group change and growth findings.
+    #[arg(long, value_name = "FILE", conflicts_with = "watch")]
+    pub baseline: Option<PathBuf>,
+
+    /// Sample again every --interval until --count samples or Ctrl-C, showing each group's
+    /// change since the last sample and since the start; Ctrl-C prints what grew.
+    #[arg(long, help_heading = "Watch")]
+    pub watch: bool,
+
+    /// Time between samples in --watch (500ms, 5s, 1m ...).
+    #[arg(
+        long,
+        value_name = "DUR",
+        default_value = "5s",
+        requires = "watch",
+        help_heading = "Watch"
+    )]
+    pub interval: humantime::Duration,
+
+    /// Stop --watch after N samples.
+    #[arg(long, value_name = "N", requires = "watch", help_heading = "Watch")]
+    pub count: Option<u64>,
 
     /// Growth: flag a (process, remote) pair whose ESTABLISHED count rose by at least N
     /// within --window while keeping its sockets.

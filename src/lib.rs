@@ -13,6 +13,8 @@ pub mod join;
 pub mod model;
 pub mod procs;
 pub mod render;
+pub mod snapshot;
+pub mod watch;
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -21,7 +23,7 @@ use std::time::SystemTime;
 use anyhow::{Context, anyhow};
 
 use crate::aggregate::{Query, Report};
-use crate::cli::{Output, PortsArgs};
+use crate::cli::{Output, PortsArgs, SnapshotArgs};
 use crate::collect::SocketSource;
 use crate::detect::DetectConfig;
 use crate::join::{Joined, Topology};
@@ -97,7 +99,7 @@ pub const DETECT_STATES: [TcpState; 3] =
     [TcpState::Listen, TcpState::Established, TcpState::CloseWait];
 
 /// Threads for the fd scan: every core, up to 8 (past that /proc's locks, not CPUs, limit).
-fn scan_threads() -> usize {
+pub fn scan_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
@@ -143,29 +145,104 @@ pub fn ports_query(args: &PortsArgs) -> anyhow::Result<Query> {
     })
 }
 
-/// Runs `shimcheck ports` against the live node, writing the report to `out` and warnings
-/// (fallbacks, unreadable processes) to `err`. Returns the number of findings.
+/// Runs `shimcheck ports`: one report (live, `--from` a snapshot, or against a `--baseline`)
+/// or, with `--watch`, a series. Writes the report to `out` and warnings to `err`; returns
+/// the number of findings (in watch mode, those of the last sample).
 pub fn run_ports(
     args: &PortsArgs,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> anyhow::Result<usize> {
+    if args.watch {
+        return watch::run(args, out, err);
+    }
     let query = ports_query(args)?;
-    let (mut source, fallback) = collect::open_default(&args.proc_root);
-    let (mut sample, topology) = collect(source.as_mut(), &args.proc_root, query.states)?;
-    sample.warnings.extend(fallback);
-    let joined = Joined::with_topology(&sample, topology);
+    let (sample, topology) = match &args.from {
+        Some(path) => (snapshot::read(path)?, None),
+        None => {
+            let (mut source, fallback) = collect::open_default(&args.proc_root);
+            let (mut sample, topology) = collect(source.as_mut(), &args.proc_root, query.states)?;
+            sample.warnings.extend(fallback);
+            (sample, Some(topology))
+        }
+    };
+    let joined = match topology {
+        Some(t) => Joined::with_topology(&sample, t),
+        None => Joined::new(&sample),
+    };
     let mut report = aggregate::aggregate(&joined, &query);
-    report.findings = detect::findings(&joined, None, &detect_config(args));
+    let cfg = detect_config(args);
+    let history = match &args.baseline {
+        Some(path) => {
+            let base = snapshot::read(path)?;
+            if base.taken_at > sample.taken_at {
+                anyhow::bail!(
+                    "the baseline {} was taken after the sample it should precede; swap them",
+                    path.display()
+                );
+            }
+            let base_joined = Joined::new(&base);
+            let (_, base_counts) = aggregate::aggregate_with_counts(&base_joined, &query);
+            aggregate::annotate_deltas(&mut report, None, &base_counts);
+            report.baseline_taken_at = Some(aggregate::rfc3339(base.taken_at));
+            // A baseline is the window's start, however long ago; one rise is enough.
+            let mut h = detect::History::new(std::time::Duration::MAX, 1);
+            h.observe(&base_joined);
+            h.observe(&joined);
+            Some(h)
+        }
+        None => None,
+    };
+    report.findings = detect::findings(&joined, history.as_ref(), &cfg);
+    write_report(&report, args.output, out, err)?;
+    Ok(report.findings.len())
+}
+
+/// Prints a report's warnings on `err` and the report itself on `out`.
+pub fn write_report(
+    report: &Report,
+    output: Output,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<()> {
     for w in &report.warnings {
         writeln!(err, "shimcheck: warning: {}", render::escape_control(w))?;
     }
-    match args.output {
-        Output::Json => render::json::render(&report, out)?,
-        Output::Table => render::table::render(&report, out, terminal_width())?,
+    match output {
+        Output::Json => render::json::render(report, out)?,
+        Output::Table => render::table::render(report, out, terminal_width())?,
     }
     out.flush()?;
-    Ok(report.findings.len())
+    Ok(())
+}
+
+/// Runs `shimcheck snapshot`: one full sample, every state, as a JSON document.
+pub fn run_snapshot(
+    args: &SnapshotArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<usize> {
+    let (mut source, fallback) = collect::open_default(&args.proc_root);
+    let (mut sample, _) = collect(source.as_mut(), &args.proc_root, StateSet::all())?;
+    sample.warnings.extend(fallback);
+    for w in &sample.warnings {
+        writeln!(err, "shimcheck: warning: {}", render::escape_control(w))?;
+    }
+    match &args.output {
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            let mut w = std::io::BufWriter::new(file);
+            snapshot::write(&sample, &mut w)?;
+            w.flush()
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        None => {
+            snapshot::write(&sample, out)?;
+            out.flush()?;
+        }
+    }
+    Ok(0)
 }
 
 /// The detector thresholds these arguments set.
@@ -179,7 +256,8 @@ pub fn detect_config(args: &PortsArgs) -> DetectConfig {
     }
 }
 
-fn terminal_width() -> Option<u16> {
+/// The terminal's width when stdout is one; `None` when piped.
+pub fn terminal_width() -> Option<u16> {
     let stdout = std::io::stdout();
     if !stdout.is_terminal() {
         return None;

@@ -14,6 +14,7 @@ fn main() -> ExitCode {
     let mut err = io::stderr();
     let result = match &cli.command {
         Command::Ports(args) => shimcheck::run_ports(args, &mut out, &mut err),
+        Command::Snapshot(args) => shimcheck::run_snapshot(args, &mut out, &mut err),
     };
     match result {
         Ok(0) => ExitCode::SUCCESS,

@@ -3,7 +3,7 @@
 //!
 //! Nothing here touches the OS; every type is plain data.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -103,6 +103,13 @@ impl FromStr for TcpState {
     }
 }
 
+impl<'de> Deserialize<'de> for TcpState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl Serialize for TcpState {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.name())
@@ -168,7 +175,7 @@ impl FromIterator<TcpState> for StateSet {
 ///
 /// Kernels of different ages send `tcp_info` of different lengths; a field the kernel did
 /// not send is `None`, never zero.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct TcpInfo {
     /// Milliseconds since data was last sent (`tcpi_last_data_sent`).
     pub last_data_sent_ms: u32,
@@ -191,7 +198,7 @@ impl TcpInfo {
 }
 
 /// One TCP socket, as one line of `ss -tan` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Socket {
     pub state: TcpState,
     pub local: SocketAddr,
@@ -210,7 +217,7 @@ pub struct Socket {
 }
 
 /// A process that holds at least one of the sockets.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Process {
     pub pid: u32,
     /// `/proc/PID/comm`: chosen by the process itself, so untrusted.
@@ -247,11 +254,6 @@ impl OwnerIndex {
         &self.pairs[start..end]
     }
 
-    /// Every pid that holds at least one socket.
-    pub fn pids(&self) -> HashSet<u32> {
-        self.pairs.iter().map(|&(_, pid)| pid).collect()
-    }
-
     /// The raw pairs (for snapshots and tests).
     pub fn pairs(&self) -> &[(u64, u32)] {
         &self.pairs
@@ -259,7 +261,7 @@ impl OwnerIndex {
 }
 
 /// What the scan could not see.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScanStats {
     /// Processes whose fd table was listed.
     pub scanned: usize,

@@ -8,7 +8,7 @@
 //! relative to the open fd directory, into a stack buffer), so it uses `rustix` directly; the
 //! few owner details go through `procfs`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::CStr;
 use std::fmt::Write as _;
 use std::mem::MaybeUninit;
@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use rustix::fs::{Dir, Mode, OFlags};
 use rustix::io::Errno;
 
-use crate::model::{FdUse, OwnerIndex, Process, ScanStats};
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::model::{FdUse, OwnerIndex, Process, ScanStats, Socket};
 
 /// What one walk over every fd table found.
 #[derive(Debug, Clone, Default)]
@@ -48,22 +50,40 @@ impl ProcScanner {
         &self.root
     }
 
+    /// Opens the procfs root directory.
+    fn open_root(&self) -> Result<rustix::fd::OwnedFd, std::io::Error> {
+        Ok(rustix::fs::open(
+            &self.root,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?)
+    }
+
+    /// Every pid under the root.
+    pub fn pids(&self) -> Result<Vec<u32>, std::io::Error> {
+        let root = self.open_root()?;
+        let mut pids = Vec::new();
+        for entry in Dir::read_from(&root)? {
+            if let Some(pid) = parse_u32(entry?.file_name().to_bytes()) {
+                pids.push(pid);
+            }
+        }
+        Ok(pids)
+    }
+
+    /// A process's number of open files from the size of its fd directory (Linux 6.2+);
+    /// `None` where the kernel reports 0 or the process is gone.
+    fn fd_count(&self, pid: u32) -> Option<u64> {
+        let st = rustix::fs::stat(self.root.join(format!("{pid}/fd"))).ok()?;
+        u64::try_from(st.st_size).ok().filter(|&n| n > 0)
+    }
+
     /// Walks every process's fd table and returns `(socket inode, pid)` pairs, on `threads`
     /// threads that take the next pid as they finish one (fd tables differ wildly in size).
     /// Fails only when the root itself cannot be listed.
     pub fn socket_fds(&self, threads: usize) -> Result<FdScan, std::io::Error> {
-        let root = rustix::fs::open(
-            &self.root,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        let mut pids = Vec::new();
-        for entry in Dir::read_from(&root)? {
-            let entry = entry?;
-            if let Some(pid) = parse_u32(entry.file_name().to_bytes()) {
-                pids.push(pid);
-            }
-        }
+        let root = self.open_root()?;
+        let pids = self.pids()?;
         let next = AtomicUsize::new(0);
         let work = || {
             let mut stats = ScanStats::default();
@@ -237,5 +257,181 @@ mod tests {
         assert_eq!(socket_inode(b"socket:[]"), None);
         assert_eq!(parse_u32(b"self"), None);
         assert_eq!(parse_u32(b"4242"), Some(4242));
+    }
+}
+
+/// Samples between two full fd scans in watch mode: a socket that changes hands (inherited by
+/// a new child, passed over a unix socket) keeps its old owners until the next full scan.
+pub const FULL_SCAN_EVERY: u32 = 60;
+
+/// The inode → owner map kept between watch samples, so that a sample looks only for the
+/// sockets it has not seen: first in the processes that gained sockets before, then in the
+/// others, stopping as soon as every new socket is found; a socket no visible process holds
+/// is not searched for again.
+#[derive(Debug, Default)]
+pub struct OwnerCache {
+    owners: FxHashMap<u64, Vec<u32>>,
+    unowned: FxHashSet<u64>,
+    /// Pids that gained sockets, most recent first.
+    recent: Vec<u32>,
+    processes: HashMap<u32, Process>,
+    fds: FxHashMap<u32, FdUse>,
+    stats: ScanStats,
+    since_full: Option<u32>,
+}
+
+/// What one incremental refresh cost, for the benchmark and the tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RefreshCost {
+    /// A full scan of every fd table ran.
+    pub full: bool,
+    /// Processes whose fd tables were read.
+    pub processes_read: usize,
+}
+
+impl OwnerCache {
+    /// An empty cache: the first refresh is a full scan.
+    pub fn new() -> OwnerCache {
+        OwnerCache::default()
+    }
+
+    /// Brings the map up to date with `sockets` and returns the owner index for them, the
+    /// latest scan statistics and every process's fd use.
+    pub fn refresh(
+        &mut self,
+        scanner: &ProcScanner,
+        sockets: &[Socket],
+        threads: usize,
+    ) -> Result<(OwnerIndex, ScanStats, BTreeMap<u32, FdUse>, RefreshCost), std::io::Error> {
+        let current: FxHashSet<u64> = sockets
+            .iter()
+            .map(|s| s.inode)
+            .filter(|&i| i != 0)
+            .collect();
+        let mut cost = RefreshCost::default();
+        let live = scanner.pids()?;
+        let live_set: FxHashSet<u32> = live.iter().copied().collect();
+        if self.since_full.is_none_or(|n| n >= FULL_SCAN_EVERY) {
+            let scan = scanner.socket_fds(threads)?;
+            cost.full = true;
+            cost.processes_read = scan.stats.scanned;
+            self.owners.clear();
+            for (inode, pid) in scan.pairs {
+                if current.contains(&inode) {
+                    self.owners.entry(inode).or_default().push(pid);
+                }
+            }
+            self.unowned = current
+                .iter()
+                .copied()
+                .filter(|i| !self.owners.contains_key(i))
+                .collect();
+            self.fds = scan.fds.into_iter().collect();
+            self.stats = scan.stats;
+            self.processes.clear();
+            self.since_full = Some(1);
+        } else {
+            self.since_full = self.since_full.map(|n| n + 1);
+            // Forget the dead and what closed.
+            self.owners.retain(|inode, pids| {
+                pids.retain(|p| live_set.contains(p));
+                current.contains(inode) && !pids.is_empty()
+            });
+            self.unowned.retain(|i| current.contains(i));
+            self.recent.retain(|p| live_set.contains(p));
+            self.processes.retain(|p, _| live_set.contains(p));
+            self.fds.retain(|p, _| live_set.contains(p));
+            let mut missing: FxHashSet<u64> = current
+                .iter()
+                .copied()
+                .filter(|i| !self.owners.contains_key(i) && !self.unowned.contains(i))
+                .collect();
+            if !missing.is_empty() {
+                let root = scanner.open_root()?;
+                let order: Vec<u32> = self
+                    .recent
+                    .iter()
+                    .copied()
+                    .chain(live.iter().copied().filter(|p| !self.recent.contains(p)))
+                    .collect();
+                let mut found_in = Vec::new();
+                let mut pairs = Vec::new();
+                for pid in order {
+                    if missing.is_empty() {
+                        break;
+                    }
+                    pairs.clear();
+                    cost.processes_read += 1;
+                    if scan_fd_dir(&root, &format!("{pid}/fd"), pid, &mut pairs).is_err() {
+                        continue;
+                    }
+                    let mut gained = false;
+                    for &(inode, p) in &pairs {
+                        if missing.remove(&inode)
+                            || self.owners.contains_key(&inode) && current.contains(&inode)
+                        {
+                            let holders = self.owners.entry(inode).or_default();
+                            if !holders.contains(&p) {
+                                holders.push(p);
+                                gained = true;
+                            }
+                        }
+                    }
+                    if gained {
+                        found_in.push(pid);
+                    }
+                }
+                self.unowned.extend(missing);
+                for pid in found_in.into_iter().rev() {
+                    self.recent.retain(|&p| p != pid);
+                    self.recent.insert(0, pid);
+                }
+            }
+            // Open-file counts: cheap on Linux 6.2+ (the fd directory's size), else kept from
+            // the last full scan. Limits are read once per process.
+            for &pid in &live {
+                let open = scanner.fd_count(pid);
+                let entry = self.fds.entry(pid).or_insert_with(|| FdUse {
+                    open: 0,
+                    limit: scanner.fd_limit(pid),
+                });
+                if let Some(open) = open {
+                    entry.open = open;
+                }
+            }
+        }
+        let pairs: Vec<(u64, u32)> = self
+            .owners
+            .iter()
+            .flat_map(|(&inode, pids)| pids.iter().map(move |&p| (inode, p)))
+            .collect();
+        let mut index = OwnerIndex::from_pairs(pairs, HashMap::new());
+        let mut wanted: Vec<u32> = self.owners.values().flatten().copied().collect();
+        wanted.extend(
+            self.fds
+                .iter()
+                .filter(|(_, f)| f.limit.is_some_and(|l| f.open * 5 >= l * 4))
+                .map(|(p, _)| *p),
+        );
+        wanted.sort_unstable();
+        wanted.dedup();
+        for pid in wanted {
+            let p = match self.processes.get(&pid) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = scanner.process(pid).unwrap_or_else(|| Process {
+                        pid,
+                        comm: "?".into(),
+                        cmdline: String::new(),
+                        uid: None,
+                    });
+                    self.processes.insert(pid, p.clone());
+                    p
+                }
+            };
+            index.processes.insert(pid, p);
+        }
+        let fds = self.fds.iter().map(|(&p, &f)| (p, f)).collect();
+        Ok((index, self.stats.clone(), fds, cost))
     }
 }

@@ -46,6 +46,9 @@ pub fn render(report: &Report, out: &mut dyn Write, width: Option<u16>) -> io::R
         "{} {sockets} ({states}): {} attributed to a process, {} unattributed",
         t.sockets, t.attributed, t.unattributed
     )?;
+    if let Some(t) = &report.baseline_taken_at {
+        writeln!(out, "changes are since the baseline snapshot taken at {t}")?;
+    }
     render_findings(&report.findings, out)
 }
 
@@ -79,6 +82,12 @@ fn build(report: &Report, width: Option<u16>) -> Table {
         GroupBy::Peer => vec!["REMOTE ADDRESS:PORT", "CONNS"],
         GroupBy::Pair => vec!["PROCESS", "REMOTE ADDRESS:PORT", "CONNS"],
     };
+    let changes = Changes::of(report);
+    match changes {
+        Changes::None => {}
+        Changes::SinceBaseline => header.push("SINCE BASELINE"),
+        Changes::Watch => header.extend(["CHANGE", "SINCE START"]),
+    }
     if multi_state {
         header.push("STATES");
     }
@@ -101,7 +110,7 @@ fn build(report: &Report, width: Option<u16>) -> Table {
         }
     }
     for g in &report.groups {
-        table.add_row(row(g, multi_state));
+        table.add_row(row(g, changes, multi_state));
     }
     let count_col = match report.group_by {
         GroupBy::Port => 2,
@@ -114,7 +123,36 @@ fn build(report: &Report, width: Option<u16>) -> Table {
     table
 }
 
-fn row(g: &Group, multi_state: bool) -> Vec<String> {
+/// Which change columns a report has: none, its change since a baseline, or (watch) since
+/// the previous sample and since the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Changes {
+    None,
+    SinceBaseline,
+    Watch,
+}
+
+impl Changes {
+    fn of(report: &Report) -> Changes {
+        if report.sample.is_some() {
+            Changes::Watch
+        } else if report.baseline_taken_at.is_some() {
+            Changes::SinceBaseline
+        } else {
+            Changes::None
+        }
+    }
+}
+
+fn signed(d: Option<i64>) -> String {
+    match d {
+        Some(d) if d > 0 => format!("+{d}"),
+        Some(d) => d.to_string(),
+        None => "-".to_string(),
+    }
+}
+
+fn row(g: &Group, changes: Changes, multi_state: bool) -> Vec<String> {
     let mut cells = match &g.what {
         GroupKey::Port { listening, .. } => vec![
             g.key.clone(),
@@ -141,6 +179,11 @@ fn row(g: &Group, multi_state: bool) -> Vec<String> {
             g.count.to_string(),
         ],
     };
+    match changes {
+        Changes::None => {}
+        Changes::SinceBaseline => cells.push(signed(g.delta_total)),
+        Changes::Watch => cells.extend([signed(g.delta), signed(g.delta_total)]),
+    }
     if multi_state {
         let st: Vec<String> = g.states.iter().map(|(s, n)| format!("{s} {n}")).collect();
         cells.push(st.join(", "));

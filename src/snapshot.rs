@@ -1,0 +1,112 @@
+//! Snapshots: one whole sample as a JSON file (`shimcheck snapshot`), and back
+//! (`shimcheck ports --from`, `--baseline`): capture on the master, analyse anywhere.
+//!
+//! Input/output: a `Sample` ⇄ a JSON document, schema_version 1 (docs/snapshot.md): every
+//! socket with its holders, cookie and tcp_info, the holders' names, the host facts the
+//! detector uses, and what the /proc scan could not read.
+
+use std::io::{self, Write};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{HostFacts, OwnerIndex, Process, Sample, ScanStats, Socket};
+
+/// The snapshot schema version this module reads and writes.
+pub const SNAPSHOT_SCHEMA_VERSION: u32 = 1;
+const KIND: &str = "shimcheck-snapshot";
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotDoc {
+    schema_version: u32,
+    kind: String,
+    /// RFC 3339, for people.
+    taken_at: String,
+    /// Milliseconds since the epoch, for rates.
+    taken_at_ms: u64,
+    hostname: String,
+    host: HostFacts,
+    processes: Vec<Process>,
+    sockets: Vec<SnapSocket>,
+    scan: ScanStats,
+    warnings: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapSocket {
+    #[serde(flatten)]
+    socket: Socket,
+    /// Pids holding the socket.
+    owners: Vec<u32>,
+}
+
+/// Writes `sample` as a snapshot document.
+pub fn write(sample: &Sample, out: &mut dyn Write) -> io::Result<()> {
+    let taken_at_ms = sample
+        .taken_at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let mut processes: Vec<Process> = sample.owners.processes.values().cloned().collect();
+    processes.sort_by_key(|p| p.pid);
+    let doc = SnapshotDoc {
+        schema_version: SNAPSHOT_SCHEMA_VERSION,
+        kind: KIND.into(),
+        taken_at: crate::aggregate::rfc3339(sample.taken_at),
+        taken_at_ms,
+        hostname: sample.hostname.clone(),
+        host: sample.host.clone(),
+        processes,
+        sockets: sample
+            .sockets
+            .iter()
+            .map(|s| SnapSocket {
+                socket: s.clone(),
+                owners: sample
+                    .owners
+                    .owners(s.inode)
+                    .iter()
+                    .map(|&(_, pid)| pid)
+                    .collect(),
+            })
+            .collect(),
+        scan: sample.scan.clone(),
+        warnings: sample.warnings.clone(),
+    };
+    serde_json::to_writer(&mut *out, &doc)?;
+    out.write_all(b"\n")
+}
+
+/// Reads a snapshot file back into the sample it was taken from.
+pub fn read(path: &Path) -> anyhow::Result<Sample> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open snapshot {}", path.display()))?;
+    let doc: SnapshotDoc = serde_json::from_reader(io::BufReader::new(file))
+        .with_context(|| format!("{} is not a shimcheck snapshot (JSON)", path.display()))?;
+    if doc.kind != KIND || doc.schema_version != SNAPSHOT_SCHEMA_VERSION {
+        bail!(
+            "{} is a {} schema_version {} document; this shimcheck reads {KIND} schema_version {SNAPSHOT_SCHEMA_VERSION}",
+            path.display(),
+            doc.kind,
+            doc.schema_version
+        );
+    }
+    let mut pairs = Vec::new();
+    let mut sockets = Vec::with_capacity(doc.sockets.len());
+    for s in doc.sockets {
+        pairs.extend(s.owners.iter().map(|&pid| (s.socket.inode, pid)));
+        sockets.push(s.socket);
+    }
+    let processes = doc.processes.into_iter().map(|p| (p.pid, p)).collect();
+    Ok(Sample {
+        taken_at: SystemTime::UNIX_EPOCH + Duration::from_millis(doc.taken_at_ms),
+        hostname: doc.hostname,
+        sockets,
+        owners: OwnerIndex::from_pairs(pairs, processes),
+        scan: doc.scan,
+        host: doc.host,
+        warnings: doc.warnings,
+    })
+}
