@@ -204,3 +204,24 @@ pub fn uniq_counts(text: &str) -> BTreeMap<String, u64> {
         })
         .collect()
 }
+
+/// Runs shimcheck in the test's own namespace (for `--from`, which needs no live node).
+pub fn shimcheck_cmd(args: &[&str]) -> Output {
+    Command::new(shimcheck_bin())
+        .args(args)
+        .output()
+        .expect("run shimcheck")
+}
+
+/// `shimcheck_cmd` that must print a JSON report (exit 0 or 1).
+pub fn shimcheck_json(args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["-o", "json"]);
+    let out = shimcheck_cmd(&all);
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "shimcheck {all:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("shimcheck JSON")
+}
