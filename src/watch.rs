@@ -92,7 +92,8 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
         history.observe(&joined);
         let (mut report, counts) = aggregate::aggregate_with_counts(&joined, &query);
         let base = first.get_or_insert_with(|| counts.clone());
-        aggregate::annotate_deltas(&mut report, previous.as_ref(), base);
+        // The first sample is its own baseline: every change is 0, and every field is there.
+        aggregate::annotate_deltas(&mut report, Some(previous.as_ref().unwrap_or(base)), base);
         previous = Some(counts);
         report.sample = Some(n);
         report.elapsed_s = Some((started.elapsed().as_secs_f64() * 10.0).round() / 10.0);

@@ -93,6 +93,8 @@ fn build(report: &Report, width: Option<u16>) -> Table {
     }
     match report.group_by {
         GroupBy::Process => header.push("COMMAND"),
+        // The PROCESS column already says who holds a pair's sockets.
+        GroupBy::Pair => {}
         _ => header.push("HELD BY"),
     }
     header.push("OTHER END ON THIS HOST");
@@ -189,6 +191,7 @@ fn row(g: &Group, changes: Changes, multi_state: bool) -> Vec<String> {
         cells.push(st.join(", "));
     }
     match &g.what {
+        GroupKey::Pair { .. } => {}
         GroupKey::Process { cmdline, .. } => {
             cells.push(escape_control(cmdline.as_deref().unwrap_or("-")).into_owned())
         }

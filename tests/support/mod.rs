@@ -40,8 +40,15 @@ impl Population {
     /// Starts `spec` (population.py's JSON spec) in a fresh network namespace and waits until
     /// every connection is established.
     pub fn start(spec: &Value) -> Population {
+        Population::start_script("population.py", spec)
+    }
+
+    /// Starts `tests/support/SCRIPT SPEC` (population.py or leak_repro.py) the same way.
+    pub fn start_script(script: &str, spec: &Value) -> Population {
         require_root();
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/population.py");
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/support")
+            .join(script);
         let mut child = Command::new("unshare")
             .arg("-n")
             .arg("python3")
