@@ -90,6 +90,13 @@ for size in "${size_list[@]}"; do
       --export-json "$out/$size.$(tr -c 'a-z0-9' _ <<<"$label").json" -n "$label" "$cmd" >/dev/null
   done
   "${in_ns[@]}" /usr/bin/time -f %M "$SHIMCHECK" ports 2>"$out/$size.rss" >/dev/null
+  # Watch mode: CPU (user+sys) of 1 sample against 11; the difference over 10 is the cost of
+  # a sample after the first, compared with a one-shot run's CPU.
+  for count in 1 11; do
+    "${in_ns[@]}" /usr/bin/time -f "%U %S" "$SHIMCHECK" ports --watch --interval 200ms --count "$count" \
+      2>&1 >/dev/null | tail -1 >"$out/$size.watch$count"
+  done
+  "${in_ns[@]}" /usr/bin/time -f "%U %S" "$SHIMCHECK" ports 2>&1 >/dev/null | tail -1 >"$out/$size.oneshot"
   pkill -P "$pop_pid" 2>/dev/null || true
   kill "$pop_pid" 2>/dev/null || true
   wait "$pop_pid" 2>/dev/null || true
@@ -115,6 +122,11 @@ for size in sizes:
     print(f"  shimcheck / netstat -anp     {shim / means['netstat -anp']:9.3f} x")
     print(f"  shimcheck / lsof -nPi        {shim / means['lsof -nPi']:9.3f} x")
     print(f"  shimcheck peak RSS           {rss:9.1f} MiB (target <= 64)")
+    cpu = lambda name: sum(map(float, open(os.path.join(out, f"{size}.{name}")).read().split()))
+    one, w1, w11 = cpu("oneshot"), cpu("watch1"), cpu("watch11")
+    per = (w11 - w1) / 10
+    print(f"  one-shot CPU                 {one * 1000:9.1f} ms")
+    print(f"  watch CPU per later sample   {per * 1000:9.1f} ms = {per / one:.2f} x one-shot (target <= 0.10)")
     per_k.append((size, shim * 1000 / (size / 1000)))
 print("\nshimcheck time per 1,000 sockets, overall and between sizes (flat marginal = linear):")
 prev = None

@@ -5,11 +5,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
-
 use serde_json::{Value, json};
-use support::Population;
+use support::{Population, watch};
 
 fn reproducer() -> Population {
     Population::start_script(
@@ -22,26 +19,6 @@ fn reproducer() -> Population {
             "pool": {"size": 60}
         }),
     )
-}
-
-/// Runs `shimcheck ports --watch ARGS -o json` in the namespace and calls `each` with every
-/// JSON line as it arrives (and the watcher's pid); returns the exit status.
-fn watch(pop: &Population, args: &[&str], mut each: impl FnMut(&Value, u32)) -> Option<i32> {
-    let bin = support::shimcheck_bin();
-    let mut child = pop
-        .command(bin.to_str().unwrap())
-        .args(["ports", "--watch", "-o", "json"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    for line in BufReader::new(stdout).lines() {
-        let v: Value = serde_json::from_str(&line.unwrap()).expect("one JSON object per line");
-        each(&v, child.id());
-    }
-    child.wait().unwrap().code()
 }
 
 #[test]
@@ -139,43 +116,4 @@ fn baseline_finds_growth_since_a_snapshot() {
     assert!(g["delta_total"].as_i64().unwrap() >= 10, "{g}");
     assert!(report["baseline_taken_at"].is_string());
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-#[test]
-fn memory_stays_bounded_over_10000_samples_of_a_churning_population() {
-    let pop = Population::start_script(
-        "leak_repro.py",
-        &json!({"registry": {"port": 5000}, "churn": {"interval_ms": 5}, "pool": {"size": 200}}),
-    );
-    let (mut at_100, mut at_end) = (0, 0);
-    let code = watch(
-        &pop,
-        &[
-            "--interval",
-            "1ms",
-            "--window",
-            "2s",
-            "--count",
-            "10000",
-            "--top",
-            "3",
-        ],
-        |v, pid| match v["sample"].as_u64().unwrap() {
-            100 => at_100 = rss_kib(pid),
-            9990 => at_end = rss_kib(pid),
-            _ => {}
-        },
-    );
-    assert!(matches!(code, Some(0 | 1)));
-    assert!(at_100 > 0 && at_end > 0);
-    assert!(
-        at_end * 2 <= at_100 * 3,
-        "RSS grew from {at_100} KiB after 100 samples to {at_end} KiB after 10,000"
-    );
 }

@@ -232,3 +232,23 @@ pub fn shimcheck_json(args: &[&str]) -> Value {
     );
     serde_json::from_slice(&out.stdout).expect("shimcheck JSON")
 }
+
+/// Runs `shimcheck ports --watch ARGS -o json` in the namespace and calls `each` with every
+/// JSON line as it arrives (and the watcher's pid); returns the exit status.
+pub fn watch(pop: &Population, args: &[&str], mut each: impl FnMut(&Value, u32)) -> Option<i32> {
+    let bin = shimcheck_bin();
+    let mut child = pop
+        .command(bin.to_str().unwrap())
+        .args(["ports", "--watch", "-o", "json"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    for line in BufReader::new(stdout).lines() {
+        let v: Value = serde_json::from_str(&line.unwrap()).expect("one JSON object per line");
+        each(&v, child.id());
+    }
+    child.wait().unwrap().code()
+}
