@@ -326,6 +326,14 @@ impl OwnerCache {
                 .copied()
                 .filter(|i| !self.owners.contains_key(i))
                 .collect();
+            // Where new sockets are looked for first: the processes holding the most now.
+            let mut held: FxHashMap<u32, usize> = FxHashMap::default();
+            for pid in self.owners.values().flatten() {
+                *held.entry(*pid).or_default() += 1;
+            }
+            let mut recent: Vec<(u32, usize)> = held.into_iter().collect();
+            recent.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            self.recent = recent.into_iter().map(|(pid, _)| pid).collect();
             self.fds = scan.fds.into_iter().collect();
             self.stats = scan.stats;
             self.processes.clear();
