@@ -56,8 +56,9 @@ fn json_output_is_one_document_with_the_contract_fields() {
         .args(["ports", "-o", "json", "--state", "all"])
         .output()
         .unwrap();
+    // 0 or 1: whatever this host's own sockets make the detector conclude, the report is whole.
     assert!(
-        out.status.success(),
+        matches!(out.status.code(), Some(0 | 1)),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
