@@ -320,11 +320,6 @@ pub struct Sample {
     pub warnings: Vec<String>,
 }
 
-/// Formats an endpoint the way `ss` does: `10.0.0.101:5000`, `[::1]:8443`.
-pub fn endpoint_key(addr: &SocketAddr) -> String {
-    addr.to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,14 +350,5 @@ mod tests {
         assert_eq!(pids, [1, 2]);
         assert!(idx.owners(7).is_empty());
         assert!(idx.owners(0).is_empty());
-    }
-
-    #[test]
-    fn endpoint_keys_follow_ss() {
-        assert_eq!(
-            endpoint_key(&"10.0.0.101:5000".parse().unwrap()),
-            "10.0.0.101:5000"
-        );
-        assert_eq!(endpoint_key(&"[::1]:8443".parse().unwrap()), "[::1]:8443");
     }
 }
