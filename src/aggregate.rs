@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use rustc_hash::FxHashMap;
 use serde::{Serialize, Serializer};
 
+use crate::cgroup::PodRef;
 use crate::detect::Finding;
 use crate::join::Joined;
 use crate::model::{Sample, StateSet, TcpState};
@@ -29,6 +30,8 @@ pub enum GroupBy {
     Peer,
     /// Owning process → remote address:port.
     Pair,
+    /// Pod of the owning process; host processes by systemd unit.
+    Pod,
 }
 
 /// Which sockets to show and how to group them.
@@ -51,6 +54,10 @@ pub struct OwnerCount {
     pub pid: u32,
     pub comm: String,
     pub count: usize,
+    /// Its systemd unit, container id and pod; null where not applicable.
+    pub unit: Option<String>,
+    pub container_id: Option<String>,
+    pub pod: Option<PodRef>,
 }
 
 /// The fields that identify a group; which ones depends on `GroupBy`.
@@ -78,6 +85,10 @@ pub enum GroupKey {
         cmdline: Option<String>,
         remote_addr: String,
         remote_port: u16,
+    },
+    Place {
+        pod: Option<PodRef>,
+        unit: Option<String>,
     },
 }
 
@@ -173,6 +184,8 @@ struct Acc {
 /// ports) breaks ties between groups of the same size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum RawKey {
+    /// An index into the pods and units seen (`--by pod`); `None`: unattributed.
+    Place(Option<u32>),
     Port(SocketAddr),
     Process(Option<u32>),
     Peer(SocketAddr),
@@ -202,6 +215,7 @@ pub fn aggregate_with_counts(joined: &Joined<'_>, query: &Query) -> (Report, Gro
     let mut owners: Vec<u32> = Vec::new();
     let mut peers: Vec<u32> = Vec::new();
     let mut hidden_owner = false;
+    let mut places = Places::default();
     for (i, s) in sample.sockets.iter().enumerate() {
         if !query.states.contains(s.state) {
             continue;
@@ -255,6 +269,17 @@ pub fn aggregate_with_counts(joined: &Joined<'_>, query: &Query) -> (Report, Gro
             GroupBy::Pair => owners
                 .iter()
                 .for_each(|&p| add(RawKey::Pair(Some(p), s.remote))),
+            GroupBy::Pod if owners.is_empty() => add(RawKey::Place(None)),
+            GroupBy::Pod => {
+                // Once per place, however many of its processes share the socket.
+                let mut ids: Vec<u32> = owners
+                    .iter()
+                    .map(|&p| places.intern(place_of(sample, p)))
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids.into_iter().for_each(|id| add(RawKey::Place(Some(id))));
+            }
         }
     }
     drop(slots);
@@ -297,7 +322,7 @@ pub fn aggregate_with_counts(joined: &Joined<'_>, query: &Query) -> (Report, Gro
         .zip(holder_counts)
         .filter_map(|(&slot, [own, peer])| {
             let (key, acc) = accs[slot as usize].take()?;
-            Some(make_group(joined, key, acc, own, peer))
+            Some(make_group(joined, &places, key, acc, own, peer))
         })
         .collect();
 
@@ -366,8 +391,39 @@ fn warnings(sample: &Sample, hidden_owner: bool) -> Vec<String> {
     w
 }
 
+/// Where a process runs, as `--by pod` groups it: its pod, else its unit, else nowhere known.
+type Place = (Option<PodRef>, Option<String>);
+
+fn place_of(sample: &Sample, pid: u32) -> Place {
+    match sample.owners.processes.get(&pid) {
+        Some(p) if p.pod.is_some() => (p.pod.clone(), None),
+        Some(p) => (None, p.unit.clone()),
+        None => (None, None),
+    }
+}
+
+/// The places seen, numbered so that group keys stay small and `Copy`.
+#[derive(Default)]
+struct Places {
+    ids: FxHashMap<Place, u32>,
+    list: Vec<Place>,
+}
+
+impl Places {
+    fn intern(&mut self, place: Place) -> u32 {
+        if let Some(&id) = self.ids.get(&place) {
+            return id;
+        }
+        let id = self.list.len() as u32;
+        self.list.push(place.clone());
+        self.ids.insert(place, id);
+        id
+    }
+}
+
 fn make_group(
     joined: &Joined<'_>,
+    places: &Places,
     key: RawKey,
     acc: Acc,
     owners: Vec<(u32, usize)>,
@@ -383,10 +439,16 @@ fn make_group(
     let counts = |m: Vec<(u32, usize)>| {
         let mut v: Vec<OwnerCount> = m
             .into_iter()
-            .map(|(pid, count)| OwnerCount {
-                pid,
-                comm: comm(pid),
-                count,
+            .map(|(pid, count)| {
+                let p = procs.get(&pid);
+                OwnerCount {
+                    pid,
+                    comm: comm(pid),
+                    count,
+                    unit: p.and_then(|p| p.unit.clone()),
+                    container_id: p.and_then(|p| p.container_id.clone()),
+                    pod: p.and_then(|p| p.pod.clone()),
+                }
             })
             .collect();
         v.sort_by(|a, b| b.count.cmp(&a.count).then(a.pid.cmp(&b.pid)));
@@ -430,6 +492,19 @@ fn make_group(
                 remote_port: a.port(),
             },
         ),
+        RawKey::Place(id) => {
+            let (pod, unit) = id
+                .and_then(|i| places.list.get(i as usize))
+                .cloned()
+                .unwrap_or_default();
+            let key = match (&pod, &unit, id) {
+                (Some(p), _, _) => format!("pod {}/{}", p.namespace, p.name),
+                (None, Some(u), _) => format!("unit {u}"),
+                (None, None, Some(_)) => "(no unit)".to_string(),
+                (None, None, None) => "(unattributed)".to_string(),
+            };
+            (key, GroupKey::Place { pod, unit })
+        }
     };
     Group {
         key: key_text,

@@ -38,12 +38,17 @@ pub struct SnapshotArgs {
     /// The procfs to scan for socket owners, e.g. /host/proc from inside a container.
     #[arg(long, value_name = "DIR", default_value = "/proc")]
     pub proc_root: PathBuf,
+
+    /// The kubelet's pod log directory, whose `<namespace>_<name>_<uid>` entries name pods.
+    #[arg(long, value_name = "DIR", default_value = "/var/log/pods")]
+    pub pods_dir: PathBuf,
 }
 
 /// Options of `shimcheck ports`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PortsArgs {
-    /// Group by local address:port, owning process, remote address:port, or process → remote.
+    /// Group by local address:port, owning process, remote address:port, process → remote, or
+    /// pod (host processes by systemd unit).
     #[arg(long, value_enum, default_value = "port")]
     pub by: GroupBy,
 
@@ -74,6 +79,10 @@ pub struct PortsArgs {
     /// The procfs to scan for socket owners, e.g. /host/proc from inside a container.
     #[arg(long, value_name = "DIR", default_value = "/proc")]
     pub proc_root: PathBuf,
+
+    /// The kubelet's pod log directory, whose `<namespace>_<name>_<uid>` entries name pods.
+    #[arg(long, value_name = "DIR", default_value = "/var/log/pods")]
+    pub pods_dir: PathBuf,
 
     /// Report on a snapshot (`shimcheck snapshot`) instead of the live node.
     #[arg(long, value_name = "FILE", conflicts_with = "watch")]

@@ -5,6 +5,7 @@
 //! `collect` and `procs` touch the OS; every later stage is pure.
 
 pub mod aggregate;
+pub mod cgroup;
 pub mod cli;
 pub mod collect;
 pub mod culprits;
@@ -17,7 +18,6 @@ pub mod snapshot;
 pub mod watch;
 
 use std::io::{IsTerminal, Write};
-use std::path::Path;
 use std::time::SystemTime;
 
 use anyhow::{Context, anyhow};
@@ -38,11 +38,11 @@ pub const DEFAULT_TABLE_TOP: usize = 20;
 /// described. LISTEN sockets are always dumped too, to tell server ports from client ports.
 pub fn collect(
     source: &mut (dyn SocketSource + Send),
-    proc_root: &Path,
+    scanner: &ProcScanner,
     states: StateSet,
 ) -> anyhow::Result<(Sample, Topology)> {
+    let proc_root = scanner.root();
     let dump_states = states.union(DETECT_STATES.into_iter().collect());
-    let scanner = ProcScanner::new(proc_root);
     let taken_at = SystemTime::now();
     let (sockets, scan) = std::thread::scope(|s| {
         let dump = s.spawn(|| {
@@ -161,7 +161,8 @@ pub fn run_ports(
         Some(path) => (snapshot::read(path)?, None),
         None => {
             let (mut source, fallback) = collect::open_default(&args.proc_root);
-            let (mut sample, topology) = collect(source.as_mut(), &args.proc_root, query.states)?;
+            let scanner = ProcScanner::with_pods(&args.proc_root, &args.pods_dir);
+            let (mut sample, topology) = collect(source.as_mut(), &scanner, query.states)?;
             sample.warnings.extend(fallback);
             (sample, Some(topology))
         }
@@ -223,7 +224,8 @@ pub fn run_snapshot(
     err: &mut dyn Write,
 ) -> anyhow::Result<usize> {
     let (mut source, fallback) = collect::open_default(&args.proc_root);
-    let (mut sample, _) = collect(source.as_mut(), &args.proc_root, StateSet::all())?;
+    let scanner = ProcScanner::with_pods(&args.proc_root, &args.pods_dir);
+    let (mut sample, _) = collect(source.as_mut(), &scanner, StateSet::all())?;
     sample.warnings.extend(fallback);
     for w in &sample.warnings {
         writeln!(err, "shimcheck: warning: {}", render::escape_control(w))?;

@@ -11,6 +11,8 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::cgroup::PodRef;
+
 /// A TCP state, numbered as the kernel numbers them (`include/net/tcp_states.h`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TcpState {
@@ -225,6 +227,30 @@ pub struct Process {
     /// `/proc/PID/cmdline`, arguments joined by spaces; untrusted too.
     pub cmdline: String,
     pub uid: Option<u32>,
+    /// The systemd unit of a host process (`image-cri-shim.service`).
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// The container id of a container process.
+    #[serde(default)]
+    pub container_id: Option<String>,
+    /// The pod of a container process, named from the kubelet's log directories.
+    #[serde(default)]
+    pub pod: Option<PodRef>,
+}
+
+impl Process {
+    /// A process known only by its pid (it exited before it could be described).
+    pub fn unknown(pid: u32) -> Process {
+        Process {
+            pid,
+            comm: "?".into(),
+            cmdline: String::new(),
+            uid: None,
+            unit: None,
+            container_id: None,
+            pod: None,
+        }
+    }
 }
 
 /// Socket inode → pids, plus the details of the pids that own a socket of interest.

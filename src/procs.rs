@@ -13,6 +13,7 @@ use std::ffi::CStr;
 use std::fmt::Write as _;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rustix::fs::{Dir, Mode, OFlags};
@@ -20,7 +21,11 @@ use rustix::io::Errno;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use crate::cgroup::{self, PodDirectory, PodRef};
 use crate::model::{FdUse, OwnerIndex, Process, ScanStats, Socket};
+
+/// Where the kubelet keeps one log directory per pod, named `<namespace>_<name>_<uid>`.
+pub const DEFAULT_PODS_DIR: &str = "/var/log/pods";
 
 /// What one walk over every fd table found.
 #[derive(Debug, Clone, Default)]
@@ -35,13 +40,23 @@ pub struct FdScan {
 /// Reads `/proc/*/fd` under a root.
 pub struct ProcScanner {
     root: PathBuf,
+    pods_dir: PathBuf,
+    /// Read once, again when a pod uid is not in it (a pod started since).
+    pods: Mutex<PodDirectory>,
 }
 
 impl ProcScanner {
     /// A scanner over `root` (normally `/proc`).
     pub fn new(root: &Path) -> ProcScanner {
+        ProcScanner::with_pods(root, Path::new(DEFAULT_PODS_DIR))
+    }
+
+    /// A scanner that names pods from `pods_dir` (the kubelet's /var/log/pods).
+    pub fn with_pods(root: &Path, pods_dir: &Path) -> ProcScanner {
         ProcScanner {
             root: root.to_path_buf(),
+            pods_dir: pods_dir.to_path_buf(),
+            pods: Mutex::new(PodDirectory::read(pods_dir)),
         }
     }
 
@@ -158,12 +173,30 @@ impl ProcScanner {
         let comm = p.stat().ok()?.comm;
         // A kernel thread or a zombie has an empty cmdline; that is not an error.
         let cmdline = p.cmdline().map(|args| args.join(" ")).unwrap_or_default();
+        // No cgroup file (a fake tree, an old kernel): the process simply has no placement.
+        let placement = p
+            .cgroups()
+            .map(|g| cgroup::placement(&g.0))
+            .unwrap_or_default();
+        let pod = placement.pod_uid.as_deref().and_then(|uid| self.pod(uid));
         Some(Process {
             pid,
             comm,
             cmdline,
             uid: p.uid().ok(),
+            unit: placement.unit,
+            container_id: placement.container_id,
+            pod,
         })
+    }
+
+    /// The pod with this uid; the directory is read again once when the uid is new to it.
+    fn pod(&self, uid: &str) -> Option<PodRef> {
+        let mut pods = self.pods.lock().ok()?;
+        if pods.get(uid).is_none() {
+            *pods = PodDirectory::read(&self.pods_dir);
+        }
+        pods.get(uid).cloned()
     }
 
     /// Indexes the pairs and describes every process that holds one of `inodes`, plus the
@@ -183,12 +216,7 @@ impl ProcScanner {
         pids.sort_unstable();
         pids.dedup();
         for pid in pids {
-            let process = self.process(pid).unwrap_or_else(|| Process {
-                pid,
-                comm: "?".into(),
-                cmdline: String::new(),
-                uid: None,
-            });
+            let process = self.process(pid).unwrap_or_else(|| Process::unknown(pid));
             index.processes.insert(pid, process);
         }
         index
@@ -427,12 +455,9 @@ impl OwnerCache {
             let p = match self.processes.get(&pid) {
                 Some(p) => p.clone(),
                 None => {
-                    let p = scanner.process(pid).unwrap_or_else(|| Process {
-                        pid,
-                        comm: "?".into(),
-                        cmdline: String::new(),
-                        uid: None,
-                    });
+                    let p = scanner
+                        .process(pid)
+                        .unwrap_or_else(|| Process::unknown(pid));
                     self.processes.insert(pid, p.clone());
                     p
                 }

@@ -75,7 +75,7 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
     if let Some(f) = &fallback {
         writeln!(err, "shimcheck: warning: {f}")?;
     }
-    let scanner = ProcScanner::new(&args.proc_root);
+    let scanner = ProcScanner::with_pods(&args.proc_root, &args.pods_dir);
     let mut cache = OwnerCache::new();
     let mut history = History::new(cfg.window, MIN_RISES);
     let redraw = args.output == Output::Table && std::io::stdout().is_terminal();

@@ -89,6 +89,9 @@ impl Pop {
                         comm: comm.into(),
                         cmdline: comm.into(),
                         uid: Some(0),
+                        unit: None,
+                        container_id: None,
+                        pod: None,
                     },
                 )
             })

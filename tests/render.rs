@@ -107,6 +107,9 @@ fn sample() -> Sample {
                     comm: comm.into(),
                     cmdline: format!("/usr/bin/{comm} --v=2"),
                     uid: Some(0),
+                    unit: None,
+                    container_id: None,
+                    pod: None,
                 },
             )
         })

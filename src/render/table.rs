@@ -81,6 +81,7 @@ fn build(report: &Report, width: Option<u16>) -> Table {
         GroupBy::Process => vec!["PROCESS", "CONNS"],
         GroupBy::Peer => vec!["REMOTE ADDRESS:PORT", "CONNS"],
         GroupBy::Pair => vec!["PROCESS", "REMOTE ADDRESS:PORT", "CONNS"],
+        GroupBy::Pod => vec!["POD / UNIT", "CONNS"],
     };
     let changes = Changes::of(report);
     match changes {
@@ -97,6 +98,16 @@ fn build(report: &Report, width: Option<u16>) -> Table {
         GroupBy::Pair => {}
         _ => header.push("HELD BY"),
     }
+    // Pods and units, where this node has them: how an operator names the holders.
+    let placed = report.group_by != GroupBy::Pod
+        && report
+            .groups
+            .iter()
+            .flat_map(|g| &g.processes)
+            .any(|o| o.pod.is_some() || o.unit.is_some());
+    if placed {
+        header.push("POD / UNIT");
+    }
     header.push("OTHER END ON THIS HOST");
 
     let mut table = Table::new();
@@ -112,7 +123,13 @@ fn build(report: &Report, width: Option<u16>) -> Table {
         }
     }
     for g in &report.groups {
-        table.add_row(row(g, changes, multi_state));
+        let mut cells = row(g, changes, multi_state);
+        if placed {
+            let other = cells.pop().unwrap_or_default();
+            cells.push(placements(&g.processes));
+            cells.push(other);
+        }
+        table.add_row(cells);
     }
     let count_col = match report.group_by {
         GroupBy::Port => 2,
@@ -165,6 +182,7 @@ fn row(g: &Group, changes: Changes, multi_state: bool) -> Vec<String> {
             vec![proc_name(*pid, comm.as_deref()), g.count.to_string()]
         }
         GroupKey::Peer { .. } => vec![g.key.clone(), g.count.to_string()],
+        GroupKey::Place { .. } => vec![escape_control(&g.key).into_owned(), g.count.to_string()],
         GroupKey::Pair {
             pid,
             comm,
@@ -199,6 +217,31 @@ fn row(g: &Group, changes: Changes, multi_state: bool) -> Vec<String> {
     }
     cells.push(owners(&g.peer_processes, g.count));
     cells
+}
+
+/// `kube-system/etcd-master1`, `image-cri-shim.service`: the holders' pods or units, each once.
+fn placements(list: &[OwnerCount]) -> String {
+    let mut names: Vec<String> = Vec::new();
+    for o in list {
+        let name = match (&o.pod, &o.unit) {
+            (Some(p), _) => format!("{}/{}", p.namespace, p.name),
+            (None, Some(u)) => u.clone(),
+            (None, None) => continue,
+        };
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    if names.is_empty() {
+        return "-".to_string();
+    }
+    let more = names.len().saturating_sub(OWNERS_SHOWN);
+    names.truncate(OWNERS_SHOWN);
+    let mut text = escape_control(&names.join(", ")).into_owned();
+    if more > 0 {
+        text.push_str(&format!(", +{more} more"));
+    }
+    text
 }
 
 fn proc_name(pid: Option<u32>, comm: Option<&str>) -> String {

@@ -54,7 +54,8 @@ HOST = "127.0.0.1"
 LIFETIME_S = 600  # clients stop looking images up after this long
 READY_TIMEOUT_S = 60
 IO_TIMEOUT_S = 10  # a client waiting this long for the registry fails loudly
-CLIENTS = {"leaky": ("image-cri-shim", 500), "fixed": ("fixed-shim", 500), "churn": ("churner", 100)}
+CLIENTS = {"leaky": ("image-cri-shim", 500), "fixed": ("fixed-shim", 500),
+           "churn": ("churner", 100)}  # mode -> default (name, interval_ms)
 
 
 def fail(msg):
@@ -63,21 +64,17 @@ def fail(msg):
     sys.exit(2)
 
 
-def route(request_line):
-    """The registry's answer to one request line: (status, JSON body)."""
-    parts = request_line.decode("latin-1").split(" ")
-    method, path = (parts[0], parts[1]) if len(parts) == 3 else ("", "")
-    if method == "GET" and path == "/v2/":
-        return "200 OK", b"{}"
-    repo = path[len("/v2/"):-len("/tags/list")] if path.endswith("/tags/list") else ""
-    if method == "GET" and path.startswith("/v2/") and repo.strip("/"):
-        return "200 OK", json.dumps({"name": repo, "tags": ["3.6"]}, separators=(",", ":")).encode()
-    return "404 Not Found", b'{"errors":[{"code":"NOT_FOUND","message":"not found"}]}'
-
-
 def respond(head):
-    """A full HTTP/1.1 keep-alive response to one request head (everything before CRLFCRLF)."""
-    status, body = route(head.split(b"\r\n", 1)[0])
+    """The registry's full keep-alive response to one request head (all before CRLFCRLF)."""
+    parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+    method, path = (parts[0], parts[1]) if len(parts) == 3 else ("", "")
+    repo = path[len("/v2/"):-len("/tags/list")] if path.endswith("/tags/list") else ""
+    status, body = "404 Not Found", b'{"errors":[{"code":"NOT_FOUND","message":"not found"}]}'
+    if method == "GET" and path == "/v2/":
+        status, body = "200 OK", b"{}"
+    elif method == "GET" and path.startswith("/v2/") and repo.strip("/"):
+        doc = {"name": repo, "tags": ["3.6"]}
+        status, body = "200 OK", json.dumps(doc, separators=(",", ":")).encode()
     return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n").encode() + body
 
@@ -169,7 +166,7 @@ def hold_forever(keep):
         signal.pause()
 
 
-def client(mode, port, interval_ms, ready_w):
+def client(port, mode, interval_ms, ready_w):
     """A lookup loop on a fixed schedule: 'leaky' keeps every connection, 'fixed' reuses one,
     'churn' closes each. Signals `ready_w` after the first lookup; stops after LIFETIME_S."""
     kept = []
@@ -246,17 +243,17 @@ def main():
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the leak outgrows 1024 fds
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    port = spec.get("registry", {}).get("port", 5000)
+    port = int(spec.get("registry", {}).get("port", 5000))
     kids, pids, waits = [], {}, []
 
-    def stop(*_):
+    def stop(*_, code=0):
         for pid in reversed(kids):  # clients first, the registry last
             try:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
-        sys.exit(0)
+        sys.exit(code)
 
     def start(name, body, *args):
         pid = fork_child(name, body, *args)
@@ -272,24 +269,23 @@ def main():
         lsock.listen(4096)
         start("registry", serve, lsock)
         lsock.close()
-        parts = [(m, spec[m].get("name", n), client, (m, port, spec[m].get("interval_ms", i)))
+        parts = [(spec[m].get("name", n), client, m, int(spec[m].get("interval_ms", i)))
                  for m, (n, i) in CLIENTS.items() if m in spec]
         if "pool" in spec:
             p = spec["pool"]
-            parts.append(("pool", p.get("name", "pool-holder"), pool, (port, p.get("size", 60))))
-        for _, name, body, args in parts:
+            parts.append((p.get("name", "pool-holder"), pool, int(p.get("size", 60))))
+        for name, body, *args in parts:
             r, w = os.pipe()
-            start(name, body, *args, w)
+            start(name, body, port, *args, w)
             os.close(w)
             waits.append((name, r))
         await_ready(waits)
     except Exception as exc:
         print(f"leak_repro.py: {exc}", file=sys.stderr, flush=True)
-        for pid in kids:
-            os.kill(pid, signal.SIGKILL)
-        sys.exit(2)
+        stop(code=2)
     print("READY " + json.dumps({"pids": pids, "netns_pid": os.getpid()}), flush=True)
-    sys.stdin.read()
+    while os.read(0, 65536):  # until stdin closes, buffering nothing
+        pass
     stop()
 
 
