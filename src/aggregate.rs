@@ -13,6 +13,7 @@ use serde::{Serialize, Serializer};
 use crate::cgroup::PodRef;
 use crate::detect::Finding;
 use crate::join::Joined;
+use crate::model::NetnsRef;
 use crate::model::{Sample, StateSet, TcpState};
 
 /// The JSON schema version this module writes.
@@ -130,6 +131,9 @@ pub struct Group {
     pub processes: Vec<OwnerCount>,
     /// Holders of the other ends, where those are on this node.
     pub peer_processes: Vec<OwnerCount>,
+    /// The network namespace of a port, peer or pair group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<NetnsRef>,
     /// Change since the previous sample (`--watch`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delta: Option<i64>,
@@ -186,10 +190,10 @@ struct Acc {
 pub(crate) enum RawKey {
     /// An index into the pods and units seen (`--by pod`); `None`: unattributed.
     Place(Option<u32>),
-    Port(SocketAddr),
+    Port(u64, SocketAddr),
     Process(Option<u32>),
-    Peer(SocketAddr),
-    Pair(Option<u32>, SocketAddr),
+    Peer(u64, SocketAddr),
+    Pair(Option<u32>, u64, SocketAddr),
 }
 
 /// Every group's size, including those `--top` left out: what later samples compare with.
@@ -260,15 +264,15 @@ pub fn aggregate_with_counts(joined: &Joined<'_>, query: &Query) -> (Report, Gro
             holders.extend(peers.iter().map(|&pid| (slot, pid, true)));
         };
         match query.group_by {
-            GroupBy::Port => add(RawKey::Port(s.local)),
-            GroupBy::Peer => add(RawKey::Peer(s.remote)),
+            GroupBy::Port => add(RawKey::Port(s.netns, s.local)),
+            GroupBy::Peer => add(RawKey::Peer(s.netns, s.remote)),
             GroupBy::Process if owners.is_empty() => add(RawKey::Process(None)),
-            GroupBy::Pair if owners.is_empty() => add(RawKey::Pair(None, s.remote)),
+            GroupBy::Pair if owners.is_empty() => add(RawKey::Pair(None, s.netns, s.remote)),
             // A socket shared by several processes belongs to each of their groups.
             GroupBy::Process => owners.iter().for_each(|&p| add(RawKey::Process(Some(p)))),
             GroupBy::Pair => owners
                 .iter()
-                .for_each(|&p| add(RawKey::Pair(Some(p), s.remote))),
+                .for_each(|&p| add(RawKey::Pair(Some(p), s.netns, s.remote))),
             GroupBy::Pod if owners.is_empty() => add(RawKey::Place(None)),
             GroupBy::Pod => {
                 // Once per place, however many of its processes share the socket.
@@ -458,17 +462,24 @@ fn make_group(
         Some(p) => format!("{}({p})", comm(p)),
         None => "(unattributed)".to_string(),
     };
+    let sample = joined.sample;
+    let netns = match key {
+        RawKey::Port(ns, _) | RawKey::Peer(ns, _) | RawKey::Pair(_, ns, _) => {
+            Some(sample.netns_ref(ns))
+        }
+        RawKey::Process(_) | RawKey::Place(_) => None,
+    };
     let (key_text, what) = match key {
-        RawKey::Port(a) => (
-            a.to_string(),
+        RawKey::Port(ns, a) => (
+            sample.endpoint_key(ns, &a),
             GroupKey::Port {
                 local_addr: a.ip().to_string(),
                 local_port: a.port(),
-                listening: joined.listening(a),
+                listening: joined.listening(ns, a),
             },
         ),
-        RawKey::Peer(a) => (
-            a.to_string(),
+        RawKey::Peer(ns, a) => (
+            sample.endpoint_key(ns, &a),
             GroupKey::Peer {
                 remote_addr: a.ip().to_string(),
                 remote_port: a.port(),
@@ -482,8 +493,8 @@ fn make_group(
                 cmdline: pid.and_then(cmdline),
             },
         ),
-        RawKey::Pair(pid, a) => (
-            format!("{} -> {a}", proc_key(pid)),
+        RawKey::Pair(pid, ns, a) => (
+            format!("{} -> {}", proc_key(pid), sample.endpoint_key(ns, &a)),
             GroupKey::Pair {
                 pid,
                 comm: pid.map(comm),
@@ -513,6 +524,7 @@ fn make_group(
         states: acc.states,
         processes: counts(owners),
         peer_processes: counts(peers),
+        netns,
         delta: None,
         delta_total: None,
         raw: key,

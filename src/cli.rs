@@ -42,6 +42,11 @@ pub struct SnapshotArgs {
     /// The kubelet's pod log directory, whose `<namespace>_<name>_<uid>` entries name pods.
     #[arg(long, value_name = "DIR", default_value = "/var/log/pods")]
     pub pods_dir: PathBuf,
+
+    /// Every network namespace on the node (pods, host services, `ip netns`), not only
+    /// shimcheck's own; needs root to enter them.
+    #[arg(long)]
+    pub all_netns: bool,
 }
 
 /// Options of `shimcheck ports`.
@@ -83,6 +88,11 @@ pub struct PortsArgs {
     /// The kubelet's pod log directory, whose `<namespace>_<name>_<uid>` entries name pods.
     #[arg(long, value_name = "DIR", default_value = "/var/log/pods")]
     pub pods_dir: PathBuf,
+
+    /// Every network namespace on the node (pods, host services, `ip netns`), not only
+    /// shimcheck's own; needs root to enter them.
+    #[arg(long)]
+    pub all_netns: bool,
 
     /// Report on a snapshot (`shimcheck snapshot`) instead of the live node.
     #[arg(long, value_name = "FILE", conflicts_with = "watch")]

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::culprits;
 use crate::join::Joined;
-use crate::model::TcpState;
+use crate::model::{NetnsRef, TcpState};
 
 /// Thresholds, as the `--min-growth`, `--window`, `--idle-*` and `--close-wait-min` options
 /// set them.
@@ -98,6 +98,8 @@ pub struct Finding {
     /// One sentence a person can act on.
     pub message: String,
     pub remediation: Option<String>,
+    /// The network namespace of the sockets; null for a process-wide finding (fd-limit).
+    pub netns: Option<NetnsRef>,
     #[serde(flatten)]
     pub detail: Detail,
 }
@@ -110,8 +112,9 @@ pub enum Target {
     Clients { local: SocketAddr, from: IpAddr },
 }
 
-/// A process and where its connections go: the unit growth and idle findings are about.
-pub type PairKey = (u32, Target);
+/// A process, the network namespace of its sockets, and where its connections go: the unit
+/// growth and idle findings are about.
+pub type PairKey = (u32, u64, Target);
 
 /// The pair keys of socket `i`: one per holder, none for a server end whose client is on
 /// this node (the client's finding covers it) or for a socket not ESTABLISHED.
@@ -121,7 +124,7 @@ fn pair_keys(j: &Joined<'_>, i: usize, out: &mut Vec<PairKey>) {
     if s.state != TcpState::Established {
         return;
     }
-    let target = if j.listening(s.local) {
+    let target = if j.listening(s.netns, s.local) {
         if j.peer(i).is_some() {
             return;
         }
@@ -132,7 +135,7 @@ fn pair_keys(j: &Joined<'_>, i: usize, out: &mut Vec<PairKey>) {
     } else {
         Target::Remote(s.remote)
     };
-    out.extend(j.owners(i).map(|pid| (pid, target)));
+    out.extend(j.owners(i).map(|pid| (pid, s.netns, target)));
 }
 
 /// A socket's identity across samples: its cookie, or (from /proc/net, which has none) its
@@ -177,11 +180,20 @@ fn mirror_note(j: &Joined<'_>, sockets: &[usize]) -> String {
     )
 }
 
-fn describe_target(t: &Target) -> (Option<String>, String) {
-    match t {
+/// The `remote` field and the words for where the connections go, naming the network
+/// namespace when it is not shimcheck's own.
+fn describe_target(j: &Joined<'_>, netns: u64, t: &Target) -> (Option<String>, String) {
+    let (remote, words) = match t {
         Target::Remote(r) => (Some(r.to_string()), format!("to {r}")),
         Target::Clients { local, from } => (None, format!("from clients at {from} on {local}")),
+    };
+    let sample = j.sample;
+    if netns == 0 || netns == sample.own_netns {
+        return (remote, words);
     }
+    let ns = sample.netns_ref(netns);
+    let name = ns.name.unwrap_or_else(|| format!("net:[{netns}]"));
+    (remote, format!("{words} in network namespace {name}"))
 }
 
 /// Attaches a known culprit's diagnosis: the message names the bug, the remediation is the
@@ -236,9 +248,9 @@ pub fn snapshot_findings(j: &Joined<'_>, cfg: &DetectConfig) -> Vec<Finding> {
             continue;
         }
         idle.sort_unstable();
-        let (pid, target) = *key;
+        let (pid, netns, target) = *key;
         let comm = comm_of(j, pid);
-        let (remote, where_) = describe_target(&target);
+        let (remote, where_) = describe_target(j, netns, &target);
         let min_s = idle[0] / 1000;
         let median_s = idle[idle.len() / 2] / 1000;
         out.push(finish(
@@ -257,6 +269,7 @@ pub fn snapshot_findings(j: &Joined<'_>, cfg: &DetectConfig) -> Vec<Finding> {
                 remote,
                 count: idle.len(),
                 remediation: None,
+                netns: Some(j.sample.netns_ref(netns)),
                 detail: Detail::Idle { idle_s_min: min_s, idle_s_median: median_s },
             },
             Some("find why the client keeps connections it no longer uses (a new HTTP client per request is the usual cause); restarting it frees them for a while"),
@@ -271,6 +284,8 @@ pub fn snapshot_findings(j: &Joined<'_>, cfg: &DetectConfig) -> Vec<Finding> {
             continue;
         }
         let remotes: FxHashSet<SocketAddr> = members.iter().map(|&i| sockets[i].remote).collect();
+        let spaces: FxHashSet<u64> = members.iter().map(|&i| sockets[i].netns).collect();
+        let netns = (spaces.len() == 1).then(|| j.sample.netns_ref(sockets[members[0]].netns));
         let remote = (remotes.len() == 1).then(|| sockets[members[0]].remote.to_string());
         let comm = comm_of(j, pid);
         out.push(finish(
@@ -287,6 +302,7 @@ pub fn snapshot_findings(j: &Joined<'_>, cfg: &DetectConfig) -> Vec<Finding> {
                 remote,
                 count: members.len(),
                 remediation: None,
+                netns,
                 detail: Detail::CloseWait {},
             },
             Some("fix the code path that drops connections without closing them; restarting the process frees the sockets for a while"),
@@ -311,12 +327,14 @@ fn port_exhaustion(j: &Joined<'_>) -> Vec<Finding> {
         return Vec::new();
     };
     let range = usize::from(hi.saturating_sub(lo)) + 1;
-    let mut by_dest: FxHashMap<(IpAddr, SocketAddr), DestUse> = FxHashMap::default();
+    let mut by_dest: FxHashMap<(u64, IpAddr, SocketAddr), DestUse> = FxHashMap::default();
     for (i, s) in j.sample.sockets.iter().enumerate() {
-        if s.state == TcpState::Listen || j.listening(s.local) {
+        if s.state == TcpState::Listen || j.listening(s.netns, s.local) {
             continue;
         }
-        let e = by_dest.entry((s.local.ip(), s.remote)).or_default();
+        let e = by_dest
+            .entry((s.netns, s.local.ip(), s.remote))
+            .or_default();
         e.ports.insert(s.local.port());
         for pid in j.owners(i) {
             *e.holders.entry(pid).or_default() += 1;
@@ -325,7 +343,7 @@ fn port_exhaustion(j: &Joined<'_>) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut dests: Vec<_> = by_dest.into_iter().collect();
     dests.sort_by_key(|(k, _)| *k);
-    for ((src, dst), DestUse { ports, holders }) in dests {
+    for ((netns, src, dst), DestUse { ports, holders }) in dests {
         let used = ports.len();
         if (used as f64) < PORT_RANGE_SHARE * range as f64 {
             continue;
@@ -353,6 +371,7 @@ fn port_exhaustion(j: &Joined<'_>) -> Vec<Finding> {
                 remote: Some(dst.to_string()),
                 count: used,
                 remediation: None,
+                netns: Some(j.sample.netns_ref(netns)),
                 detail: Detail::PortExhaustion { used, range },
             },
             Some("stop the process that piles up connections to this destination; widening net.ipv4.ip_local_port_range only buys time"),
@@ -386,6 +405,7 @@ fn fd_limits(j: &Joined<'_>) -> Vec<Finding> {
                 remote: None,
                 count: fds.open as usize,
                 remediation: None,
+                netns: None,
                 detail: Detail::FdLimit { open: fds.open, limit },
             },
             Some("find what the process leaks (shimcheck ports --pid PID); raising LimitNOFILE only buys time"),
@@ -520,9 +540,9 @@ impl History {
             if rises < self.min_rises {
                 continue;
             }
-            let (pid, target) = *key;
+            let (pid, netns, target) = *key;
             let comm = comm_of(j, pid);
-            let (remote, where_) = describe_target(&target);
+            let (remote, where_) = describe_target(j, netns, &target);
             let rate = rise as f64 / minutes;
             let no_members = Vec::new();
             out.push(finish(
@@ -540,6 +560,7 @@ impl History {
                     remote,
                     count: count as usize,
                     remediation: None,
+                    netns: Some(j.sample.netns_ref(netns)),
                     detail: Detail::Growth { rate_per_min: (rate * 10.0).round() / 10.0, retained: (retained * 1000.0).round() / 1000.0 },
                 },
                 None,

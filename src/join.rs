@@ -16,19 +16,20 @@ use crate::model::{Sample, Socket, TcpState};
 #[derive(Debug, Clone, Default)]
 pub struct Topology {
     peer: Vec<Option<u32>>,
-    listeners: FxHashSet<(IpAddr, u16)>,
+    listeners: FxHashSet<(u64, IpAddr, u16)>,
 }
 
-/// An endpoint as one number pair: IPv4 as its IPv6-mapped form, so a v4 client of a
-/// dual-stack server and the server's `::ffff:` view of it compare equal.
-type Endpoint = (u128, u16);
+/// An endpoint as numbers: its network namespace (loopback in two namespaces is two places),
+/// and IPv4 as its IPv6-mapped form, so a v4 client of a dual-stack server and the server's
+/// `::ffff:` view of it compare equal.
+type Endpoint = (u64, u128, u16);
 
-fn endpoint(addr: SocketAddr) -> Endpoint {
+fn endpoint(netns: u64, addr: SocketAddr) -> Endpoint {
     let ip = match addr.ip().to_canonical() {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         IpAddr::V6(v6) => v6,
     };
-    (u128::from(ip), addr.port())
+    (netns, u128::from(ip), addr.port())
 }
 
 impl Topology {
@@ -39,9 +40,9 @@ impl Topology {
         let mut listeners = FxHashSet::default();
         for (i, s) in sockets.iter().enumerate() {
             if s.state == TcpState::Listen {
-                listeners.insert((s.local.ip().to_canonical(), s.local.port()));
+                listeners.insert((s.netns, s.local.ip().to_canonical(), s.local.port()));
             } else if let Ok(i) = u32::try_from(i) {
-                by_tuple.insert((endpoint(s.local), endpoint(s.remote)), i);
+                by_tuple.insert((endpoint(s.netns, s.local), endpoint(s.netns, s.remote)), i);
             }
         }
         let peer = sockets
@@ -52,7 +53,7 @@ impl Topology {
                     return None;
                 }
                 by_tuple
-                    .get(&(endpoint(s.remote), endpoint(s.local)))
+                    .get(&(endpoint(s.netns, s.remote), endpoint(s.netns, s.local)))
                     .copied()
                     .filter(|&j| j as usize != i)
             })
@@ -108,14 +109,15 @@ impl<'a> Joined<'a> {
             .map(|j| j as usize)
     }
 
-    /// True when a listener accepts on this endpoint: a specific address or a wildcard one.
-    pub fn listening(&self, local: SocketAddr) -> bool {
+    /// True when a listener in namespace `netns` accepts on this endpoint: a specific address
+    /// or a wildcard one.
+    pub fn listening(&self, netns: u64, local: SocketAddr) -> bool {
         let ip = local.ip().to_canonical();
         let port = local.port();
         let l = &self.topology.listeners;
-        l.contains(&(ip, port))
-            || l.contains(&(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
-            || l.contains(&(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port))
+        l.contains(&(netns, ip, port))
+            || l.contains(&(netns, IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
+            || l.contains(&(netns, IpAddr::V6(Ipv6Addr::UNSPECIFIED), port))
     }
 }
 
@@ -163,6 +165,7 @@ mod tests {
             recv_q: 0,
             send_q: 0,
             tcp_info: None,
+            netns: 0,
         }
     }
 
@@ -175,6 +178,8 @@ mod tests {
             scan: Default::default(),
             host: Default::default(),
             warnings: vec![],
+            own_netns: 0,
+            netns_names: Default::default(),
         }
     }
 
@@ -201,8 +206,12 @@ mod tests {
         assert_eq!(j.peer(1), Some(2));
         assert_eq!(j.peer(2), Some(1));
         assert_eq!(j.peer(3), None);
-        assert!(j.listening("127.0.0.1:5000".parse().unwrap()));
-        assert!(!j.listening("127.0.0.1:40000".parse().unwrap()));
+        assert!(j.listening(0, "127.0.0.1:5000".parse().unwrap()));
+        assert!(!j.listening(0, "127.0.0.1:40000".parse().unwrap()));
+        assert!(
+            !j.listening(7, "127.0.0.1:5000".parse().unwrap()),
+            "another namespace"
+        );
     }
 
     #[test]
@@ -225,7 +234,28 @@ mod tests {
         let j = Joined::new(&s);
         assert_eq!(j.peer(1), Some(2));
         assert_eq!(j.peer(2), Some(1));
-        assert!(j.listening("127.0.0.1:8443".parse().unwrap()));
+        assert!(j.listening(0, "127.0.0.1:8443".parse().unwrap()));
+    }
+
+    #[test]
+    fn loopback_in_two_namespaces_is_two_places() {
+        let mut a = sock(
+            TcpState::Established,
+            "127.0.0.1:5000",
+            "127.0.0.1:40000",
+            1,
+        );
+        let mut b = sock(
+            TcpState::Established,
+            "127.0.0.1:40000",
+            "127.0.0.1:5000",
+            2,
+        );
+        a.netns = 10;
+        b.netns = 20;
+        let s = sample(vec![a, b]);
+        let j = Joined::new(&s);
+        assert_eq!((j.peer(0), j.peer(1)), (None, None));
     }
 
     #[test]

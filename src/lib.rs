@@ -17,7 +17,9 @@ pub mod render;
 pub mod snapshot;
 pub mod watch;
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
+use std::path::Path;
 use std::time::SystemTime;
 
 use anyhow::{Context, anyhow};
@@ -27,7 +29,7 @@ use crate::cli::{Output, PortsArgs, SnapshotArgs};
 use crate::collect::SocketSource;
 use crate::detect::DetectConfig;
 use crate::join::{Joined, Topology};
-use crate::model::{HostFacts, Sample, StateSet, TcpState};
+use crate::model::{HostFacts, Sample, Socket, StateSet, TcpState};
 use crate::procs::ProcScanner;
 
 /// Rows the table shows when `--top` is not given.
@@ -36,25 +38,27 @@ pub const DEFAULT_TABLE_TOP: usize = 20;
 /// Takes one sample of the node: the socket dump (then the peer matching, which needs only
 /// sockets) runs beside the fd scan (the slow half), then the owners of the dumped sockets are
 /// described. LISTEN sockets are always dumped too, to tell server ports from client ports.
+/// With `all_netns`, every network namespace is dumped (`collect::netns`).
 pub fn collect(
     source: &mut (dyn SocketSource + Send),
     scanner: &ProcScanner,
     states: StateSet,
+    all_netns: bool,
 ) -> anyhow::Result<(Sample, Topology)> {
     let proc_root = scanner.root();
-    let dump_states = states.union(DETECT_STATES.into_iter().collect());
     let taken_at = SystemTime::now();
-    let (sockets, scan) = std::thread::scope(|s| {
+    let own = collect::netns::own(proc_root).unwrap_or(0);
+    let (dumped, scan) = std::thread::scope(|s| {
         let dump = s.spawn(|| {
-            source.sockets(dump_states).map(|sockets| {
-                let topology = Topology::new(&sockets);
-                (sockets, topology)
+            dump_sockets(source, scanner, states, all_netns, own).map(|d| {
+                let topology = Topology::new(&d.sockets);
+                (d, topology)
             })
         });
         let scan = scanner.socket_fds(scan_threads());
         (dump.join(), scan)
     });
-    let (sockets, topology) = sockets
+    let (dumped, topology) = dumped
         .map_err(|_| anyhow!("the socket collector thread panicked"))?
         .map_err(|e| {
             let hint = e.hint();
@@ -75,22 +79,93 @@ pub fn collect(
         .collect();
     let owners = scanner.index(
         scan.pairs,
-        sockets.iter().map(|s| s.inode),
+        dumped.sockets.iter().map(|s| s.inode),
         near_limit.into_iter(),
     );
     let sample = Sample {
         taken_at,
         hostname: hostname(),
-        sockets,
+        netns_names: name_namespaces(scanner, own, &dumped.targets),
+        sockets: dumped.sockets,
         owners,
         scan: scan.stats,
         host: HostFacts {
             port_range: scanner.port_range(),
             fds: scan.fds.into_iter().collect(),
         },
-        warnings: Vec::new(),
+        warnings: dumped.warnings,
+        own_netns: own,
     };
     Ok((sample, topology))
+}
+
+/// Sockets from one dump, or from every namespace's.
+pub struct Dumped {
+    pub sockets: Vec<Socket>,
+    pub warnings: Vec<String>,
+    /// The namespaces dumped with `--all-netns` (empty otherwise).
+    pub targets: Vec<collect::netns::Target>,
+}
+
+/// Dumps this namespace (through `source`) or every one, tagging sockets with their namespace.
+/// The states detection needs are always included.
+pub fn dump_sockets(
+    source: &mut (dyn SocketSource + Send),
+    scanner: &ProcScanner,
+    states: StateSet,
+    all_netns: bool,
+    own: u64,
+) -> Result<Dumped, collect::CollectError> {
+    let dump_states = states.union(DETECT_STATES.into_iter().collect());
+    if all_netns {
+        let pids = scanner.pids().unwrap_or_default();
+        let targets = collect::netns::discover(
+            scanner.root(),
+            &pids,
+            Path::new(collect::netns::IP_NETNS_DIR),
+        );
+        let (sockets, warnings) = collect::netns::dump_all(&targets, dump_states, scan_threads());
+        return Ok(Dumped {
+            sockets,
+            warnings,
+            targets,
+        });
+    }
+    let mut sockets = source.sockets(dump_states)?;
+    sockets.iter_mut().for_each(|s| s.netns = own);
+    Ok(Dumped {
+        sockets,
+        warnings: Vec::new(),
+        targets: Vec::new(),
+    })
+}
+
+/// Names namespaces as operators know them: `host` (PID 1's, or shimcheck's own where PID 1's
+/// cannot be read), `ip netns` names, and the pod of a process living in one.
+pub fn name_namespaces(
+    scanner: &ProcScanner,
+    own: u64,
+    targets: &[collect::netns::Target],
+) -> BTreeMap<u64, String> {
+    let mut names = BTreeMap::new();
+    let host = collect::netns::inode_of(&scanner.root().join("1/ns/net")).unwrap_or(own);
+    names.insert(host, "host".to_string());
+    for (inode, name) in collect::netns::ip_netns(Path::new(collect::netns::IP_NETNS_DIR)) {
+        names.entry(inode).or_insert(name);
+    }
+    for t in targets {
+        if names.contains_key(&t.inode) {
+            continue;
+        }
+        if let Some(pod) = t
+            .pid
+            .and_then(|pid| scanner.process(pid))
+            .and_then(|p| p.pod)
+        {
+            names.insert(t.inode, format!("{}/{}", pod.namespace, pod.name));
+        }
+    }
+    names
 }
 
 /// States always dumped, whatever `--state` shows: LISTEN tells server ports from client
@@ -162,7 +237,8 @@ pub fn run_ports(
         None => {
             let (mut source, fallback) = collect::open_default(&args.proc_root);
             let scanner = ProcScanner::with_pods(&args.proc_root, &args.pods_dir);
-            let (mut sample, topology) = collect(source.as_mut(), &scanner, query.states)?;
+            let (mut sample, topology) =
+                collect(source.as_mut(), &scanner, query.states, args.all_netns)?;
             sample.warnings.extend(fallback);
             (sample, Some(topology))
         }
@@ -225,7 +301,7 @@ pub fn run_snapshot(
 ) -> anyhow::Result<usize> {
     let (mut source, fallback) = collect::open_default(&args.proc_root);
     let scanner = ProcScanner::with_pods(&args.proc_root, &args.pods_dir);
-    let (mut sample, _) = collect(source.as_mut(), &scanner, StateSet::all())?;
+    let (mut sample, _) = collect(source.as_mut(), &scanner, StateSet::all(), args.all_netns)?;
     sample.warnings.extend(fallback);
     for w in &sample.warnings {
         writeln!(err, "shimcheck: warning: {}", render::escape_control(w))?;

@@ -216,6 +216,18 @@ pub struct Socket {
     pub send_q: u32,
     /// `None` when the kernel sent no tcp_info (the /proc/net fallback, or TIME_WAIT).
     pub tcp_info: Option<TcpInfo>,
+    /// The inode of the network namespace the socket lives in (0: not recorded).
+    #[serde(default)]
+    pub netns: u64,
+}
+
+/// A network namespace as reports name it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NetnsRef {
+    /// The namespace's inode, as `ls -L -i /proc/PID/ns/net` shows it.
+    pub inode: u64,
+    /// `host`, an `ip netns` name, or a pod's `namespace/name`; null when unknown.
+    pub name: Option<String>,
 }
 
 /// A process that holds at least one of the sockets.
@@ -344,6 +356,33 @@ pub struct Sample {
     pub host: HostFacts,
     /// Things the operator must know to trust the numbers (a collector fallback ...).
     pub warnings: Vec<String>,
+    /// The namespace shimcheck ran in: its sockets' keys need no namespace suffix.
+    pub own_netns: u64,
+    /// Names of the namespaces seen, by inode.
+    pub netns_names: BTreeMap<u64, String>,
+}
+
+impl Sample {
+    /// The namespace of a socket as reports show it.
+    pub fn netns_ref(&self, inode: u64) -> NetnsRef {
+        NetnsRef {
+            inode,
+            name: self.netns_names.get(&inode).cloned(),
+        }
+    }
+
+    /// `127.0.0.1:5000`, or `127.0.0.1:5000@kube-system/etcd-master1` for a socket in
+    /// another namespace than shimcheck's own (`--all-netns`).
+    pub fn endpoint_key(&self, netns: u64, addr: &SocketAddr) -> String {
+        if netns == self.own_netns || netns == 0 {
+            addr.to_string()
+        } else {
+            match self.netns_names.get(&netns) {
+                Some(name) => format!("{addr}@{name}"),
+                None => format!("{addr}@net:[{netns}]"),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

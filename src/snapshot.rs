@@ -5,6 +5,7 @@
 //! socket with its holders, cookie and tcp_info, the holders' names, the host facts the
 //! detector uses, and what the /proc scan could not read.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -32,6 +33,10 @@ struct SnapshotDoc {
     sockets: Vec<SnapSocket>,
     scan: ScanStats,
     warnings: Vec<String>,
+    #[serde(default)]
+    own_netns: u64,
+    #[serde(default)]
+    netns_names: BTreeMap<u64, String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -74,6 +79,8 @@ pub fn write(sample: &Sample, out: &mut dyn Write) -> io::Result<()> {
             .collect(),
         scan: sample.scan.clone(),
         warnings: sample.warnings.clone(),
+        own_netns: sample.own_netns,
+        netns_names: sample.netns_names.clone(),
     };
     serde_json::to_writer(&mut *out, &doc)?;
     out.write_all(b"\n")
@@ -108,5 +115,7 @@ pub fn read(path: &Path) -> anyhow::Result<Sample> {
         scan: doc.scan,
         host: doc.host,
         warnings: doc.warnings,
+        own_netns: doc.own_netns,
+        netns_names: doc.netns_names,
     })
 }

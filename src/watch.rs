@@ -27,33 +27,35 @@ const TICK: Duration = Duration::from_millis(50);
 
 /// Takes one watch sample: the dump, then the owner map brought up to date.
 pub fn sample(
-    source: &mut dyn SocketSource,
+    source: &mut (dyn SocketSource + Send),
     scanner: &ProcScanner,
     cache: &mut OwnerCache,
     states: StateSet,
+    all_netns: bool,
 ) -> anyhow::Result<(Sample, Topology)> {
     let taken_at = SystemTime::now();
-    let sockets = source
-        .sockets(states.union(crate::DETECT_STATES.into_iter().collect()))
-        .map_err(|e| {
-            let hint = e.hint();
-            anyhow::Error::new(e).context(format!("cannot list TCP sockets ({hint})"))
-        })?;
-    let topology = Topology::new(&sockets);
+    let own = collect::netns::own(scanner.root()).unwrap_or(0);
+    let dumped = crate::dump_sockets(source, scanner, states, all_netns, own).map_err(|e| {
+        let hint = e.hint();
+        anyhow::Error::new(e).context(format!("cannot list TCP sockets ({hint})"))
+    })?;
+    let topology = Topology::new(&dumped.sockets);
     let (owners, scan, fds, _) = cache
-        .refresh(scanner, &sockets, crate::scan_threads())
+        .refresh(scanner, &dumped.sockets, crate::scan_threads())
         .with_context(|| format!("cannot list processes in {}", scanner.root().display()))?;
     let sample = Sample {
         taken_at,
         hostname: crate::hostname(),
-        sockets,
+        netns_names: crate::name_namespaces(scanner, own, &dumped.targets),
+        sockets: dumped.sockets,
         owners,
         scan,
         host: HostFacts {
             port_range: scanner.port_range(),
             fds,
         },
-        warnings: Vec::new(),
+        warnings: dumped.warnings,
+        own_netns: own,
     };
     Ok((sample, topology))
 }
@@ -87,7 +89,13 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
     let last = loop {
         n += 1;
         let tick = Instant::now();
-        let (sample, topology) = sample(source.as_mut(), &scanner, &mut cache, query.states)?;
+        let (sample, topology) = sample(
+            source.as_mut(),
+            &scanner,
+            &mut cache,
+            query.states,
+            args.all_netns,
+        )?;
         let joined = Joined::with_topology(&sample, topology);
         history.observe(&joined);
         let (mut report, counts) = aggregate::aggregate_with_counts(&joined, &query);

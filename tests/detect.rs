@@ -75,6 +75,7 @@ impl Pop {
                     bytes_acked: Some(1),
                     bytes_received: Some(0),
                 }),
+                netns: 0,
             })
             .collect();
         let pairs = self.sockets.iter().map(|s| (s.0 + 1, s.5)).collect();
@@ -104,6 +105,8 @@ impl Pop {
             scan: Default::default(),
             host: self.host.clone(),
             warnings: vec![],
+            own_netns: 0,
+            netns_names: Default::default(),
         }
     }
 }

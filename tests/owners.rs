@@ -128,6 +128,7 @@ fn processes_carry_their_unit_container_and_pod_into_the_report() {
         recv_q: 0,
         send_q: 0,
         tcp_info: None,
+        netns: 0,
     };
     let sockets = vec![
         sock("127.0.0.1:5000", "127.0.0.1:40001", 1001),
@@ -150,6 +151,8 @@ fn processes_carry_their_unit_container_and_pod_into_the_report() {
         scan: scan.stats,
         host: HostFacts::default(),
         warnings: vec![],
+        own_netns: 0,
+        netns_names: Default::default(),
     };
     let q = |by| Query {
         group_by: by,

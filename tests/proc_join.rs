@@ -148,6 +148,7 @@ fn sock(state: TcpState, local: &str, remote: &str, inode: u64) -> Socket {
         recv_q: 0,
         send_q: 0,
         tcp_info: None,
+        netns: 0,
     }
 }
 
@@ -209,6 +210,8 @@ fn joined_sample(tree: &str) -> Sample {
         scan: scan.stats,
         host: HostFacts::default(),
         warnings: vec![],
+        own_netns: 0,
+        netns_names: Default::default(),
     }
 }
 

@@ -32,6 +32,7 @@ fn sample() -> Sample {
                 last_data_recv_ms: idle_ms,
                 ..TcpInfo::default()
             }),
+            netns: 0,
         });
         pairs.push((inode, pid));
     };
@@ -122,6 +123,8 @@ fn sample() -> Sample {
         scan: Default::default(),
         host: Default::default(),
         warnings: vec![],
+        own_netns: 0,
+        netns_names: Default::default(),
     }
 }
 

@@ -152,6 +152,7 @@ fn to_socket(resp: &InetResponse) -> Result<Socket, String> {
         recv_q: h.recv_queue,
         send_q: h.send_queue,
         tcp_info,
+        netns: 0,
     })
 }
 

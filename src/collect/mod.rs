@@ -7,6 +7,7 @@
 
 pub mod decode;
 pub mod netlink;
+pub mod netns;
 pub mod procnet;
 
 use std::io;

@@ -65,6 +65,7 @@ impl SocketSource for ProcNetSource {
                     recv_q: e.rx_queue,
                     send_q: e.tx_queue,
                     tcp_info: None,
+                    netns: 0,
                 });
             }
         }

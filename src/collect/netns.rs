@@ -1,0 +1,141 @@
+//! Stage 1, collector, every network namespace (`--all-netns`): find the distinct namespaces
+//! through /proc/*/ns/net (and `ip netns` mounts in /run/netns), enter each on a worker thread
+//! (`setns` is per thread) and dump there; tag every socket with its namespace inode.
+//!
+//! Input: a procfs root and a `StateSet`. Output: tagged sockets, the namespaces' names where
+//! known (`host`, an `ip netns` name), and warnings for namespaces that could not be entered.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rustix::fs::{Mode, OFlags};
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+
+use super::netlink::NetlinkSource;
+use super::{CollectError, SocketSource};
+use crate::model::{Socket, StateSet};
+
+/// Where `ip netns add NAME` mounts its namespaces.
+pub const IP_NETNS_DIR: &str = "/run/netns";
+
+/// A namespace to dump, and a file that enters it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub inode: u64,
+    pub path: PathBuf,
+    /// A process living in it (none for an `ip netns` mount nobody uses), for naming by pod.
+    pub pid: Option<u32>,
+}
+
+/// The network namespace inode behind a `ns/net` link or an `ip netns` mount.
+pub fn inode_of(path: &Path) -> Option<u64> {
+    rustix::fs::stat(path).ok().map(|st| st.st_ino)
+}
+
+/// The namespace this process runs in.
+pub fn own(proc_root: &Path) -> Option<u64> {
+    inode_of(&proc_root.join("self/ns/net"))
+}
+
+/// Every distinct namespace: one entry per inode, entered through the first process found in
+/// it, or through its `ip netns` mount.
+pub fn discover(proc_root: &Path, pids: &[u32], ip_netns_dir: &Path) -> Vec<Target> {
+    let mut seen: BTreeMap<u64, Target> = BTreeMap::new();
+    for &pid in pids {
+        let path = proc_root.join(format!("{pid}/ns/net"));
+        if let Some(inode) = inode_of(&path) {
+            seen.entry(inode).or_insert(Target {
+                inode,
+                path,
+                pid: Some(pid),
+            });
+        }
+    }
+    for (inode, name) in ip_netns(ip_netns_dir) {
+        seen.entry(inode).or_insert(Target {
+            inode,
+            path: ip_netns_dir.join(name),
+            pid: None,
+        });
+    }
+    seen.into_values().collect()
+}
+
+/// `ip netns` names by namespace inode.
+pub fn ip_netns(dir: &Path) -> BTreeMap<u64, String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return BTreeMap::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            Some((
+                inode_of(&e.path())?,
+                e.file_name().to_string_lossy().into_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// The sockets of every target, dumped on `threads` worker threads that each enter namespace
+/// after namespace. Sockets carry their namespace's inode; a namespace that cannot be entered
+/// (not root, or gone) is named in the returned warnings and left out.
+pub fn dump_all(
+    targets: &[Target],
+    states: StateSet,
+    threads: usize,
+) -> (Vec<Socket>, Vec<String>) {
+    let next = AtomicUsize::new(0);
+    let failures: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
+    let work = || {
+        let mut out = Vec::new();
+        while let Some(t) = targets.get(next.fetch_add(1, Ordering::Relaxed)) {
+            match dump_in(t, states) {
+                Ok(mut sockets) => {
+                    sockets.iter_mut().for_each(|s| s.netns = t.inode);
+                    out.append(&mut sockets);
+                }
+                Err(e) => {
+                    if let Ok(mut f) = failures.lock() {
+                        f.push((t.inode, e));
+                    }
+                }
+            }
+        }
+        out
+    };
+    let parts: Vec<Vec<Socket>> = std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads.clamp(1, targets.len().max(1)))
+            .map(|_| s.spawn(work))
+            .collect();
+        let mut parts = vec![work()];
+        parts.extend(helpers.into_iter().filter_map(|h| h.join().ok()));
+        parts
+    });
+    let failures = failures.into_inner().unwrap_or_default();
+    let mut warnings = Vec::new();
+    if let Some((inode, first)) = failures.first() {
+        warnings.push(format!(
+            "cannot enter {} of {} network namespaces (first: net:[{inode}]: {first}): their sockets are \
+             not counted; run as root to see every namespace",
+            failures.len(),
+            targets.len()
+        ));
+    }
+    (parts.into_iter().flatten().collect(), warnings)
+}
+
+/// Enters one namespace on this thread and dumps it there.
+fn dump_in(t: &Target, states: StateSet) -> Result<Vec<Socket>, String> {
+    let fd = rustix::fs::open(&t.path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| e.to_string())?;
+    move_into_link_name_space(
+        rustix::fd::AsFd::as_fd(&fd),
+        Some(LinkNameSpaceType::Network),
+    )
+    .map_err(|e| format!("setns: {e}"))?;
+    let mut source = NetlinkSource::open().map_err(|e: CollectError| e.to_string())?;
+    source.sockets(states).map_err(|e| e.to_string())
+}
