@@ -119,12 +119,20 @@ pub fn dump_sockets(
     let dump_states = states.union(DETECT_STATES.into_iter().collect());
     if all_netns {
         let pids = scanner.pids().unwrap_or_default();
-        let targets = collect::netns::discover(
+        let (targets, denied) = collect::netns::discover(
             scanner.root(),
             &pids,
             Path::new(collect::netns::IP_NETNS_DIR),
         );
-        let (sockets, warnings) = collect::netns::dump_all(&targets, dump_states, scan_threads());
+        let (sockets, mut warnings) =
+            collect::netns::dump_all(&targets, own, dump_states, scan_threads());
+        if denied > 0 {
+            warnings.push(format!(
+                "cannot see which network namespace {denied} processes are in (permission \
+                 denied): namespaces only they use are not counted; run as root to see every \
+                 namespace"
+            ));
+        }
         return Ok(Dumped {
             sockets,
             warnings,

@@ -40,17 +40,24 @@ pub fn own(proc_root: &Path) -> Option<u64> {
 }
 
 /// Every distinct namespace: one entry per inode, entered through the first process found in
-/// it, or through its `ip netns` mount.
-pub fn discover(proc_root: &Path, pids: &[u32], ip_netns_dir: &Path) -> Vec<Target> {
+/// it, or through its `ip netns` mount. Also returns how many processes' namespaces could not
+/// be looked at (permission denied: not root).
+pub fn discover(proc_root: &Path, pids: &[u32], ip_netns_dir: &Path) -> (Vec<Target>, usize) {
     let mut seen: BTreeMap<u64, Target> = BTreeMap::new();
+    let mut denied = 0;
     for &pid in pids {
         let path = proc_root.join(format!("{pid}/ns/net"));
-        if let Some(inode) = inode_of(&path) {
-            seen.entry(inode).or_insert(Target {
-                inode,
-                path,
-                pid: Some(pid),
-            });
+        match rustix::fs::stat(&path) {
+            Ok(st) => {
+                seen.entry(st.st_ino).or_insert(Target {
+                    inode: st.st_ino,
+                    path,
+                    pid: Some(pid),
+                });
+            }
+            Err(rustix::io::Errno::ACCESS | rustix::io::Errno::PERM) => denied += 1,
+            // Exited since the listing: its namespace, if still used, has other processes.
+            Err(_) => {}
         }
     }
     for (inode, name) in ip_netns(ip_netns_dir) {
@@ -60,7 +67,7 @@ pub fn discover(proc_root: &Path, pids: &[u32], ip_netns_dir: &Path) -> Vec<Targ
             pid: None,
         });
     }
-    seen.into_values().collect()
+    (seen.into_values().collect(), denied)
 }
 
 /// `ip netns` names by namespace inode.
@@ -79,56 +86,73 @@ pub fn ip_netns(dir: &Path) -> BTreeMap<u64, String> {
         .collect()
 }
 
-/// The sockets of every target, dumped on `threads` worker threads that each enter namespace
-/// after namespace. Sockets carry their namespace's inode; a namespace that cannot be entered
-/// (not root, or gone) is named in the returned warnings and left out.
+/// The sockets of every target. Shimcheck's own namespace (`own_inode`) is dumped on the
+/// calling thread without `setns` (any user may); every other one on fresh worker threads
+/// (`threads` of them, each entering namespace after namespace, then ending, so no thread is
+/// left in a foreign namespace). Sockets carry their namespace's inode; a namespace that cannot
+/// be entered (not root, or gone) is named in the returned warnings and left out.
 pub fn dump_all(
     targets: &[Target],
+    own_inode: u64,
     states: StateSet,
     threads: usize,
 ) -> (Vec<Socket>, Vec<String>) {
-    let next = AtomicUsize::new(0);
     let failures: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
+    let fail = |inode: u64, e: String| {
+        if let Ok(mut f) = failures.lock() {
+            f.push((inode, e));
+        }
+    };
+    let tag = |mut sockets: Vec<Socket>, inode: u64| {
+        sockets.iter_mut().for_each(|s| s.netns = inode);
+        sockets
+    };
+    let (own, others): (Vec<&Target>, Vec<&Target>) =
+        targets.iter().partition(|t| t.inode == own_inode);
+    let mut all = Vec::new();
+    for t in own {
+        match NetlinkSource::open().and_then(|mut src| src.sockets(states)) {
+            Ok(sockets) => all.extend(tag(sockets, t.inode)),
+            Err(e) => fail(t.inode, e.to_string()),
+        }
+    }
+    let next = AtomicUsize::new(0);
     let work = || {
         let mut out = Vec::new();
-        while let Some(t) = targets.get(next.fetch_add(1, Ordering::Relaxed)) {
-            match dump_in(t, states) {
-                Ok(mut sockets) => {
-                    sockets.iter_mut().for_each(|s| s.netns = t.inode);
-                    out.append(&mut sockets);
-                }
-                Err(e) => {
-                    if let Ok(mut f) = failures.lock() {
-                        f.push((t.inode, e));
-                    }
-                }
+        while let Some(t) = others.get(next.fetch_add(1, Ordering::Relaxed)) {
+            match enter_and_dump(t, states) {
+                Ok(sockets) => out.extend(tag(sockets, t.inode)),
+                Err(e) => fail(t.inode, e),
             }
         }
         out
     };
-    let parts: Vec<Vec<Socket>> = std::thread::scope(|s| {
-        let helpers: Vec<_> = (1..threads.clamp(1, targets.len().max(1)))
-            .map(|_| s.spawn(work))
-            .collect();
-        let mut parts = vec![work()];
-        parts.extend(helpers.into_iter().filter_map(|h| h.join().ok()));
-        parts
+    let workers = threads.clamp(1, others.len().max(1));
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers).map(|_| s.spawn(work)).collect();
+        for h in handles {
+            // A worker that panicked lost its namespaces: say so rather than count less.
+            match h.join() {
+                Ok(sockets) => all.extend(sockets),
+                Err(_) => fail(0, "a namespace worker thread panicked".into()),
+            }
+        }
     });
     let failures = failures.into_inner().unwrap_or_default();
     let mut warnings = Vec::new();
     if let Some((inode, first)) = failures.first() {
         warnings.push(format!(
-            "cannot enter {} of {} network namespaces (first: net:[{inode}]: {first}): their sockets are \
-             not counted; run as root to see every namespace",
+            "cannot dump {} of {} network namespaces (first: net:[{inode}]: {first}): their \
+             sockets are not counted; run as root to see every namespace",
             failures.len(),
             targets.len()
         ));
     }
-    (parts.into_iter().flatten().collect(), warnings)
+    (all, warnings)
 }
 
-/// Enters one namespace on this thread and dumps it there.
-fn dump_in(t: &Target, states: StateSet) -> Result<Vec<Socket>, String> {
+/// Moves this (worker) thread into one namespace and dumps it there.
+fn enter_and_dump(t: &Target, states: StateSet) -> Result<Vec<Socket>, String> {
     let fd = rustix::fs::open(&t.path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| e.to_string())?;
     move_into_link_name_space(

@@ -34,6 +34,8 @@ pub struct Population {
     pub ns_pid: u32,
     /// Process name → pids, as population.py started them.
     pub pids: BTreeMap<String, Vec<u32>>,
+    /// The `ip netns` name of the namespace, removed on drop.
+    ip_netns: Option<String>,
 }
 
 impl Population {
@@ -45,12 +47,38 @@ impl Population {
 
     /// Starts `tests/support/SCRIPT SPEC` (population.py or leak_repro.py) the same way.
     pub fn start_script(script: &str, spec: &Value) -> Population {
+        Population::launch(Command::new("unshare").arg("-n"), script, spec, None)
+    }
+
+    /// Starts `tests/support/SCRIPT SPEC` in a namespace made with `ip netns add NAME`, so that
+    /// it has a name; the namespace is deleted on drop.
+    pub fn start_in_ip_netns(name: &str, script: &str, spec: &Value) -> Population {
+        require_root();
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        let added = Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .expect("ip netns add");
+        assert!(added.success(), "ip netns add {name} failed");
+        Population::launch(
+            Command::new("ip").args(["netns", "exec", name]),
+            script,
+            spec,
+            Some(name.to_string()),
+        )
+    }
+
+    fn launch(
+        prefix: &mut Command,
+        script: &str,
+        spec: &Value,
+        ip_netns: Option<String>,
+    ) -> Population {
         require_root();
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("tests/support")
             .join(script);
-        let mut child = Command::new("unshare")
-            .arg("-n")
+        let mut child = prefix
             .arg("python3")
             .arg(&script)
             .arg(spec.to_string())
@@ -100,7 +128,14 @@ impl Population {
             stdin,
             ns_pid,
             pids,
+            ip_netns,
         }
+    }
+
+    /// The inode of the population's network namespace.
+    pub fn netns_inode(&self) -> u64 {
+        let st = std::fs::metadata(format!("/proc/{}/ns/net", self.ns_pid)).expect("ns/net");
+        std::os::unix::fs::MetadataExt::ino(&st)
     }
 
     /// A command that runs `program` inside the population's network namespace.
@@ -167,14 +202,21 @@ impl Drop for Population {
         if let Some(mut stdin) = self.stdin.take() {
             let _ = stdin.flush();
         }
+        let mut exited = false;
         for _ in 0..100 {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                exited = true;
+                break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if let Some(name) = &self.ip_netns {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
     }
 }
 
