@@ -273,7 +273,15 @@ pub fn aggregate_with_counts(joined: &Joined<'_>, query: &Query) -> (Report, Gro
             GroupBy::Pair => owners
                 .iter()
                 .for_each(|&p| add(RawKey::Pair(Some(p), s.netns, s.remote))),
-            GroupBy::Pod if owners.is_empty() => add(RawKey::Place(None)),
+            // No visible holder: the cgroup that created the socket may still name it.
+            GroupBy::Pod if owners.is_empty() => {
+                match s.cgroup_id.and_then(|id| sample.cgroup_places.get(&id)) {
+                    Some(place) => add(RawKey::Place(Some(
+                        places.intern((place.pod.clone(), place.unit.clone())),
+                    ))),
+                    None => add(RawKey::Place(None)),
+                }
+            }
             GroupBy::Pod => {
                 // Once per place, however many of its processes share the socket.
                 let mut ids: Vec<u32> = owners

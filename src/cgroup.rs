@@ -7,8 +7,9 @@
 //! (cgroup v1 and v2, systemd and cgroupfs drivers, containerd, CRI-O, docker) are tested on
 //! the fake files in `fixtures/cgroup/`.
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 use procfs::ProcessCGroup;
 use serde::{Deserialize, Serialize};
@@ -60,6 +61,54 @@ pub fn placement(groups: &[ProcessCGroup]) -> Placement {
         out.unit = None;
     }
     out
+}
+
+/// The placement one cgroup path says (a socket's cgroup, found by its id).
+pub fn placement_of_path(path: &str) -> Placement {
+    let mut p = from_path(path);
+    if p.container_id.is_some() || p.pod_uid.is_some() {
+        p.unit = None;
+    }
+    p
+}
+
+/// Where the cgroup-v2 hierarchy is mounted: `/sys/fs/cgroup` on v2 hosts, its `unified`
+/// subdirectory on hybrid ones.
+pub fn v2_root(sys_fs_cgroup: &Path) -> Option<PathBuf> {
+    [sys_fs_cgroup.to_path_buf(), sys_fs_cgroup.join("unified")]
+        .into_iter()
+        .find(|p| p.join("cgroup.controllers").exists() || p.join("cgroup.procs").exists())
+}
+
+/// The paths (relative to `root`, starting with `/`) of the cgroup-v2 directories whose inode
+/// (a cgroup's id) is in `wanted`; the walk stops once all are found.
+pub fn paths_by_id(root: &Path, wanted: &HashSet<u64>) -> HashMap<u64, String> {
+    let mut found = HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if found.len() == wanted.len() {
+            break;
+        }
+        let Ok(meta) = std::fs::metadata(&dir) else {
+            continue;
+        };
+        if wanted.contains(&meta.ino()) {
+            let rel = dir
+                .strip_prefix(root)
+                .map(|r| format!("/{}", r.display()))
+                .unwrap_or_default();
+            found.insert(meta.ino(), rel);
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            stack.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    found
 }
 
 /// Reads one cgroup path, component by component.

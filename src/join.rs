@@ -166,6 +166,7 @@ mod tests {
             send_q: 0,
             tcp_info: None,
             netns: 0,
+            cgroup_id: None,
         }
     }
 
@@ -180,6 +181,7 @@ mod tests {
             warnings: vec![],
             own_netns: 0,
             netns_names: Default::default(),
+            cgroup_places: Default::default(),
         }
     }
 

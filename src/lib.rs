@@ -85,6 +85,7 @@ pub fn collect(
     let sample = Sample {
         taken_at,
         hostname: hostname(),
+        cgroup_places: cgroup_places(scanner, Path::new(SYS_FS_CGROUP), &dumped.sockets, &owners),
         netns_names: name_namespaces(scanner, own, &dumped.targets),
         sockets: dumped.sockets,
         owners,
@@ -146,6 +147,38 @@ pub fn dump_sockets(
         warnings: Vec::new(),
         targets: Vec::new(),
     })
+}
+
+/// Where cgroup v2 is mounted on a Linux host.
+pub const SYS_FS_CGROUP: &str = "/sys/fs/cgroup";
+
+/// Names the owners of sockets no visible process holds (unprivileged, another pid namespace)
+/// by the cgroup that created them: their pod or systemd unit.
+pub fn cgroup_places(
+    scanner: &ProcScanner,
+    sys_fs_cgroup: &Path,
+    sockets: &[Socket],
+    owners: &model::OwnerIndex,
+) -> BTreeMap<u64, model::CgroupPlace> {
+    let wanted: std::collections::HashSet<u64> = sockets
+        .iter()
+        .filter(|s| owners.owners(s.inode).is_empty())
+        .filter_map(|s| s.cgroup_id)
+        .collect();
+    if wanted.is_empty() {
+        return BTreeMap::new();
+    }
+    let Some(root) = cgroup::v2_root(sys_fs_cgroup) else {
+        return BTreeMap::new();
+    };
+    cgroup::paths_by_id(&root, &wanted)
+        .into_iter()
+        .map(|(id, path)| {
+            let p = cgroup::placement_of_path(&path);
+            let pod = p.pod_uid.as_deref().and_then(|uid| scanner.pod(uid));
+            (id, model::CgroupPlace { pod, unit: p.unit })
+        })
+        .collect()
 }
 
 /// Names namespaces as operators know them: `host` (PID 1's, or shimcheck's own where PID 1's

@@ -219,6 +219,9 @@ pub struct Socket {
     /// The inode of the network namespace the socket lives in (0: not recorded).
     #[serde(default)]
     pub netns: u64,
+    /// The cgroup-v2 id of the cgroup that created the socket (`INET_DIAG_CGROUP_ID`).
+    #[serde(default)]
+    pub cgroup_id: Option<u64>,
 }
 
 /// A network namespace as reports name it.
@@ -360,6 +363,16 @@ pub struct Sample {
     pub own_netns: u64,
     /// Names of the namespaces seen, by inode.
     pub netns_names: BTreeMap<u64, String>,
+    /// Where the cgroups of sockets no visible process holds put them (pod or unit), by
+    /// cgroup id: how those sockets are still named.
+    pub cgroup_places: BTreeMap<u64, CgroupPlace>,
+}
+
+/// A cgroup named the way operators name owners.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupPlace {
+    pub pod: Option<PodRef>,
+    pub unit: Option<String>,
 }
 
 impl Sample {

@@ -191,7 +191,7 @@ impl ProcScanner {
     }
 
     /// The pod with this uid; the directory is read again once when the uid is new to it.
-    fn pod(&self, uid: &str) -> Option<PodRef> {
+    pub fn pod(&self, uid: &str) -> Option<PodRef> {
         let mut pods = self.pods.lock().ok()?;
         if pods.get(uid).is_none() {
             *pods = PodDirectory::read(&self.pods_dir);

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{HostFacts, OwnerIndex, Process, Sample, ScanStats, Socket};
+use crate::model::{CgroupPlace, HostFacts, OwnerIndex, Process, Sample, ScanStats, Socket};
 
 /// The snapshot schema version this module reads and writes.
 pub const SNAPSHOT_SCHEMA_VERSION: u32 = 1;
@@ -37,6 +37,8 @@ struct SnapshotDoc {
     own_netns: u64,
     #[serde(default)]
     netns_names: BTreeMap<u64, String>,
+    #[serde(default)]
+    cgroup_places: BTreeMap<u64, CgroupPlace>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -81,6 +83,7 @@ pub fn write(sample: &Sample, out: &mut dyn Write) -> io::Result<()> {
         warnings: sample.warnings.clone(),
         own_netns: sample.own_netns,
         netns_names: sample.netns_names.clone(),
+        cgroup_places: sample.cgroup_places.clone(),
     };
     serde_json::to_writer(&mut *out, &doc)?;
     out.write_all(b"\n")
@@ -117,5 +120,6 @@ pub fn read(path: &Path) -> anyhow::Result<Sample> {
         warnings: doc.warnings,
         own_netns: doc.own_netns,
         netns_names: doc.netns_names,
+        cgroup_places: doc.cgroup_places,
     })
 }

@@ -46,6 +46,12 @@ pub fn sample(
     let sample = Sample {
         taken_at,
         hostname: crate::hostname(),
+        cgroup_places: crate::cgroup_places(
+            scanner,
+            std::path::Path::new(crate::SYS_FS_CGROUP),
+            &dumped.sockets,
+            &owners,
+        ),
         netns_names: crate::name_namespaces(scanner, own, &dumped.targets),
         sockets: dumped.sockets,
         owners,

@@ -127,6 +127,8 @@ fn ipv6_dump_keeps_v6_and_v4_mapped_addresses() {
             .any(|x| x.local.to_string() == "[::ffff:127.0.0.1]:9000")
     );
     assert!(s.iter().all(|x| x.local.is_ipv6()));
+    // INET_DIAG_CGROUP_ID, which the crate passes through as a raw attribute, is decoded.
+    assert!(s.iter().all(|x| x.cgroup_id.is_some()));
     insta::assert_snapshot!(listing(s));
 }
 

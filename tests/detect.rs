@@ -76,6 +76,7 @@ impl Pop {
                     bytes_received: Some(0),
                 }),
                 netns: 0,
+                cgroup_id: None,
             })
             .collect();
         let pairs = self.sockets.iter().map(|s| (s.0 + 1, s.5)).collect();
@@ -107,6 +108,7 @@ impl Pop {
             warnings: vec![],
             own_netns: 0,
             netns_names: Default::default(),
+            cgroup_places: Default::default(),
         }
     }
 }

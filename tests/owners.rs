@@ -129,6 +129,7 @@ fn processes_carry_their_unit_container_and_pod_into_the_report() {
         send_q: 0,
         tcp_info: None,
         netns: 0,
+        cgroup_id: None,
     };
     let sockets = vec![
         sock("127.0.0.1:5000", "127.0.0.1:40001", 1001),
@@ -153,6 +154,7 @@ fn processes_carry_their_unit_container_and_pod_into_the_report() {
         warnings: vec![],
         own_netns: 0,
         netns_names: Default::default(),
+        cgroup_places: Default::default(),
     };
     let q = |by| Query {
         group_by: by,
@@ -200,5 +202,89 @@ fn processes_carry_their_unit_container_and_pod_into_the_report() {
     assert!(
         table.contains("default/web-7d4b9c-x2x9q") && table.contains("registry.service"),
         "{table}"
+    );
+}
+
+/// The inode of a directory in the fake cgroup-v2 tree: its cgroup id.
+fn cgroup_id(rel: &str) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(fixture("cgroupfs").join(rel)).unwrap())
+}
+
+#[test]
+fn sockets_no_visible_process_holds_are_named_by_their_cgroup() {
+    let pod_scope = format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{}.scope",
+        U1.replace('-', "_"),
+        id("a1")
+    );
+    let unit_id = cgroup_id("system.slice/image-cri-shim.service");
+    let pod_id = cgroup_id(&pod_scope);
+    let root = cgroup::v2_root(&fixture("cgroupfs")).unwrap();
+    let wanted = [unit_id, pod_id].into_iter().collect();
+    let paths = cgroup::paths_by_id(&root, &wanted);
+    assert_eq!(paths[&unit_id], "/system.slice/image-cri-shim.service");
+    assert_eq!(paths[&pod_id], format!("/{pod_scope}"));
+
+    // An unprivileged view: nobody visibly holds these sockets, their cgroups still say whose.
+    let sock = |local: &str, inode, cgroup| Socket {
+        state: TcpState::Established,
+        local: local.parse().unwrap(),
+        remote: "127.0.0.1:5000".parse().unwrap(),
+        inode,
+        cookie: Some(inode),
+        uid: 0,
+        recv_q: 0,
+        send_q: 0,
+        tcp_info: None,
+        netns: 0,
+        cgroup_id: Some(cgroup),
+    };
+    let sockets = vec![
+        sock("127.0.0.1:40001", 70001, unit_id),
+        sock("127.0.0.1:40002", 70002, unit_id),
+        sock("127.0.0.1:40003", 70003, pod_id),
+        sock("127.0.0.1:40004", 70004, 999_999_999),
+    ];
+    let scanner = ProcScanner::with_pods(&fixture("proc/shared"), &fixture("pods"));
+    let owners = shimcheck::model::OwnerIndex::default();
+    let places = shimcheck::cgroup_places(&scanner, &fixture("cgroupfs"), &sockets, &owners);
+    assert_eq!(places.len(), 2);
+    let sample = Sample {
+        taken_at: SystemTime::UNIX_EPOCH,
+        hostname: "node1".into(),
+        sockets,
+        owners,
+        scan: Default::default(),
+        host: HostFacts::default(),
+        warnings: vec![],
+        own_netns: 0,
+        netns_names: Default::default(),
+        cgroup_places: places,
+    };
+    let q = Query {
+        group_by: GroupBy::Pod,
+        states: [TcpState::Established].into_iter().collect::<StateSet>(),
+        port: None,
+        pid: None,
+        process: None,
+        top: None,
+    };
+    let r = shimcheck::ports_report(&sample, &q);
+    let groups: Vec<(&str, usize, usize)> = r
+        .groups
+        .iter()
+        .map(|g| (g.key.as_str(), g.count, g.processes.len()))
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            ("unit image-cri-shim.service", 2, 0),
+            ("(unattributed)", 1, 0),
+            ("pod default/web-7d4b9c-x2x9q", 1, 0)
+        ]
+    );
+    assert_eq!(
+        r.totals.unattributed, 4,
+        "named by cgroup, still not held by a visible process"
     );
 }

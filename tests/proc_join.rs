@@ -149,6 +149,7 @@ fn sock(state: TcpState, local: &str, remote: &str, inode: u64) -> Socket {
         send_q: 0,
         tcp_info: None,
         netns: 0,
+        cgroup_id: None,
     }
 }
 
@@ -212,6 +213,7 @@ fn joined_sample(tree: &str) -> Sample {
         warnings: vec![],
         own_netns: 0,
         netns_names: Default::default(),
+        cgroup_places: Default::default(),
     }
 }
 

@@ -33,6 +33,7 @@ fn sample() -> Sample {
                 ..TcpInfo::default()
             }),
             netns: 0,
+            cgroup_id: None,
         });
         pairs.push((inode, pid));
     };
@@ -125,6 +126,7 @@ fn sample() -> Sample {
         warnings: vec![],
         own_netns: 0,
         netns_names: Default::default(),
+        cgroup_places: Default::default(),
     }
 }
 

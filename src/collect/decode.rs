@@ -8,7 +8,9 @@
 use std::collections::HashSet;
 use std::io;
 
-use netlink_packet_core::{NLM_F_DUMP_INTR, NetlinkBuffer, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_DUMP_INTR, NetlinkBuffer, NetlinkMessage, NetlinkPayload, Nla as _,
+};
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::inet::{InetResponse, nlas::Nla};
 
@@ -142,6 +144,17 @@ fn to_socket(resp: &InetResponse) -> Result<Socket, String> {
         Nla::TcpInfo(bytes) => parse_tcp_info(bytes),
         _ => None,
     });
+    // The crate does not know INET_DIAG_CGROUP_ID (Linux 5.7+): it arrives as a raw attribute.
+    let cgroup_id = resp.nlas.iter().find_map(|nla| match nla {
+        Nla::Other(attr) if attr.kind() == INET_DIAG_CGROUP_ID => {
+            let mut value = [0u8; 8];
+            (attr.value_len() == 8).then(|| {
+                attr.emit_value(&mut value);
+                u64::from_ne_bytes(value)
+            })
+        }
+        _ => None,
+    });
     Ok(Socket {
         state,
         local: (id.source_address, id.source_port).into(),
@@ -153,8 +166,12 @@ fn to_socket(resp: &InetResponse) -> Result<Socket, String> {
         send_q: h.send_queue,
         tcp_info,
         netns: 0,
+        cgroup_id,
     })
 }
+
+/// `INET_DIAG_CGROUP_ID` (`include/uapi/linux/inet_diag.h`).
+const INET_DIAG_CGROUP_ID: u16 = 21;
 
 /// Offsets in `struct tcp_info` (`include/uapi/linux/tcp.h`): 8 one-byte fields, then u32s.
 const LAST_DATA_SENT: usize = 44;

@@ -66,6 +66,7 @@ impl SocketSource for ProcNetSource {
                     send_q: e.tx_queue,
                     tcp_info: None,
                     netns: 0,
+                    cgroup_id: None,
                 });
             }
         }
