@@ -38,19 +38,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-spec=$(python3 - "$sockets" "$(ulimit -Hn)" <<'PY'
-import json, math, sys
-conns, budget, per_port = int(sys.argv[1]) // 2, int(sys.argv[2]) - 64, 20000
-servers, clients = [], []
-for i in range(math.ceil(conns / per_port)):
-    n = min(per_port, conns - i * per_port)
-    procs = math.ceil(n / budget)
-    servers.append({"name": "server", "addr": "127.0.0.1", "port": 5000 + i, "workers": procs})
-    clients.append({"name": "client", "connect": f"127.0.0.1:{5000 + i}", "count": n, "procs": procs})
-print(json.dumps({"servers": servers, "clients": clients, "idle": {"procs": 300, "files": 100},
-                  "port_range": "10000 65535"}))
-PY
-)
+spec=$(python3 benches/spec.py "$sockets" "$(ulimit -Hn)")
 fifo=$(mktemp -u)
 mkfifo "$fifo"
 set -m

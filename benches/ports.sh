@@ -55,19 +55,7 @@ commands=(
 )
 
 spec_for() { # $1: number of ESTABLISHED sockets
-  python3 - "$1" "$(ulimit -Hn)" <<'PY'
-import json, math, sys
-sockets, hard = int(sys.argv[1]), int(sys.argv[2])
-conns, budget, per_port = sockets // 2, int(sys.argv[2]) - 64, 20000
-servers, clients = [], []
-for i in range(math.ceil(conns / per_port)):
-    n = min(per_port, conns - i * per_port)
-    procs = math.ceil(n / budget)
-    servers.append({"name": "server", "addr": "127.0.0.1", "port": 5000 + i, "workers": procs})
-    clients.append({"name": "client", "connect": f"127.0.0.1:{5000 + i}", "count": n, "procs": procs})
-print(json.dumps({"servers": servers, "clients": clients, "idle": {"procs": 300, "files": 100},
-                  "port_range": "10000 65535"}))
-PY
+  python3 benches/spec.py "$1" "$(ulimit -Hn)"
 }
 
 IFS=, read -r -a size_list <<<"$sizes"

@@ -28,13 +28,9 @@ pub enum Command {
     Snapshot(SnapshotArgs),
 }
 
-/// Options of `shimcheck snapshot`.
+/// Where to look on the node: shared by every command that collects.
 #[derive(Debug, Clone, clap::Args)]
-pub struct SnapshotArgs {
-    /// Write the snapshot to FILE instead of standard output.
-    #[arg(short = 'o', long = "output", value_name = "FILE")]
-    pub output: Option<PathBuf>,
-
+pub struct NodeArgs {
     /// The procfs to scan for socket owners, e.g. /host/proc from inside a container.
     #[arg(long, value_name = "DIR", default_value = "/proc")]
     pub proc_root: PathBuf,
@@ -47,6 +43,17 @@ pub struct SnapshotArgs {
     /// shimcheck's own; needs root to enter them.
     #[arg(long)]
     pub all_netns: bool,
+}
+
+/// Options of `shimcheck snapshot`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SnapshotArgs {
+    /// Write the snapshot to FILE instead of standard output.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 /// Options of `shimcheck ports`.
@@ -81,18 +88,8 @@ pub struct PortsArgs {
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub output: Output,
 
-    /// The procfs to scan for socket owners, e.g. /host/proc from inside a container.
-    #[arg(long, value_name = "DIR", default_value = "/proc")]
-    pub proc_root: PathBuf,
-
-    /// The kubelet's pod log directory, whose `<namespace>_<name>_<uid>` entries name pods.
-    #[arg(long, value_name = "DIR", default_value = "/var/log/pods")]
-    pub pods_dir: PathBuf,
-
-    /// Every network namespace on the node (pods, host services, `ip netns`), not only
-    /// shimcheck's own; needs root to enter them.
-    #[arg(long)]
-    pub all_netns: bool,
+    #[command(flatten)]
+    pub node: NodeArgs,
 
     /// Report on a snapshot (`shimcheck snapshot`) instead of the live node.
     #[arg(long, value_name = "FILE", conflicts_with = "watch")]

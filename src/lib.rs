@@ -276,10 +276,10 @@ pub fn run_ports(
     let (sample, topology) = match &args.from {
         Some(path) => (snapshot::read(path)?, None),
         None => {
-            let (mut source, fallback) = collect::open_default(&args.proc_root);
-            let scanner = ProcScanner::with_pods(&args.proc_root, &args.pods_dir);
+            let (mut source, fallback) = collect::open_default(&args.node.proc_root);
+            let scanner = ProcScanner::with_pods(&args.node.proc_root, &args.node.pods_dir);
             let (mut sample, topology) =
-                collect(source.as_mut(), &scanner, query.states, args.all_netns)?;
+                collect(source.as_mut(), &scanner, query.states, args.node.all_netns)?;
             sample.warnings.extend(fallback);
             (sample, Some(topology))
         }
@@ -340,9 +340,14 @@ pub fn run_snapshot(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> anyhow::Result<usize> {
-    let (mut source, fallback) = collect::open_default(&args.proc_root);
-    let scanner = ProcScanner::with_pods(&args.proc_root, &args.pods_dir);
-    let (mut sample, _) = collect(source.as_mut(), &scanner, StateSet::all(), args.all_netns)?;
+    let (mut source, fallback) = collect::open_default(&args.node.proc_root);
+    let scanner = ProcScanner::with_pods(&args.node.proc_root, &args.node.pods_dir);
+    let (mut sample, _) = collect(
+        source.as_mut(),
+        &scanner,
+        StateSet::all(),
+        args.node.all_netns,
+    )?;
     sample.warnings.extend(fallback);
     for w in &sample.warnings {
         writeln!(err, "shimcheck: warning: {}", render::escape_control(w))?;

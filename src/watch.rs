@@ -79,11 +79,11 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
         .context("cannot install the Ctrl-C handler")?;
 
-    let (mut source, fallback) = collect::open_default(&args.proc_root);
+    let (mut source, fallback) = collect::open_default(&args.node.proc_root);
     if let Some(f) = &fallback {
         writeln!(err, "shimcheck: warning: {f}")?;
     }
-    let scanner = ProcScanner::with_pods(&args.proc_root, &args.pods_dir);
+    let scanner = ProcScanner::with_pods(&args.node.proc_root, &args.node.pods_dir);
     let mut cache = OwnerCache::new();
     let mut history = History::new(cfg.window, MIN_RISES);
     let redraw = args.output == Output::Table && std::io::stdout().is_terminal();
@@ -100,7 +100,7 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
             &scanner,
             &mut cache,
             query.states,
-            args.all_netns,
+            args.node.all_netns,
         )?;
         let joined = Joined::with_topology(&sample, topology);
         history.observe(&joined);

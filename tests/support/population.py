@@ -63,7 +63,10 @@ def parse_endpoint(text):
 
 
 def become(name):
-    """In a fresh child: take the process name and die with the parent."""
+    """In a fresh child: take the process name, die with the parent, and drop the parent's
+    signal handlers (SIGTERM must end the child, not run the parent's teardown)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     raw = name.encode("utf-8")[:15]
     LIBC.prctl(PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0)
     LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
