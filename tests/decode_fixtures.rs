@@ -196,3 +196,24 @@ fn a_socket_reported_twice_under_churn_is_kept_once() {
     );
     assert!(dump.duplicates > 0);
 }
+
+#[test]
+fn a_dump_the_kernel_flags_interrupted_is_reported_for_a_retry() {
+    let mut dgs = datagrams("v4-multipart.bin");
+    // Set NLM_F_DUMP_INTR (0x10) in the first message's flags (bytes 6-7 of its header), as
+    // the kernel does when the table changed during the dump.
+    let flags = u16::from_ne_bytes([dgs[0][6], dgs[0][7]]) | 0x10;
+    dgs[0][6..8].copy_from_slice(&flags.to_ne_bytes());
+    let mut d = DumpDecoder::new();
+    for dg in &dgs {
+        if d.feed(dg).unwrap() == Feed::Done {
+            break;
+        }
+    }
+    let dump = d.finish().unwrap();
+    assert!(
+        dump.interrupted,
+        "the transport retries a dump flagged NLM_F_DUMP_INTR"
+    );
+    assert!(!decode("v4-multipart.bin").unwrap().interrupted);
+}

@@ -288,3 +288,30 @@ fn sockets_no_visible_process_holds_are_named_by_their_cgroup() {
         "named by cgroup, still not held by a visible process"
     );
 }
+
+#[test]
+fn a_namespace_is_named_after_the_pod_living_in_it() {
+    let scanner = ProcScanner::with_pods(&fixture("proc/shared"), &fixture("pods"));
+    let targets = [
+        shimcheck::collect::netns::Target {
+            inode: 42,
+            path: PathBuf::from("/nonexistent"),
+            pid: Some(4243),
+        },
+        shimcheck::collect::netns::Target {
+            inode: 43,
+            path: PathBuf::from("/nonexistent"),
+            pid: Some(4242),
+        },
+    ];
+    let names = shimcheck::name_namespaces(&scanner, 7, &targets);
+    assert_eq!(
+        names.get(&42).map(String::as_str),
+        Some("default/web-7d4b9c-x2x9q")
+    );
+    assert_eq!(
+        names.get(&43),
+        None,
+        "a host service's namespace has no pod to be named after"
+    );
+}

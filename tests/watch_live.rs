@@ -117,3 +117,35 @@ fn baseline_finds_growth_since_a_snapshot() {
     assert!(report["baseline_taken_at"].is_string());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn ctrl_c_ends_a_watch_with_a_summary_of_what_grew() {
+    let pop = reproducer();
+    let bin = support::shimcheck_bin();
+    let child = pop
+        .command(bin.to_str().unwrap())
+        .args(["ports", "--watch", "--interval", "1s", "--by", "pair"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    // nsenter forwards the signal to shimcheck, as a terminal's Ctrl-C would reach it.
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{:?}", out.status);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("shimcheck ports --watch: sample 3"), "{text}");
+    let summary = text
+        .split("watched ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no summary: {text}"));
+    assert!(
+        summary.contains(&format!(
+            "image-cri-shim({}) -> 127.0.0.1:5000",
+            pop.pid("image-cri-shim")
+        )),
+        "{summary}"
+    );
+}
