@@ -77,6 +77,7 @@ fn watch_flags_the_leaky_shim_within_12_samples_and_nothing_else_in_30() {
     );
     assert_eq!(samples, 30);
     let at = flagged_at.expect("the leaky client was never flagged");
+    eprintln!("the leaky image-cri-shim was first flagged at sample {at}");
     assert!(at <= 12, "flagged only at sample {at}");
     assert!(
         others.is_empty(),

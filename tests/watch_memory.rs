@@ -40,6 +40,7 @@ fn memory_stays_bounded_over_10000_samples_of_a_churning_population() {
     );
     assert!(matches!(code, Some(0 | 1)));
     assert!(at_100 > 0 && at_end > 0);
+    eprintln!("watch RSS: {at_100} KiB after 100 samples, {at_end} KiB after 9,990");
     assert!(
         at_end * 2 <= at_100 * 3,
         "RSS grew from {at_100} KiB after 100 samples to {at_end} KiB after 10,000"
