@@ -172,7 +172,7 @@ impl ProcScanner {
         let p = procfs::process::Process::new_with_root(self.root.join(pid.to_string())).ok()?;
         let comm = p.stat().ok()?.comm;
         // A kernel thread or a zombie has an empty cmdline; that is not an error.
-        let cmdline = p.cmdline().map(|args| args.join(" ")).unwrap_or_default();
+        let cmdline = cmdline(&p).unwrap_or_default();
         // No cgroup file (a fake tree, an old kernel): the process simply has no placement.
         let placement = p
             .cgroups()
@@ -258,6 +258,20 @@ fn scan_fd_dir(
         }
     }
     Ok(open)
+}
+
+/// `/proc/PID/cmdline`, its arguments joined by spaces. Read as bytes: procfs's `cmdline()`
+/// fails on an argument that is not UTF-8, which would lose the whole line; a bad byte
+/// becomes U+FFFD instead.
+fn cmdline(p: &procfs::process::Process) -> Option<String> {
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut p.open_relative("cmdline").ok()?, &mut raw).ok()?;
+    let args: Vec<_> = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(String::from_utf8_lossy)
+        .collect();
+    Some(args.join(" "))
 }
 
 /// `socket:[12345]` → 12345.

@@ -3,7 +3,7 @@
 
 use std::io::{self, Write};
 
-use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
+use comfy_table::{CellAlignment, ColumnConstraint, ContentArrangement, Table, Width, presets};
 
 use super::escape_control;
 use crate::aggregate::{Group, GroupBy, GroupKey, OwnerCount, Report};
@@ -110,6 +110,9 @@ fn build(report: &Report, width: Option<u16>) -> Table {
     }
     header.push("OTHER END ON THIS HOST");
 
+    let command_col = header.iter().position(|&h| h == "COMMAND");
+    let mut widest_word: Vec<usize> = header.iter().map(|h| longest_word(h)).collect();
+    let mut widest_cell: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     let mut table = Table::new();
     table.load_style(presets::NOTHING).set_header(header);
     match width {
@@ -129,6 +132,10 @@ fn build(report: &Report, width: Option<u16>) -> Table {
             cells.push(placements(&g.processes));
             cells.push(other);
         }
+        for ((word, whole), cell) in widest_word.iter_mut().zip(&mut widest_cell).zip(&cells) {
+            *word = (*word).max(longest_word(cell));
+            *whole = (*whole).max(cell.chars().count());
+        }
         table.add_row(cells);
     }
     let count_col = match report.group_by {
@@ -139,7 +146,55 @@ fn build(report: &Report, width: Option<u16>) -> Table {
     if let Some(col) = table.column_mut(count_col) {
         col.set_cell_alignment(CellAlignment::Right);
     }
+    // A narrow terminal split `10.0.0.101:33101` into `10.0.0.101:3310` and `1`, and
+    // `registry(2811)` into `registry(28` and `11)`: the group's identity and numbers are never
+    // wrapped, and where the width allows, the lists after them wrap between words only. Only
+    // a command line, any length, may always break a word.
+    let changes_cols = match changes {
+        Changes::None => 0,
+        Changes::SinceBaseline => 1,
+        Changes::Watch => 2,
+    };
+    let fixed = |i: usize| i <= count_col + changes_cols;
+    let pad = |i: usize| {
+        table
+            .column(i)
+            .map_or(0, |c| usize::from(c.padding_width()))
+    };
+    let needed: usize = (0..widest_word.len())
+        .map(|i| {
+            pad(i)
+                + match i {
+                    i if fixed(i) => widest_cell[i],
+                    i if Some(i) == command_col => 0,
+                    i => widest_word[i],
+                }
+        })
+        .sum();
+    // render() trims the last column's right padding.
+    let whole_words = width.is_some_and(|w| needed.saturating_sub(1) <= usize::from(w));
+    for (i, w) in widest_word.into_iter().enumerate() {
+        let Some(col) = table.column_mut(i) else {
+            continue;
+        };
+        if fixed(i) {
+            col.set_constraint(ColumnConstraint::ContentWidth);
+        } else if whole_words && Some(i) != command_col {
+            // A boundary counts the cell's padding too.
+            let w = u16::try_from(w).unwrap_or(u16::MAX);
+            let w = w.saturating_add(col.padding_width());
+            col.set_constraint(ColumnConstraint::LowerBoundary(Width::Fixed(w)));
+        }
+    }
     table
+}
+
+/// The length of the longest whitespace-separated word in a cell, in characters.
+fn longest_word(text: &str) -> usize {
+    text.split_whitespace()
+        .map(|w| w.chars().count())
+        .max()
+        .unwrap_or(0)
 }
 
 /// Which change columns a report has: none, its change since a baseline, or (watch) since
@@ -174,14 +229,14 @@ fn signed(d: Option<i64>) -> String {
 fn row(g: &Group, changes: Changes, multi_state: bool) -> Vec<String> {
     let mut cells = match &g.what {
         GroupKey::Port { listening, .. } => vec![
-            g.key.clone(),
+            escape_control(&g.key).into_owned(),
             if *listening { "server" } else { "client" }.to_string(),
             g.count.to_string(),
         ],
         GroupKey::Process { pid, comm, .. } => {
             vec![proc_name(*pid, comm.as_deref()), g.count.to_string()]
         }
-        GroupKey::Peer { .. } => vec![g.key.clone(), g.count.to_string()],
+        GroupKey::Peer { .. } => vec![escape_control(&g.key).into_owned(), g.count.to_string()],
         GroupKey::Place { .. } => vec![escape_control(&g.key).into_owned(), g.count.to_string()],
         GroupKey::Pair {
             pid,
@@ -189,15 +244,24 @@ fn row(g: &Group, changes: Changes, multi_state: bool) -> Vec<String> {
             remote_addr,
             remote_port,
             ..
-        } => vec![
-            proc_name(*pid, comm.as_deref()),
-            if remote_addr.contains(':') {
-                format!("[{remote_addr}]:{remote_port}")
-            } else {
-                format!("{remote_addr}:{remote_port}")
-            },
-            g.count.to_string(),
-        ],
+        } => {
+            // The key's endpoint carries the namespace (`@kube-system/etcd-master1`) with
+            // `--all-netns`; rebuilt from the address alone, two namespaces' rows looked alike.
+            let holder = match (pid, comm) {
+                (Some(pid), Some(comm)) => format!("{comm}({pid}) -> "),
+                _ => "(unattributed) -> ".to_string(),
+            };
+            let remote = match g.key.strip_prefix(&holder) {
+                Some(endpoint) => escape_control(endpoint).into_owned(),
+                None if remote_addr.contains(':') => format!("[{remote_addr}]:{remote_port}"),
+                None => format!("{remote_addr}:{remote_port}"),
+            };
+            vec![
+                proc_name(*pid, comm.as_deref()),
+                remote,
+                g.count.to_string(),
+            ]
+        }
     };
     match changes {
         Changes::None => {}
