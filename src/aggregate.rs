@@ -13,8 +13,7 @@ use serde::{Serialize, Serializer};
 use crate::cgroup::PodRef;
 use crate::detect::Finding;
 use crate::join::Joined;
-use crate::model::NetnsRef;
-use crate::model::{Sample, StateSet, TcpState};
+use crate::model::{NetnsRef, Place, Sample, StateSet, TcpState, Warning};
 
 /// The JSON schema version this module writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -175,7 +174,7 @@ pub struct Report {
     pub groups: Vec<Group>,
     /// What the detector concluded (filled in by the caller; `aggregate` leaves it empty).
     pub findings: Vec<Finding>,
-    pub warnings: Vec<String>,
+    pub warnings: Vec<Warning>,
 }
 
 #[derive(Default)]
@@ -276,9 +275,7 @@ pub fn aggregate_with_counts(joined: &Joined<'_>, query: &Query) -> (Report, Gro
             // No visible holder: the cgroup that created the socket may still name it.
             GroupBy::Pod if owners.is_empty() => {
                 match s.cgroup_id.and_then(|id| sample.cgroup_places.get(&id)) {
-                    Some(place) => add(RawKey::Place(Some(
-                        places.intern((place.pod.clone(), place.unit.clone())),
-                    ))),
+                    Some(place) => add(RawKey::Place(Some(places.intern(place.clone())))),
                     None => add(RawKey::Place(None)),
                 }
             }
@@ -356,6 +353,19 @@ pub fn aggregate_with_counts(joined: &Joined<'_>, query: &Query) -> (Report, Gro
     (report, all_counts)
 }
 
+impl Report {
+    /// Blanks the command lines of process and pair groups: they can carry passwords and
+    /// tokens, and `serve` publishes reports to whoever may scrape it.
+    pub fn drop_cmdlines(&mut self) {
+        for g in &mut self.groups {
+            if let GroupKey::Process { cmdline, .. } | GroupKey::Pair { cmdline, .. } = &mut g.what
+            {
+                *cmdline = None;
+            }
+        }
+    }
+}
+
 /// Fills in `delta` (against `previous`) and `delta_total` (against `first`); a group absent
 /// from an earlier sample had 0 sockets then.
 pub fn annotate_deltas(report: &mut Report, previous: Option<&GroupCounts>, first: &GroupCounts) {
@@ -375,42 +385,38 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
 
 /// The sample's own warnings, plus the /proc scan's where they can matter: a socket with an
 /// inode and no owner may belong to a process the scan could not read.
-fn warnings(sample: &Sample, hidden_owner: bool) -> Vec<String> {
+fn warnings(sample: &Sample, hidden_owner: bool) -> Vec<Warning> {
     let mut w = sample.warnings.clone();
     let scan = &sample.scan;
-    let processes = |n: usize| {
-        if n == 1 {
-            "1 process".to_string()
-        } else {
-            format!("{n} processes")
-        }
-    };
     if hidden_owner && scan.denied > 0 {
-        w.push(format!(
-            "cannot read the open files of {} (permission denied): the sockets they hold are \
-             counted as unattributed; run as root (sudo) to see every owner",
-            processes(scan.denied)
-        ));
+        w.push(Warning::OwnersDenied {
+            processes: scan.denied,
+        });
     }
     if hidden_owner && scan.unreadable > 0 {
-        w.push(format!(
-            "cannot read the open files of {} ({}): the sockets they hold are counted as \
-             unattributed",
-            processes(scan.unreadable),
-            scan.first_unreadable.as_deref().unwrap_or("unknown error")
-        ));
+        w.push(Warning::OwnersUnreadable {
+            processes: scan.unreadable,
+            first: scan
+                .first_unreadable
+                .clone()
+                .unwrap_or_else(|| "unknown error".to_string()),
+        });
     }
     w
 }
 
 /// Where a process runs, as `--by pod` groups it: its pod, else its unit, else nowhere known.
-type Place = (Option<PodRef>, Option<String>);
-
 fn place_of(sample: &Sample, pid: u32) -> Place {
     match sample.owners.processes.get(&pid) {
-        Some(p) if p.pod.is_some() => (p.pod.clone(), None),
-        Some(p) => (None, p.unit.clone()),
-        None => (None, None),
+        Some(p) if p.place.pod.is_some() => Place {
+            pod: p.place.pod.clone(),
+            unit: None,
+        },
+        Some(p) => Place {
+            pod: None,
+            unit: p.place.unit.clone(),
+        },
+        None => Place::default(),
     }
 }
 
@@ -457,9 +463,9 @@ fn make_group(
                     pid,
                     comm: comm(pid),
                     count,
-                    unit: p.and_then(|p| p.unit.clone()),
+                    unit: p.and_then(|p| p.place.unit.clone()),
                     container_id: p.and_then(|p| p.container_id.clone()),
-                    pod: p.and_then(|p| p.pod.clone()),
+                    pod: p.and_then(|p| p.place.pod.clone()),
                 }
             })
             .collect();
@@ -512,7 +518,7 @@ fn make_group(
             },
         ),
         RawKey::Place(id) => {
-            let (pod, unit) = id
+            let Place { pod, unit } = id
                 .and_then(|i| places.list.get(i as usize))
                 .cloned()
                 .unwrap_or_default();

@@ -1,11 +1,28 @@
-//! Stage 0, the command line: clap derive structs only. Their doc comments are the `--help`
-//! text; `lib.rs` turns them into a `Query`.
+//! Stage 0, the command line: the clap structs (their doc comments are the `--help` text) and
+//! the one place where arguments become configuration: the `Query` groups are built by, the
+//! detector's `DetectConfig`, the table's default length.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use anyhow::anyhow;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::aggregate::GroupBy;
+use crate::aggregate::{GroupBy, Query};
+use crate::detect::DetectConfig;
+use crate::model::{StateSet, TcpState};
+
+/// Rows the table shows when `--top` is not given.
+pub const DEFAULT_TABLE_TOP: usize = 20;
+/// `--window` of `ports` (watch, baseline) when not given: a terminal session's span.
+pub const PORTS_WINDOW: Duration = Duration::from_secs(5 * 60);
+/// `--window` of `serve` when not given: long enough to see a leak of one connection every
+/// five minutes (image-cri-shim on one node) reach `--min-growth`.
+pub const SERVE_WINDOW: Duration = Duration::from_secs(60 * 60);
+/// Where `serve` listens when neither `--listen` nor `--textfile` is given: loopback only, on a
+/// port past the Prometheus exporter range 9100-9999, which is fully allocated (docs/deploy.md).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:10188";
 
 /// Find TCP connection leaks on a Linux node: which local ports hold how many connections,
 /// and which processes hold both ends. Exit status: 0 no finding, 1 at least one finding,
@@ -26,6 +43,9 @@ pub enum Command {
     /// Write one full sample (every socket with its holders, cookies and idle times, plus the
     /// host facts the detector uses) as JSON, to analyse elsewhere with `ports --from`.
     Snapshot(SnapshotArgs),
+    /// Sample the node every --interval and serve Prometheus metrics, the latest report and a
+    /// health check over HTTP, and/or write the metrics for node_exporter's textfile collector.
+    Serve(ServeArgs),
 }
 
 /// Where to look on the node: shared by every command that collects.
@@ -118,51 +138,134 @@ pub struct PortsArgs {
     #[arg(long, value_name = "N", requires = "watch", help_heading = "Watch")]
     pub count: Option<u64>,
 
+    #[command(flatten)]
+    pub detect: DetectArgs,
+}
+
+/// The detector's thresholds, shared by `ports` and `serve`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Detection")]
+pub struct DetectArgs {
     /// Growth: flag a (process, remote) pair whose ESTABLISHED count rose by at least N
     /// within --window while keeping its sockets.
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 10,
-        help_heading = "Detection"
-    )]
+    #[arg(long, value_name = "N", default_value_t = 10)]
     pub min_growth: usize,
 
-    /// Growth: the span growth is judged over (500ms, 5s, 1m ...).
-    #[arg(
-        long,
-        value_name = "DUR",
-        default_value = "5m",
-        help_heading = "Detection"
-    )]
-    pub window: humantime::Duration,
+    /// Growth: the span growth is judged over (500ms, 5s, 1m ...). Default: 5m for `ports`,
+    /// 1h for `serve`.
+    #[arg(long, value_name = "DUR")]
+    pub window: Option<humantime::Duration>,
 
     /// Idle: flag at least N ESTABLISHED sockets from one process to one remote endpoint ...
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 50,
-        help_heading = "Detection"
-    )]
+    #[arg(long, value_name = "N", default_value_t = 50)]
     pub idle_min_count: usize,
 
     /// ... each carrying no data for at least this long (tcp_info).
-    #[arg(
-        long,
-        value_name = "DUR",
-        default_value = "5m",
-        help_heading = "Detection"
-    )]
+    #[arg(long, value_name = "DUR", default_value = "5m")]
     pub idle_after: humantime::Duration,
 
     /// CLOSE_WAIT: flag a process holding at least N CLOSE_WAIT sockets (whatever --state shows).
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 50,
-        help_heading = "Detection"
-    )]
+    #[arg(long, value_name = "N", default_value_t = 50)]
     pub close_wait_min: usize,
+}
+
+impl DetectArgs {
+    /// The detector configuration, with `window` where `--window` is not given.
+    pub fn config(&self, window: Duration) -> DetectConfig {
+        DetectConfig {
+            min_growth: self.min_growth,
+            window: self.window.map_or(window, Into::into),
+            idle_min_count: self.idle_min_count,
+            idle_after: self.idle_after.into(),
+            close_wait_min: self.close_wait_min,
+        }
+    }
+}
+
+impl PortsArgs {
+    /// The query `shimcheck ports` runs for these arguments.
+    pub fn query(&self) -> anyhow::Result<Query> {
+        Ok(Query {
+            group_by: self.by,
+            states: parse_states(&self.states)?,
+            port: self.port,
+            pid: self.pid,
+            process: self.process.clone(),
+            top: match (self.top, self.output) {
+                (Some(n), _) => Some(n),
+                (None, Output::Table) => Some(DEFAULT_TABLE_TOP),
+                (None, Output::Json) => None,
+            },
+        })
+    }
+
+    /// The detector thresholds these arguments set.
+    pub fn detect_config(&self) -> DetectConfig {
+        self.detect.config(PORTS_WINDOW)
+    }
+}
+
+/// The states `--state` names; `all` stands for every state.
+pub fn parse_states(names: &[String]) -> anyhow::Result<StateSet> {
+    let mut set = StateSet::empty();
+    for name in names {
+        if name == "all" {
+            set = set.union(StateSet::all());
+        } else {
+            set.insert(name.parse::<TcpState>().map_err(|e| anyhow!(e))?);
+        }
+    }
+    Ok(set)
+}
+
+/// Options of `shimcheck serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Time between samples (5s, 15s, 1m ...). Scrapes read the latest sample; they never
+    /// trigger one.
+    #[arg(long, value_name = "DUR", default_value = "15s")]
+    pub interval: humantime::Duration,
+
+    /// Serve GET /metrics, /report and /healthz on ADDR:PORT. Default: 127.0.0.1:10188, unless
+    /// only --textfile is given (then no port is opened).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+
+    /// After each sample, write the metrics (text format 0.0.4) to PATH for node_exporter's
+    /// textfile collector: written beside it, then renamed over it.
+    #[arg(long, value_name = "PATH")]
+    pub textfile: Option<PathBuf>,
+
+    /// At most N `shimcheck_connections` series: the largest are kept, the rest are summed
+    /// into process="other".
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    pub max_series: usize,
+
+    /// Include process command lines in /report (they can carry passwords and tokens).
+    #[arg(long)]
+    pub report_cmdline: bool,
+
+    #[command(flatten)]
+    pub node: NodeArgs,
+
+    #[command(flatten)]
+    pub detect: DetectArgs,
+}
+
+impl ServeArgs {
+    /// Where to listen: `--listen`, else the default unless only `--textfile` was asked for.
+    pub fn listen_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        match (self.listen, &self.textfile) {
+            (Some(addr), _) => Ok(Some(addr)),
+            (None, Some(_)) => Ok(None),
+            (None, None) => Ok(Some(DEFAULT_LISTEN.parse()?)),
+        }
+    }
+
+    /// The detector thresholds these arguments set.
+    pub fn detect_config(&self) -> DetectConfig {
+        self.detect.config(SERVE_WINDOW)
+    }
 }
 
 /// Output formats.

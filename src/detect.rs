@@ -52,8 +52,31 @@ pub const MIN_RETAINED: f64 = 0.9;
 pub const MIN_RISES: usize = 3;
 /// Share of the ephemeral port range one (source, destination) may use before it is flagged.
 pub const PORT_RANGE_SHARE: f64 = 0.5;
-/// Share of RLIMIT_NOFILE a process may hold before it is flagged.
-pub const FD_LIMIT_SHARE: f64 = 0.8;
+/// Share of RLIMIT_NOFILE a process may hold before it is flagged (defined with `FdUse`).
+pub use crate::model::FD_LIMIT_SHARE;
+
+/// What to do about an idle pile-up of an unknown client.
+const IDLE_FIX: &str = "find why the client keeps connections it no longer uses (a new HTTP \
+                        client per request is the usual cause); restarting it frees them for \
+                        a while";
+/// What to do about CLOSE_WAIT sockets of an unknown program.
+const CLOSE_WAIT_FIX: &str = "fix the code path that drops connections without closing them; \
+                              restarting the process frees the sockets for a while";
+/// What to do when one destination uses up the ephemeral ports.
+const PORTS_FIX: &str = "stop the process that piles up connections to this destination; \
+                         widening net.ipv4.ip_local_port_range only buys time";
+/// What to do about a process near its fd limit.
+const FD_FIX: &str = "find what the process leaks (shimcheck ports --pid PID); raising \
+                      LimitNOFILE only buys time";
+
+/// `Critical` when `critical` holds, else `Warning`.
+fn severity(critical: bool) -> Severity {
+    if critical {
+        Severity::Critical
+    } else {
+        Severity::Warning
+    }
+}
 
 /// What kind of trouble a finding reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -90,10 +113,15 @@ pub enum Detail {
 pub struct Finding {
     pub kind: Kind,
     pub severity: Severity,
-    pub pid: u32,
+    /// The process the finding is about; null when no visible process holds the sockets.
+    pub pid: Option<u32>,
     pub comm: String,
     /// `addr:port` of the other end, or null when the sockets go to many places.
     pub remote: Option<String>,
+    /// For a server whose clients are on other hosts: its local listening `addr:port` (the
+    /// clients' address is in the message). Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     pub count: usize,
     /// One sentence a person can act on.
     pub message: String,
@@ -196,6 +224,14 @@ fn describe_target(j: &Joined<'_>, netns: u64, t: &Target) -> (Option<String>, S
     (remote, format!("{words} in network namespace {name}"))
 }
 
+/// The local service endpoint of a target that is a server's remote clients.
+fn service_of(t: &Target) -> Option<String> {
+    match t {
+        Target::Remote(_) => None,
+        Target::Clients { local, .. } => Some(local.to_string()),
+    }
+}
+
 /// Attaches a known culprit's diagnosis: the message names the bug, the remediation is the
 /// culprit's, and the finding is critical.
 fn finish(mut f: Finding, generic_fix: Option<&str>) -> Finding {
@@ -256,10 +292,11 @@ pub fn snapshot_findings(j: &Joined<'_>, cfg: &DetectConfig) -> Vec<Finding> {
         out.push(finish(
             Finding {
                 kind: Kind::Idle,
-                severity: if idle.len() >= 1000 { Severity::Critical } else { Severity::Warning },
-                pid,
+                severity: severity(idle.len() >= 1000),
+                pid: Some(pid),
                 message: format!(
-                    "{comm}({pid}) holds {} connections {where_} that carried no data for at least {} (median {}){}",
+                    "{comm}({pid}) holds {} connections {where_} that carried no data for at \
+                     least {} (median {}){}",
                     idle.len(),
                     human(min_s),
                     human(median_s),
@@ -267,12 +304,16 @@ pub fn snapshot_findings(j: &Joined<'_>, cfg: &DetectConfig) -> Vec<Finding> {
                 ),
                 comm,
                 remote,
+                service: service_of(&target),
                 count: idle.len(),
                 remediation: None,
                 netns: Some(j.sample.netns_ref(netns)),
-                detail: Detail::Idle { idle_s_min: min_s, idle_s_median: median_s },
+                detail: Detail::Idle {
+                    idle_s_min: min_s,
+                    idle_s_median: median_s,
+                },
             },
-            Some("find why the client keeps connections it no longer uses (a new HTTP client per request is the usual cause); restarting it frees them for a while"),
+            Some(IDLE_FIX),
         ));
     }
 
@@ -291,21 +332,26 @@ pub fn snapshot_findings(j: &Joined<'_>, cfg: &DetectConfig) -> Vec<Finding> {
         out.push(finish(
             Finding {
                 kind: Kind::CloseWait,
-                severity: if members.len() >= cfg.close_wait_min * 10 { Severity::Critical } else { Severity::Warning },
-                pid,
+                severity: severity(members.len() >= cfg.close_wait_min * 10),
+                pid: Some(pid),
                 message: format!(
-                    "{comm}({pid}) holds {} CLOSE_WAIT sockets{}: their peers closed and the application never called close()",
+                    "{comm}({pid}) holds {} CLOSE_WAIT sockets{}: their peers closed and the \
+                     application never called close()",
                     members.len(),
-                    remote.as_deref().map(|r| format!(" to {r}")).unwrap_or_default()
+                    remote
+                        .as_deref()
+                        .map(|r| format!(" to {r}"))
+                        .unwrap_or_default()
                 ),
                 comm,
                 remote,
+                service: None,
                 count: members.len(),
                 remediation: None,
                 netns,
                 detail: Detail::CloseWait {},
             },
-            Some("fix the code path that drops connections without closing them; restarting the process frees the sockets for a while"),
+            Some(CLOSE_WAIT_FIX),
         ));
     }
 
@@ -348,33 +394,38 @@ fn port_exhaustion(j: &Joined<'_>) -> Vec<Finding> {
         if (used as f64) < PORT_RANGE_SHARE * range as f64 {
             continue;
         }
-        let (pid, _) = holders
+        let pid = holders
             .iter()
             .max_by_key(|&(pid, n)| (*n, std::cmp::Reverse(*pid)))
-            .map_or((0, 0), |(p, n)| (*p, *n));
-        let comm = if pid == 0 {
-            "?".to_string()
-        } else {
-            comm_of(j, pid)
+            .map(|(p, _)| *p);
+        let (comm, held_by) = match pid {
+            Some(pid) => {
+                let comm = comm_of(j, pid);
+                let held_by = format!("most held by {comm}({pid})");
+                (comm, held_by)
+            }
+            None => ("?".to_string(), "held by no visible process".to_string()),
         };
         let pct = used * 100 / range;
         out.push(finish(
             Finding {
                 kind: Kind::PortExhaustion,
-                severity: if used * 10 >= range * 9 { Severity::Critical } else { Severity::Warning },
+                severity: severity(used * 10 >= range * 9),
                 pid,
                 message: format!(
-                    "connections from {src} to {dst} use {used} of the {range} ephemeral ports ({pct}%), most held by {comm}({pid}); \
-                     new connections to {dst} will fail with \"cannot assign requested address\""
+                    "connections from {src} to {dst} use {used} of the {range} ephemeral ports \
+                     ({pct}%), {held_by}; new connections to {dst} will fail with \"cannot \
+                     assign requested address\""
                 ),
                 comm,
                 remote: Some(dst.to_string()),
+                service: None,
                 count: used,
                 remediation: None,
                 netns: Some(j.sample.netns_ref(netns)),
                 detail: Detail::PortExhaustion { used, range },
             },
-            Some("stop the process that piles up connections to this destination; widening net.ipv4.ip_local_port_range only buys time"),
+            Some(PORTS_FIX),
         ));
     }
     out
@@ -384,31 +435,33 @@ fn port_exhaustion(j: &Joined<'_>) -> Vec<Finding> {
 fn fd_limits(j: &Joined<'_>) -> Vec<Finding> {
     let mut out = Vec::new();
     for (&pid, fds) in &j.sample.host.fds {
-        let Some(limit) = fds.limit.filter(|&l| l > 0) else {
+        let Some(limit) = fds.limit.filter(|_| fds.near_limit()) else {
             continue;
         };
-        if (fds.open as f64) < FD_LIMIT_SHARE * limit as f64 {
-            continue;
-        }
         let comm = comm_of(j, pid);
         out.push(finish(
             Finding {
                 kind: Kind::FdLimit,
-                severity: if fds.open * 100 >= limit * 95 { Severity::Critical } else { Severity::Warning },
-                pid,
+                severity: severity(fds.open * 100 >= limit * 95),
+                pid: Some(pid),
                 message: format!(
-                    "{comm}({pid}) has {} of its {limit} allowed open files ({}%); it will soon fail with \"too many open files\"",
+                    "{comm}({pid}) has {} of its {limit} allowed open files ({}%); it will soon \
+                     fail with \"too many open files\"",
                     fds.open,
                     fds.open * 100 / limit
                 ),
                 comm,
                 remote: None,
+                service: None,
                 count: fds.open as usize,
                 remediation: None,
                 netns: None,
-                detail: Detail::FdLimit { open: fds.open, limit },
+                detail: Detail::FdLimit {
+                    open: fds.open,
+                    limit,
+                },
             },
-            Some("find what the process leaks (shimcheck ports --pid PID); raising LimitNOFILE only buys time"),
+            Some(FD_FIX),
         ));
     }
     out
@@ -548,20 +601,25 @@ impl History {
             out.push(finish(
                 Finding {
                     kind: Kind::Growth,
-                    severity: if count >= 1000 { Severity::Critical } else { Severity::Warning },
-                    pid,
+                    severity: severity(count >= 1000),
+                    pid: Some(pid),
                     message: format!(
-                        "{comm}({pid}) went from {start} to {count} connections {where_} in {} ({rate:.1}/min) and kept {:.0}% of those it had{}",
+                        "{comm}({pid}) went from {start} to {count} connections {where_} in {} \
+                         ({rate:.1}/min) and kept {:.0}% of those it had{}",
                         human(elapsed.as_secs()),
                         retained * 100.0,
                         mirror_note(j, members.get(key).unwrap_or(&no_members))
                     ),
                     comm,
                     remote,
+                    service: service_of(&target),
                     count: count as usize,
                     remediation: None,
                     netns: Some(j.sample.netns_ref(netns)),
-                    detail: Detail::Growth { rate_per_min: (rate * 10.0).round() / 10.0, retained: (retained * 1000.0).round() / 1000.0 },
+                    detail: Detail::Growth {
+                        rate_per_min: (rate * 10.0).round() / 10.0,
+                        retained: (retained * 1000.0).round() / 1000.0,
+                    },
                 },
                 None,
             ));

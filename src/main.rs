@@ -1,5 +1,6 @@
-//! The `shimcheck` binary: parse the command line, run the pipeline, map the outcome to an
-//! exit status (0 no finding, 1 at least one finding, 2 usage or runtime error). A closed stdout (`| head`) ends quietly.
+//! The `shimcheck` binary: parse the command line, run the command, map the outcome to an
+//! exit status (0 no finding, 1 at least one finding, 2 usage or runtime error). A closed
+//! stdout (`| head`) ends quietly.
 
 use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;
@@ -15,6 +16,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Ports(args) => shimcheck::run_ports(args, &mut out, &mut err),
         Command::Snapshot(args) => shimcheck::run_snapshot(args, &mut out, &mut err),
+        Command::Serve(args) => shimcheck::serve::run(args, &mut err),
     };
     match result {
         Ok(0) => ExitCode::SUCCESS,

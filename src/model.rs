@@ -1,5 +1,7 @@
 //! Stage 0, the vocabulary: what the collector produces (`Socket`), what the /proc scan
-//! produces (`Process`), and the TCP state names every later stage speaks.
+//! produces (`Process`, `Place`, `FdUse`), what one look at the node holds (`Sample`), what
+//! an operator must be told to trust it (`Warning`), and the TCP state names every later stage
+//! speaks.
 //!
 //! Nothing here touches the OS; every type is plain data.
 
@@ -242,15 +244,12 @@ pub struct Process {
     /// `/proc/PID/cmdline`, arguments joined by spaces; untrusted too.
     pub cmdline: String,
     pub uid: Option<u32>,
-    /// The systemd unit of a host process (`image-cri-shim.service`).
-    #[serde(default)]
-    pub unit: Option<String>,
+    /// Where it runs: its pod, or its systemd unit (`image-cri-shim.service`).
+    #[serde(flatten)]
+    pub place: Place,
     /// The container id of a container process.
     #[serde(default)]
     pub container_id: Option<String>,
-    /// The pod of a container process, named from the kubelet's log directories.
-    #[serde(default)]
-    pub pod: Option<PodRef>,
 }
 
 impl Process {
@@ -261,9 +260,8 @@ impl Process {
             comm: "?".into(),
             cmdline: String::new(),
             uid: None,
-            unit: None,
+            place: Place::default(),
             container_id: None,
-            pod: None,
         }
     }
 }
@@ -329,12 +327,31 @@ impl ScanStats {
     }
 }
 
+/// Share of RLIMIT_NOFILE a process may hold before it is flagged.
+pub const FD_LIMIT_SHARE: f64 = 0.8;
+/// Share of RLIMIT_NOFILE from which a process is described (named) in a sample: findings
+/// and `serve`'s fd metrics name the processes at half their limit or more.
+pub const FD_NAMED_SHARE: f64 = 0.5;
+
 /// A process's open files against its limit, for the fd-limit finding.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FdUse {
     pub open: u64,
     /// The RLIMIT_NOFILE soft limit; `None` when unlimited or unreadable.
     pub limit: Option<u64>,
+}
+
+impl FdUse {
+    /// True when the process holds at least `share` of a (finite, non-zero) limit.
+    pub fn at_least(&self, share: f64) -> bool {
+        self.limit
+            .is_some_and(|l| l > 0 && self.open as f64 >= share * l as f64)
+    }
+
+    /// True at `FD_LIMIT_SHARE` of the limit or more: the fd-limit finding's rule.
+    pub fn near_limit(&self) -> bool {
+        self.at_least(FD_LIMIT_SHARE)
+    }
 }
 
 /// Facts about the node the detector needs besides its sockets.
@@ -358,21 +375,123 @@ pub struct Sample {
     pub scan: ScanStats,
     pub host: HostFacts,
     /// Things the operator must know to trust the numbers (a collector fallback ...).
-    pub warnings: Vec<String>,
+    pub warnings: Vec<Warning>,
     /// The namespace shimcheck ran in: its sockets' keys need no namespace suffix.
     pub own_netns: u64,
     /// Names of the namespaces seen, by inode.
     pub netns_names: BTreeMap<u64, String>,
     /// Where the cgroups of sockets no visible process holds put them (pod or unit), by
     /// cgroup id: how those sockets are still named.
-    pub cgroup_places: BTreeMap<u64, CgroupPlace>,
+    pub cgroup_places: BTreeMap<u64, Place>,
 }
 
-/// A cgroup named the way operators name owners.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CgroupPlace {
+/// Where a process (or the cgroup that created a socket) lives, the way operators name it: its
+/// pod, or for a host process its systemd unit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Place {
+    /// The pod of a container process, named from the kubelet's log directories.
+    #[serde(default)]
     pub pod: Option<PodRef>,
+    /// The systemd unit of a host process (`image-cri-shim.service`).
+    #[serde(default)]
     pub unit: Option<String>,
+}
+
+/// Something the operator must know to trust the numbers. `Display` is the sentence, the same
+/// on stderr (`shimcheck: warning: ...`, escaped by `render::print_warnings`) and in JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Warning {
+    /// sock_diag could not be opened: sockets come from `/proc/net/tcp{,6}`.
+    CollectorFallback {
+        error: String,
+        proc_root: String,
+        /// `--all-netns` was asked for: only shimcheck's own namespace is counted.
+        all_netns: bool,
+    },
+    /// Processes whose network namespace could not be looked at (not root).
+    NetnsHidden { processes: usize },
+    /// Namespaces that could not be entered or dumped.
+    NetnsNotDumped {
+        failed: usize,
+        total: usize,
+        first_inode: u64,
+        first_error: String,
+    },
+    /// Processes whose fd table may not be read: their sockets are unattributed.
+    OwnersDenied { processes: usize },
+    /// Processes whose fd table failed for another reason.
+    OwnersUnreadable { processes: usize, first: String },
+    /// A warning read back from a snapshot, as it was worded when the snapshot was taken.
+    Recorded(String),
+}
+
+fn processes(n: usize) -> String {
+    if n == 1 {
+        "1 process".to_string()
+    } else {
+        format!("{n} processes")
+    }
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Warning::CollectorFallback {
+                error,
+                proc_root,
+                all_netns,
+            } => {
+                write!(
+                    f,
+                    "{error}; falling back to {proc_root}/net/tcp and tcp6: slower, no socket \
+                     cookies or idle times, and states are filtered after reading"
+                )?;
+                if *all_netns {
+                    f.write_str(
+                        "; --all-netns needs sock_diag: only shimcheck's own network namespace \
+                         is counted",
+                    )?;
+                }
+                Ok(())
+            }
+            Warning::NetnsHidden { processes } => write!(
+                f,
+                "cannot see which network namespace {processes} processes are in (permission \
+                 denied): namespaces only they use are not counted; run as root to see every \
+                 namespace"
+            ),
+            Warning::NetnsNotDumped {
+                failed,
+                total,
+                first_inode,
+                first_error,
+            } => write!(
+                f,
+                "cannot dump {failed} of {total} network namespaces (first: \
+                 net:[{first_inode}]: {first_error}): their sockets are not counted; run as root \
+                 to see every namespace"
+            ),
+            Warning::OwnersDenied { processes: n } => write!(
+                f,
+                "cannot read the open files of {} (permission denied): the sockets they hold are \
+                 counted as unattributed; run as root (sudo) to see every owner",
+                processes(*n)
+            ),
+            Warning::OwnersUnreadable { processes: n, first } => write!(
+                f,
+                "cannot read the open files of {} ({first}): the sockets they hold are counted \
+                 as unattributed",
+                processes(*n)
+            ),
+            Warning::Recorded(text) => f.write_str(text),
+        }
+    }
+}
+
+impl Serialize for Warning {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 impl Sample {

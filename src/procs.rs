@@ -21,8 +21,8 @@ use rustix::io::Errno;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::cgroup::{self, PodDirectory, PodRef};
-use crate::model::{FdUse, OwnerIndex, Process, ScanStats, Socket};
+use crate::cgroup::{self, Placement, PodDirectory, PodRef};
+use crate::model::{FD_NAMED_SHARE, FdUse, OwnerIndex, Place, Process, ScanStats, Socket};
 
 /// Where the kubelet keeps one log directory per pod, named `<namespace>_<name>_<uid>`.
 pub const DEFAULT_PODS_DIR: &str = "/var/log/pods";
@@ -178,16 +178,22 @@ impl ProcScanner {
             .cgroups()
             .map(|g| cgroup::placement(&g.0))
             .unwrap_or_default();
-        let pod = placement.pod_uid.as_deref().and_then(|uid| self.pod(uid));
         Some(Process {
             pid,
             comm,
             cmdline,
             uid: p.uid().ok(),
-            unit: placement.unit,
+            place: self.place(&placement),
             container_id: placement.container_id,
-            pod,
         })
+    }
+
+    /// A cgroup placement named as operators name it: the pod its uid stands for, or its unit.
+    pub fn place(&self, placement: &Placement) -> Place {
+        Place {
+            pod: placement.pod_uid.as_deref().and_then(|uid| self.pod(uid)),
+            unit: placement.unit.clone(),
+        }
     }
 
     /// The pod with this uid; the directory is read again once when the uid is new to it.
@@ -322,6 +328,19 @@ pub struct OwnerCache {
     since_full: Option<u32>,
 }
 
+/// The owner map after a refresh.
+#[derive(Debug, Clone)]
+pub struct Refreshed {
+    /// Owners of the sockets passed in, with the details of their holders and of every
+    /// process at half its fd limit or more.
+    pub owners: OwnerIndex,
+    /// The latest full scan's statistics.
+    pub stats: ScanStats,
+    /// Every live process's fd use.
+    pub fds: BTreeMap<u32, FdUse>,
+    pub cost: RefreshCost,
+}
+
 /// What one incremental refresh cost, for the benchmark and the tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RefreshCost {
@@ -337,14 +356,13 @@ impl OwnerCache {
         OwnerCache::default()
     }
 
-    /// Brings the map up to date with `sockets` and returns the owner index for them, the
-    /// latest scan statistics and every process's fd use.
+    /// Brings the map up to date with `sockets`.
     pub fn refresh(
         &mut self,
         scanner: &ProcScanner,
         sockets: &[Socket],
         threads: usize,
-    ) -> Result<(OwnerIndex, ScanStats, BTreeMap<u32, FdUse>, RefreshCost), std::io::Error> {
+    ) -> Result<Refreshed, std::io::Error> {
         let current: FxHashSet<u64> = sockets
             .iter()
             .map(|s| s.inode)
@@ -460,7 +478,7 @@ impl OwnerCache {
         wanted.extend(
             self.fds
                 .iter()
-                .filter(|(_, f)| f.limit.is_some_and(|l| f.open * 5 >= l * 4))
+                .filter(|(_, f)| f.at_least(FD_NAMED_SHARE))
                 .map(|(p, _)| *p),
         );
         wanted.sort_unstable();
@@ -478,7 +496,11 @@ impl OwnerCache {
             };
             index.processes.insert(pid, p);
         }
-        let fds = self.fds.iter().map(|(&p, &f)| (p, f)).collect();
-        Ok((index, self.stats.clone(), fds, cost))
+        Ok(Refreshed {
+            owners: index,
+            stats: self.stats.clone(),
+            fds: self.fds.iter().map(|(&p, &f)| (p, f)).collect(),
+            cost,
+        })
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{CgroupPlace, HostFacts, OwnerIndex, Process, Sample, ScanStats, Socket};
+use crate::model::{HostFacts, OwnerIndex, Place, Process, Sample, ScanStats, Socket, Warning};
 
 /// The snapshot schema version this module reads and writes.
 pub const SNAPSHOT_SCHEMA_VERSION: u32 = 1;
@@ -38,7 +38,7 @@ struct SnapshotDoc {
     #[serde(default)]
     netns_names: BTreeMap<u64, String>,
     #[serde(default)]
-    cgroup_places: BTreeMap<u64, CgroupPlace>,
+    cgroup_places: BTreeMap<u64, Place>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -80,13 +80,20 @@ pub fn write(sample: &Sample, out: &mut dyn Write) -> io::Result<()> {
             })
             .collect(),
         scan: sample.scan.clone(),
-        warnings: sample.warnings.clone(),
+        warnings: sample.warnings.iter().map(ToString::to_string).collect(),
         own_netns: sample.own_netns,
         netns_names: sample.netns_names.clone(),
         cgroup_places: sample.cgroup_places.clone(),
     };
     serde_json::to_writer(&mut *out, &doc)?;
     out.write_all(b"\n")
+}
+
+/// Writes `sample` to `path` whole or not at all: into a temporary file beside it, flushed
+/// and synced, then renamed over it, so a full disk or a signal never leaves a truncated
+/// snapshot where the previous one was.
+pub fn write_file(sample: &Sample, path: &Path) -> anyhow::Result<()> {
+    crate::atomic::replace(path, |w| write(sample, w))
 }
 
 /// Reads a snapshot file back into the sample it was taken from.
@@ -117,7 +124,7 @@ pub fn read(path: &Path) -> anyhow::Result<Sample> {
         owners: OwnerIndex::from_pairs(pairs, processes),
         scan: doc.scan,
         host: doc.host,
-        warnings: doc.warnings,
+        warnings: doc.warnings.into_iter().map(Warning::Recorded).collect(),
         own_netns: doc.own_netns,
         netns_names: doc.netns_names,
         cgroup_places: doc.cgroup_places,

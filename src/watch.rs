@@ -9,67 +9,25 @@
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
 use crate::aggregate::{self, GroupCounts, Report};
 use crate::cli::{Output, PortsArgs};
-use crate::collect::{self, SocketSource};
 use crate::detect::{self, History, MIN_RISES};
-use crate::join::{Joined, Topology};
-use crate::model::{HostFacts, Sample, StateSet};
-use crate::procs::{OwnerCache, ProcScanner};
+use crate::join::Joined;
+use crate::model::Warning;
 use crate::render;
+use crate::sample::{Mode, Sampler, Taken};
 
 /// How often the sleep between samples checks for Ctrl-C.
 const TICK: Duration = Duration::from_millis(50);
 
-/// Takes one watch sample: the dump, then the owner map brought up to date.
-pub fn sample(
-    source: &mut (dyn SocketSource + Send),
-    scanner: &ProcScanner,
-    cache: &mut OwnerCache,
-    states: StateSet,
-    all_netns: bool,
-) -> anyhow::Result<(Sample, Topology)> {
-    let taken_at = SystemTime::now();
-    let own = collect::netns::own(scanner.root()).unwrap_or(0);
-    let dumped = crate::dump_sockets(source, scanner, states, all_netns, own).map_err(|e| {
-        let hint = e.hint();
-        anyhow::Error::new(e).context(format!("cannot list TCP sockets ({hint})"))
-    })?;
-    let topology = Topology::new(&dumped.sockets);
-    let (owners, scan, fds, _) = cache
-        .refresh(scanner, &dumped.sockets, crate::scan_threads())
-        .with_context(|| format!("cannot list processes in {}", scanner.root().display()))?;
-    let sample = Sample {
-        taken_at,
-        hostname: crate::hostname(),
-        cgroup_places: crate::cgroup_places(
-            scanner,
-            std::path::Path::new(crate::SYS_FS_CGROUP),
-            &dumped.sockets,
-            &owners,
-        ),
-        netns_names: crate::name_namespaces(scanner, own, &dumped.targets),
-        sockets: dumped.sockets,
-        owners,
-        scan,
-        host: HostFacts {
-            port_range: scanner.port_range(),
-            fds,
-        },
-        warnings: dumped.warnings,
-        own_netns: own,
-    };
-    Ok((sample, topology))
-}
-
 /// Runs the loop; returns the number of findings in the last sample.
 pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<usize> {
-    let query = crate::ports_query(args)?;
-    let cfg = crate::detect_config(args);
+    let query = args.query()?;
+    let cfg = args.detect_config();
     let interval: Duration = args.interval.into();
     if interval.is_zero() {
         bail!("--interval must be longer than 0 (try 500ms, 5s or 1m)");
@@ -79,29 +37,18 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
         .context("cannot install the Ctrl-C handler")?;
 
-    let (mut source, fallback) = collect::open_default(&args.node.proc_root);
-    if let Some(f) = &fallback {
-        writeln!(err, "shimcheck: warning: {f}")?;
-    }
-    let scanner = ProcScanner::with_pods(&args.node.proc_root, &args.node.pods_dir);
-    let mut cache = OwnerCache::new();
+    let mut sampler = Sampler::open(&args.node, Mode::Incremental);
     let mut history = History::new(cfg.window, MIN_RISES);
     let redraw = args.output == Output::Table && std::io::stdout().is_terminal();
     let mut first: Option<GroupCounts> = None;
     let mut previous: Option<GroupCounts> = None;
-    let mut warned: Vec<String> = Vec::new();
+    let mut warned: Vec<Warning> = Vec::new();
     let started = Instant::now();
     let mut n = 0u64;
     let last = loop {
         n += 1;
         let tick = Instant::now();
-        let (sample, topology) = sample(
-            source.as_mut(),
-            &scanner,
-            &mut cache,
-            query.states,
-            args.node.all_netns,
-        )?;
+        let Taken { sample, topology } = sampler.sample(query.states)?;
         let joined = Joined::with_topology(&sample, topology);
         history.observe(&joined);
         let (mut report, counts) = aggregate::aggregate_with_counts(&joined, &query);
@@ -112,12 +59,15 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
         report.sample = Some(n);
         report.elapsed_s = Some((started.elapsed().as_secs_f64() * 10.0).round() / 10.0);
         report.findings = detect::findings(&joined, Some(&history), &cfg);
-        for w in &report.warnings {
-            if !warned.contains(w) {
-                writeln!(err, "shimcheck: warning: {}", render::escape_control(w))?;
-                warned.push(w.clone());
-            }
-        }
+        // Each warning once per watch, however many samples repeat it.
+        let new: Vec<Warning> = report
+            .warnings
+            .iter()
+            .filter(|w| !warned.contains(w))
+            .cloned()
+            .collect();
+        render::print_warnings(err, &new)?;
+        warned.extend(new);
         match args.output {
             Output::Json => {
                 serde_json::to_writer(&mut *out, &report)?;

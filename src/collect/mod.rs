@@ -1,8 +1,10 @@
 //! Stage 1, collector: the node's TCP sockets, like `ss -tan`.
 //!
-//! Input: the set of states to show. Output: `Vec<Socket>`. The `SocketSource` trait is the
-//! seam: `netlink` asks the kernel over NETLINK_SOCK_DIAG (filtered in the kernel, with
-//! tcp_info and cookies); `procnet` reads /proc/net/tcp{,6} when sock_diag cannot be opened;
+//! Input: the set of states to show. Output: a `Dump` (sockets, the namespaces they came from,
+//! warnings). The `SocketSource` trait is the seam, and `open` the one place a source is
+//! chosen: `netlink` asks the kernel over NETLINK_SOCK_DIAG (filtered in the kernel, with
+//! tcp_info and cookies); `netns::AllNetns` does that in every network namespace
+//! (`--all-netns`); `procnet` reads /proc/net/tcp{,6} when sock_diag cannot be opened;
 //! `decode` is the pure byte decoder both the transport and the fixture tests use.
 
 pub mod decode;
@@ -13,7 +15,7 @@ pub mod procnet;
 use std::io;
 use std::path::Path;
 
-use crate::model::{Socket, StateSet};
+use crate::model::{Socket, StateSet, Warning};
 
 /// Why a socket dump failed. Each variant says what to do about it in `hint`.
 #[derive(Debug, thiserror::Error)]
@@ -53,34 +55,64 @@ impl CollectError {
     }
 }
 
-/// Where sockets come from. Implementations: the kernel (`netlink::NetlinkSource`) and the
-/// /proc/net text tables (`procnet::ProcNetSource`).
+/// What one dump found.
+#[derive(Debug, Default)]
+pub struct Dump {
+    /// The sockets; `netns` is 0 where the source dumped only the namespace it runs in.
+    pub sockets: Vec<Socket>,
+    /// The namespaces dumped (`--all-netns`; empty for a single-namespace source).
+    pub namespaces: Vec<netns::Target>,
+    /// What the operator must know about this dump (namespaces that could not be entered).
+    pub warnings: Vec<Warning>,
+}
+
+/// Where sockets come from. Implementations: the kernel (`netlink::NetlinkSource`), the
+/// kernel in every namespace (`netns::AllNetns`) and the /proc/net text tables
+/// (`procnet::ProcNetSource`).
 pub trait SocketSource {
     /// A short name for messages: "sock_diag" or "/proc/net/tcp".
     fn name(&self) -> &'static str;
     /// Every TCP socket (IPv4 and IPv6) in one of `states`.
     fn sockets(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError>;
+    /// The sockets with what else the dump learned; a single-namespace source has only sockets.
+    fn dump(&mut self, states: StateSet) -> Result<Dump, CollectError> {
+        Ok(Dump {
+            sockets: self.sockets(states)?,
+            ..Dump::default()
+        })
+    }
 }
 
-/// The best source this host allows: sock_diag, else /proc/net/tcp{,6} with a warning saying
-/// what was lost.
-pub fn open_default(proc_root: &Path) -> (Box<dyn SocketSource + Send>, Option<String>) {
-    choose_source(netlink::NetlinkSource::open(), proc_root)
+/// The best source this host allows for one namespace or, with `all_netns`, every namespace
+/// (dumped on `threads` worker threads): sock_diag, else /proc/net/tcp{,6} of shimcheck's own
+/// namespace with a warning saying what was lost.
+pub fn open(
+    proc_root: &Path,
+    all_netns: bool,
+    threads: usize,
+) -> (Box<dyn SocketSource + Send>, Option<Warning>) {
+    choose_source(netlink::NetlinkSource::open(), proc_root, all_netns, threads)
 }
 
 fn choose_source(
     netlink: Result<netlink::NetlinkSource, CollectError>,
     proc_root: &Path,
-) -> (Box<dyn SocketSource + Send>, Option<String>) {
+    all_netns: bool,
+    threads: usize,
+) -> (Box<dyn SocketSource + Send>, Option<Warning>) {
     match netlink {
+        Ok(src) if all_netns => (
+            Box::new(netns::AllNetns::new(src, proc_root, threads)),
+            None,
+        ),
         Ok(src) => (Box::new(src), None),
         Err(e) => (
             Box::new(procnet::ProcNetSource::new(proc_root)),
-            Some(format!(
-                "{e}; falling back to {}/net/tcp and tcp6: slower, no socket cookies or idle \
-                 times, and states are filtered after reading",
-                proc_root.display()
-            )),
+            Some(Warning::CollectorFallback {
+                error: e.to_string(),
+                proc_root: proc_root.display().to_string(),
+                all_netns,
+            }),
         ),
     }
 }
@@ -94,15 +126,29 @@ mod tests {
         let denied = Err(CollectError::Open(io::Error::from_raw_os_error(
             libc_eacces(),
         )));
-        let (src, warning) = choose_source(denied, Path::new("/proc"));
+        let (src, warning) = choose_source(denied, Path::new("/proc"), false, 1);
         assert_eq!(src.name(), "/proc/net/tcp");
-        let warning = warning.unwrap();
+        let warning = warning.unwrap().to_string();
         assert!(
             warning.contains("cannot open a NETLINK_SOCK_DIAG socket"),
             "{warning}"
         );
         assert!(
             warning.contains("falling back to /proc/net/tcp"),
+            "{warning}"
+        );
+    }
+
+    #[test]
+    fn all_netns_without_sock_diag_says_only_one_namespace_is_counted() {
+        let denied = Err(CollectError::Open(io::Error::from_raw_os_error(
+            libc_eacces(),
+        )));
+        let (src, warning) = choose_source(denied, Path::new("/proc"), true, 1);
+        assert_eq!(src.name(), "/proc/net/tcp");
+        let warning = warning.unwrap().to_string();
+        assert!(
+            warning.contains("only shimcheck's own network namespace is counted"),
             "{warning}"
         );
     }

@@ -2,8 +2,9 @@
 //! through /proc/*/ns/net (and `ip netns` mounts in /run/netns), enter each on a worker thread
 //! (`setns` is per thread) and dump there; tag every socket with its namespace inode.
 //!
-//! Input: a procfs root and a `StateSet`. Output: tagged sockets, the namespaces' names where
-//! known (`host`, an `ip netns` name), and warnings for namespaces that could not be entered.
+//! `AllNetns` is the `SocketSource` for `--all-netns`. Input: a procfs root and a `StateSet`.
+//! Output: a `Dump` of tagged sockets, the namespaces dumped, and warnings for namespaces that
+//! could not be looked at or entered.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,8 +15,8 @@ use rustix::fs::{Mode, OFlags};
 use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 
 use super::netlink::NetlinkSource;
-use super::{CollectError, SocketSource};
-use crate::model::{Socket, StateSet};
+use super::{CollectError, Dump, SocketSource};
+use crate::model::{Socket, StateSet, Warning};
 
 /// Where `ip netns add NAME` mounts its namespaces.
 pub const IP_NETNS_DIR: &str = "/run/netns";
@@ -86,17 +87,79 @@ pub fn ip_netns(dir: &Path) -> BTreeMap<u64, String> {
         .collect()
 }
 
+/// Every network namespace on the node, as one `SocketSource`.
+pub struct AllNetns {
+    /// A socket in shimcheck's own namespace, which needs no `setns`.
+    own: NetlinkSource,
+    proc_root: PathBuf,
+    ip_netns_dir: PathBuf,
+    threads: usize,
+}
+
+impl AllNetns {
+    /// Dumps the namespaces of the processes under `proc_root` and those `ip netns` names,
+    /// on up to `threads` worker threads; `own` is a sock_diag socket of this namespace.
+    pub fn new(own: NetlinkSource, proc_root: &Path, threads: usize) -> AllNetns {
+        AllNetns {
+            own,
+            proc_root: proc_root.to_path_buf(),
+            ip_netns_dir: PathBuf::from(IP_NETNS_DIR),
+            threads,
+        }
+    }
+}
+
+impl SocketSource for AllNetns {
+    fn name(&self) -> &'static str {
+        "sock_diag in every network namespace"
+    }
+
+    fn sockets(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError> {
+        self.dump(states).map(|d| d.sockets)
+    }
+
+    fn dump(&mut self, states: StateSet) -> Result<Dump, CollectError> {
+        let pids = list_pids(&self.proc_root);
+        let (targets, denied) = discover(&self.proc_root, &pids, &self.ip_netns_dir);
+        let own_inode = own(&self.proc_root).unwrap_or(0);
+        let (sockets, mut warnings) =
+            dump_all(&mut self.own, &targets, own_inode, states, self.threads);
+        if denied > 0 {
+            warnings.push(Warning::NetnsHidden { processes: denied });
+        }
+        Ok(Dump {
+            sockets,
+            namespaces: targets,
+            warnings,
+        })
+    }
+}
+
+/// The numeric entries of a procfs root; none when it cannot be listed (the owner scan, which
+/// reads the same directory, reports that).
+fn list_pids(proc_root: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
 /// The sockets of every target. Shimcheck's own namespace (`own_inode`) is dumped on the
-/// calling thread without `setns` (any user may); every other one on fresh worker threads
-/// (`threads` of them, each entering namespace after namespace, then ending, so no thread is
-/// left in a foreign namespace). Sockets carry their namespace's inode; a namespace that cannot
-/// be entered (not root, or gone) is named in the returned warnings and left out.
-pub fn dump_all(
+/// calling thread through `own_source`, without `setns` (any user may); every other one on
+/// fresh worker threads (`threads` of them, each entering namespace after namespace, then
+/// ending, so no thread is left in a foreign namespace). Sockets carry their namespace's
+/// inode; a namespace that cannot be entered (not root, or gone) is counted in the returned
+/// warning and left out.
+fn dump_all(
+    own_source: &mut NetlinkSource,
     targets: &[Target],
     own_inode: u64,
     states: StateSet,
     threads: usize,
-) -> (Vec<Socket>, Vec<String>) {
+) -> (Vec<Socket>, Vec<Warning>) {
     let failures: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
     let fail = |inode: u64, e: String| {
         if let Ok(mut f) = failures.lock() {
@@ -111,7 +174,7 @@ pub fn dump_all(
         targets.iter().partition(|t| t.inode == own_inode);
     let mut all = Vec::new();
     for t in own {
-        match NetlinkSource::open().and_then(|mut src| src.sockets(states)) {
+        match own_source.sockets(states) {
             Ok(sockets) => all.extend(tag(sockets, t.inode)),
             Err(e) => fail(t.inode, e.to_string()),
         }
@@ -141,12 +204,12 @@ pub fn dump_all(
     let failures = failures.into_inner().unwrap_or_default();
     let mut warnings = Vec::new();
     if let Some((inode, first)) = failures.first() {
-        warnings.push(format!(
-            "cannot dump {} of {} network namespaces (first: net:[{inode}]: {first}): their \
-             sockets are not counted; run as root to see every namespace",
-            failures.len(),
-            targets.len()
-        ));
+        warnings.push(Warning::NetnsNotDumped {
+            failed: failures.len(),
+            total: targets.len(),
+            first_inode: *inode,
+            first_error: first.clone(),
+        });
     }
     (all, warnings)
 }

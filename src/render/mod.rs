@@ -1,11 +1,28 @@
 //! Stage 5, render: a `Report` → bytes on a `Write`, as a table for people (`table`) or JSON
-//! for scripts (`json`). Renderers never print directly, so tests render into a `Vec<u8>`.
+//! for scripts (`json`), and warnings for stderr. Renderers never print directly, so tests
+//! render into a `Vec<u8>`.
 
 pub mod json;
+pub mod metrics;
 pub mod table;
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::io;
+
+use crate::model::Warning;
+
+/// Writes each warning as `shimcheck: warning: SENTENCE`, escaped: the one place warnings are
+/// printed.
+pub fn print_warnings<'a>(
+    err: &mut dyn io::Write,
+    warnings: impl IntoIterator<Item = &'a Warning>,
+) -> io::Result<()> {
+    for w in warnings {
+        writeln!(err, "shimcheck: warning: {}", escape_control(&w.to_string()))?;
+    }
+    Ok(())
+}
 
 /// Makes a string from the host safe for a terminal: control characters (C0, DEL, C1) become
 /// `\x1b`-style escapes, so a process named with escape codes cannot repaint the screen.

@@ -12,6 +12,21 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+/// Whether a live test can run here: true as root. Otherwise the test must return at once:
+/// outside CI this says on stderr that it was skipped and why; under CI (`CI` set) a live test
+/// that cannot run is a failure, not a skip.
+pub fn live(test: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: this live test needs root (it makes network namespaces) and CI must run it"
+    );
+    eprintln!("skipped {test}: needs root to make network namespaces (run `sudo cargo test`)");
+    false
+}
+
 /// Live tests make network namespaces; say so plainly instead of failing obscurely.
 pub fn require_root() {
     let euid = rustix::process::geteuid();

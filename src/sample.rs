@@ -1,0 +1,278 @@
+//! The sampler: the one way every command looks at the node. It owns the socket source
+//! (stage 1), the /proc scanner (stage 2) and, for loops, the incremental owner cache, and
+//! turns them into a `Sample` plus the `Topology` computed beside the dump.
+//!
+//! Input: where to look (`NodeArgs`) and which states to show. Output: `Taken` (a `Sample`
+//! and its `Topology`). One-shot commands (`ports`, `snapshot`) run the dump beside a full fd
+//! scan; loops (`--watch`, `serve`) dump, then bring the owner cache up to date, reading only
+//! what is new. Everything after this stage is pure.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::{Context, anyhow};
+
+use crate::cgroup;
+use crate::cli::NodeArgs;
+use crate::collect::{self, CollectError, Dump, SocketSource};
+use crate::join::Topology;
+use crate::model::{
+    FD_NAMED_SHARE, FdUse, HostFacts, OwnerIndex, Place, Sample, ScanStats, Socket, StateSet,
+    TcpState, Warning,
+};
+use crate::procs::{OwnerCache, ProcScanner};
+
+/// States always dumped, whatever `--state` shows: LISTEN tells server ports from client
+/// ports; ESTABLISHED and CLOSE_WAIT are what the detector looks at.
+pub const DETECT_STATES: [TcpState; 3] =
+    [TcpState::Listen, TcpState::Established, TcpState::CloseWait];
+
+/// Where cgroup v2 is mounted on a Linux host.
+pub const SYS_FS_CGROUP: &str = "/sys/fs/cgroup";
+
+/// How owners are found from one sample to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Every fd table read beside the dump: the fastest single look.
+    OneShot,
+    /// Owners kept between samples; a sample reads only the fd tables that can hold its new
+    /// sockets (`procs::OwnerCache`).
+    Incremental,
+}
+
+/// One sample and the peer topology computed from its sockets.
+pub struct Taken {
+    pub sample: Sample,
+    pub topology: Topology,
+}
+
+/// The socket source, the /proc scanner and (incremental mode) the owner cache.
+pub struct Sampler {
+    source: Box<dyn SocketSource + Send>,
+    scanner: ProcScanner,
+    cache: Option<OwnerCache>,
+    /// Said when the source was opened (a fallback); part of every sample's warnings.
+    opened: Option<Warning>,
+    sys_fs_cgroup: PathBuf,
+    threads: usize,
+}
+
+impl Sampler {
+    /// Opens the best source the host allows for `node` (sock_diag, every namespace with
+    /// `--all-netns`, else /proc/net with a warning) and a scanner of `node.proc_root`.
+    pub fn open(node: &NodeArgs, mode: Mode) -> Sampler {
+        let threads = worker_threads();
+        let (source, opened) = collect::open(&node.proc_root, node.all_netns, threads);
+        let mut sampler = Sampler::with_source(
+            source,
+            ProcScanner::with_pods(&node.proc_root, &node.pods_dir),
+            mode,
+        );
+        sampler.opened = opened;
+        sampler
+    }
+
+    /// A sampler over a given source and scanner (fixtures, fakes).
+    pub fn with_source(
+        source: Box<dyn SocketSource + Send>,
+        scanner: ProcScanner,
+        mode: Mode,
+    ) -> Sampler {
+        Sampler {
+            source,
+            scanner,
+            cache: (mode == Mode::Incremental).then(OwnerCache::new),
+            opened: None,
+            sys_fs_cgroup: PathBuf::from(SYS_FS_CGROUP),
+            threads: worker_threads(),
+        }
+    }
+
+    /// What opening the source had to say (a fallback), for a loop to print before its first
+    /// sample.
+    pub fn opened(&self) -> Option<&Warning> {
+        self.opened.as_ref()
+    }
+
+    /// Takes one sample of `states` (plus `DETECT_STATES`, always dumped).
+    pub fn sample(&mut self, states: StateSet) -> anyhow::Result<Taken> {
+        let taken_at = SystemTime::now();
+        let dump_states = states.union(DETECT_STATES.into_iter().collect());
+        let own = collect::netns::own(self.scanner.root()).unwrap_or(0);
+        let source = &mut self.source;
+        let scanner = &self.scanner;
+        let (dump, topology, found) = match &mut self.cache {
+            None => {
+                let (dumped, scan) = std::thread::scope(|s| {
+                    let dump = s.spawn(|| {
+                        dump_tagged(source.as_mut(), dump_states, own).map(|d| {
+                            let topology = Topology::new(&d.sockets);
+                            (d, topology)
+                        })
+                    });
+                    let scan = scanner.socket_fds(self.threads);
+                    (dump.join(), scan)
+                });
+                let (dump, topology) = dumped
+                    .map_err(|_| anyhow!("the socket collector thread panicked"))?
+                    .map_err(collect_failed)?;
+                let scan = scan.with_context(|| proc_failed(scanner.root()))?;
+                // Processes at half their fd limit or more get a name too: a finding or a metric may be
+                // about them.
+                let near_limit: Vec<u32> = scan
+                    .fds
+                    .iter()
+                    .filter(|(_, f)| f.at_least(FD_NAMED_SHARE))
+                    .map(|(pid, _)| *pid)
+                    .collect();
+                let owners = scanner.index(
+                    scan.pairs,
+                    dump.sockets.iter().map(|s| s.inode),
+                    near_limit.into_iter(),
+                );
+                let found = Found {
+                    owners,
+                    stats: scan.stats,
+                    fds: scan.fds.into_iter().collect(),
+                };
+                (dump, topology, found)
+            }
+            Some(cache) => {
+                let dump = dump_tagged(source.as_mut(), dump_states, own).map_err(collect_failed)?;
+                let topology = Topology::new(&dump.sockets);
+                let r = cache
+                    .refresh(scanner, &dump.sockets, self.threads)
+                    .with_context(|| proc_failed(scanner.root()))?;
+                let found = Found {
+                    owners: r.owners,
+                    stats: r.stats,
+                    fds: r.fds,
+                };
+                (dump, topology, found)
+            }
+        };
+        let mut warnings: Vec<Warning> = self.opened.iter().cloned().collect();
+        warnings.extend(dump.warnings);
+        let sample = Sample {
+            taken_at,
+            hostname: hostname(),
+            cgroup_places: cgroup_places(
+                scanner,
+                &self.sys_fs_cgroup,
+                &dump.sockets,
+                &found.owners,
+            ),
+            netns_names: name_namespaces(scanner, own, &dump.namespaces),
+            sockets: dump.sockets,
+            owners: found.owners,
+            scan: found.stats,
+            host: HostFacts {
+                port_range: scanner.port_range(),
+                fds: found.fds,
+            },
+            warnings,
+            own_netns: own,
+        };
+        Ok(Taken { sample, topology })
+    }
+}
+
+/// The owners side of a sample, however it was found.
+struct Found {
+    owners: OwnerIndex,
+    stats: ScanStats,
+    fds: BTreeMap<u32, FdUse>,
+}
+
+/// One dump, with the sockets of a single-namespace source tagged as shimcheck's own.
+fn dump_tagged(
+    source: &mut (dyn SocketSource + Send),
+    states: StateSet,
+    own: u64,
+) -> Result<Dump, CollectError> {
+    let mut dump = source.dump(states)?;
+    for s in dump.sockets.iter_mut().filter(|s| s.netns == 0) {
+        s.netns = own;
+    }
+    Ok(dump)
+}
+
+fn collect_failed(e: CollectError) -> anyhow::Error {
+    let hint = e.hint();
+    anyhow::Error::new(e).context(format!("cannot list TCP sockets ({hint})"))
+}
+
+fn proc_failed(root: &Path) -> String {
+    format!(
+        "cannot list processes in {} (is procfs mounted there? --proc-root names another)",
+        root.display()
+    )
+}
+
+/// Threads for the fd scan and the namespace sweep: every core, up to 8 (past that /proc's
+/// locks, not CPUs, limit).
+pub fn worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
+/// The node's name, as `hostname` prints it.
+pub fn hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Names the owners of sockets no visible process holds (unprivileged, another pid namespace)
+/// by the cgroup that created them: their pod or systemd unit.
+pub fn cgroup_places(
+    scanner: &ProcScanner,
+    sys_fs_cgroup: &Path,
+    sockets: &[Socket],
+    owners: &OwnerIndex,
+) -> BTreeMap<u64, Place> {
+    let wanted: HashSet<u64> = sockets
+        .iter()
+        .filter(|s| owners.owners(s.inode).is_empty())
+        .filter_map(|s| s.cgroup_id)
+        .collect();
+    if wanted.is_empty() {
+        return BTreeMap::new();
+    }
+    let Some(root) = cgroup::v2_root(sys_fs_cgroup) else {
+        return BTreeMap::new();
+    };
+    cgroup::paths_by_id(&root, &wanted)
+        .into_iter()
+        .map(|(id, path)| (id, scanner.place(&cgroup::placement_of_path(&path))))
+        .collect()
+}
+
+/// Names namespaces as operators know them: `host` (PID 1's, or shimcheck's own where PID 1's
+/// cannot be read), `ip netns` names, and the pod of a process living in one.
+pub fn name_namespaces(
+    scanner: &ProcScanner,
+    own: u64,
+    targets: &[collect::netns::Target],
+) -> BTreeMap<u64, String> {
+    let mut names = BTreeMap::new();
+    let host = collect::netns::inode_of(&scanner.root().join("1/ns/net")).unwrap_or(own);
+    names.insert(host, "host".to_string());
+    for (inode, name) in collect::netns::ip_netns(Path::new(collect::netns::IP_NETNS_DIR)) {
+        names.entry(inode).or_insert(name);
+    }
+    for t in targets {
+        if names.contains_key(&t.inode) {
+            continue;
+        }
+        if let Some(pod) = t
+            .pid
+            .and_then(|pid| scanner.process(pid))
+            .and_then(|p| p.place.pod)
+        {
+            names.insert(t.inode, format!("{}/{}", pod.namespace, pod.name));
+        }
+    }
+    names
+}

@@ -1,0 +1,317 @@
+//! `shimcheck serve`: the always-on loop. It samples on its own `--interval` with the same
+//! sampler and owner cache as `--watch`, runs the detector over its window, and publishes each
+//! sample as Prometheus metrics, the `ports --by pair -o json` report and a health state. An
+//! HTTP server (hyper, on its own thread) answers from the latest publication only, so a
+//! scrape never triggers a sample and a slow or hostile client never delays one;
+//! `--textfile` writes the metrics for node_exporter after every sample.
+//!
+//! Input: `ServeArgs`. Output: HTTP answers, a textfile, errors on stderr. Ends with exit 0 on
+//! SIGTERM or SIGINT.
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{ACCEPT, ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+use crate::aggregate::{self, GroupBy, Query};
+use crate::cli::ServeArgs;
+use crate::detect::{self, History, MIN_RISES};
+use crate::join::Joined;
+use crate::model::{StateSet, TcpState, Warning};
+use crate::render::{self, metrics};
+use crate::sample::{Mode, Sampler, Taken};
+
+/// Failed samples in a row after which /healthz answers 503.
+pub const UNHEALTHY_AFTER: u32 = 3;
+/// Connections served at once; more wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 128;
+/// A client must send a request's headers within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection is closed after this long, however busy: idle keep-alive connections cannot
+/// pile up.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// The largest request head read (headers beyond it get 431).
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// How often the sleep between samples checks for a signal.
+const TICK: Duration = Duration::from_millis(50);
+
+/// What a scrape is answered from: replaced whole after every sample.
+#[derive(Debug, Clone, Default)]
+struct Publication {
+    /// Text format 0.0.4 and OpenMetrics; empty before the first sample.
+    text: Bytes,
+    openmetrics: Bytes,
+    /// The latest report as JSON.
+    report: Bytes,
+    /// A sample is in and sampling has not failed `UNHEALTHY_AFTER` times in a row.
+    healthy: bool,
+    /// Why /healthz says 503.
+    status: String,
+}
+
+type Shared = Arc<RwLock<Arc<Publication>>>;
+
+/// Runs `shimcheck serve` until SIGTERM or SIGINT; returns 0 findings (its exit status is 0:
+/// findings go to Prometheus, not to the exit code).
+pub fn run(args: &ServeArgs, err: &mut dyn Write) -> anyhow::Result<usize> {
+    let interval: Duration = args.interval.into();
+    if interval.is_zero() {
+        bail!("--interval must be longer than 0 (try 15s or 1m)");
+    }
+    if args.max_series == 0 {
+        bail!("--max-series must be at least 1");
+    }
+    let listen = args.listen_addr()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("cannot install the SIGTERM/SIGINT handler")?;
+    let shared: Shared = Arc::new(RwLock::new(Arc::new(Publication {
+        status: "no sample yet".into(),
+        ..Publication::default()
+    })));
+    let server = match listen {
+        Some(addr) => Some(Server::start(addr, Arc::clone(&shared))?),
+        None => None,
+    };
+    let result = sample_loop(args, interval, &shared, &stop, err);
+    if let Some(server) = server {
+        server.stop();
+    }
+    result.map(|()| 0)
+}
+
+/// Samples until `stop`, publishing after every attempt.
+fn sample_loop(
+    args: &ServeArgs,
+    interval: Duration,
+    shared: &Shared,
+    stop: &AtomicBool,
+    err: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let cfg = args.detect_config();
+    let states: StateSet = [TcpState::Established, TcpState::CloseWait]
+        .into_iter()
+        .collect();
+    let query = Query {
+        group_by: GroupBy::Pair,
+        states: [TcpState::Established].into_iter().collect(),
+        port: None,
+        pid: None,
+        process: None,
+        top: None,
+    };
+    let mut sampler = Sampler::open(&args.node, Mode::Incremental);
+    let mut history = History::new(cfg.window, MIN_RISES);
+    let mut health = metrics::SamplerHealth {
+        interval,
+        last_sample: None,
+        samples: 0,
+        errors: 0,
+    };
+    let mut families = metrics::Families::default();
+    let mut report = Bytes::new();
+    let mut failing = 0u32;
+    let mut warned: Vec<Warning> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        let tick = Instant::now();
+        match sampler.sample(states) {
+            Ok(Taken { sample, topology }) => {
+                let joined = Joined::with_topology(&sample, topology);
+                history.observe(&joined);
+                let findings = detect::findings(&joined, Some(&history), &cfg);
+                families = metrics::families(&joined, &findings, &cfg, args.max_series);
+                let mut r = aggregate::aggregate(&joined, &query);
+                r.findings = findings;
+                if !args.report_cmdline {
+                    r.drop_cmdlines();
+                }
+                report = Bytes::from(serde_json::to_vec_pretty(&r)?);
+                let new: Vec<Warning> = r
+                    .warnings
+                    .iter()
+                    .filter(|w| !warned.contains(w))
+                    .cloned()
+                    .collect();
+                render::print_warnings(err, &new)?;
+                warned.extend(new);
+                health.samples += 1;
+                health.last_sample = Some((sample.taken_at, tick.elapsed()));
+                failing = 0;
+            }
+            Err(e) => {
+                health.errors += 1;
+                failing += 1;
+                writeln!(err, "shimcheck: error: sample failed: {e:#}")?;
+            }
+        }
+        let encoded = metrics::encode(&families, &health)
+            .map_err(|_| anyhow::anyhow!("cannot encode the metrics"))?;
+        if let Some(path) = &args.textfile {
+            let written =
+                crate::atomic::replace(path, |w| w.write_all(encoded.text.as_bytes()));
+            if let Err(e) = written {
+                writeln!(err, "shimcheck: error: textfile: {e:#}")?;
+            }
+        }
+        let healthy = health.samples > 0 && failing < UNHEALTHY_AFTER;
+        let status = if health.samples == 0 {
+            "no sample yet".to_string()
+        } else if healthy {
+            "ok".to_string()
+        } else {
+            format!("the last {failing} samples failed (see shimcheck's stderr)")
+        };
+        let publication = Arc::new(Publication {
+            text: Bytes::from(encoded.text),
+            openmetrics: Bytes::from(encoded.openmetrics),
+            report: report.clone(),
+            healthy,
+            status,
+        });
+        if let Ok(mut slot) = shared.write() {
+            *slot = publication;
+        }
+        while tick.elapsed() < interval && !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(TICK.min(interval.saturating_sub(tick.elapsed())));
+        }
+    }
+    Ok(())
+}
+
+/// The HTTP server's thread and the way to stop it.
+struct Server {
+    shutdown: tokio::sync::watch::Sender<bool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Server {
+    /// Binds `addr` now (so a port in use fails the command at once) and serves from
+    /// `shared` on a thread of its own.
+    fn start(addr: SocketAddr, shared: Shared) -> anyhow::Result<Server> {
+        let listener = std::net::TcpListener::bind(addr).with_context(|| {
+            format!("cannot listen on {addr} (another process may use it; choose one with --listen)")
+        })?;
+        listener.set_nonblocking(true)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the HTTP server's runtime")?;
+        let (shutdown, on_shutdown) = tokio::sync::watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name("http".into())
+            .spawn(move || runtime.block_on(accept_loop(listener, shared, on_shutdown)))
+            .context("cannot start the HTTP server's thread")?;
+        Ok(Server { shutdown, thread })
+    }
+
+    fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.thread.join();
+    }
+}
+
+async fn accept_loop(
+    listener: std::net::TcpListener,
+    shared: Shared,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        return;
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        // At the connection limit, stop accepting: new clients wait in the accept queue
+        // until a connection ends (each lives at most CONNECTION_LIFETIME).
+        let slot = tokio::select! {
+            _ = shutdown.changed() => return,
+            slot = Arc::clone(&slots).acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else { return };
+        let stream = tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of fds or a connection reset before accept: try again shortly.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let publication = shared.read().map(|p| Arc::clone(&p)).unwrap_or_default();
+                async move { Ok::<_, Infallible>(respond(&req, &publication)) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Answers one request from the latest publication.
+fn respond(req: &Request<Incoming>, p: &Publication) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if !matches!(path, "/metrics" | "/report" | "/healthz") {
+        return plain(StatusCode::NOT_FOUND, "not found: try /metrics, /report or /healthz\n");
+    }
+    if req.method() != Method::GET {
+        let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n");
+        r.headers_mut().insert(ALLOW, HeaderValue::from_static("GET"));
+        return r;
+    }
+    match path {
+        "/healthz" if p.healthy => plain(StatusCode::OK, "ok\n"),
+        "/healthz" => plain(StatusCode::SERVICE_UNAVAILABLE, &format!("{}\n", p.status)),
+        _ if p.text.is_empty() => plain(StatusCode::SERVICE_UNAVAILABLE, "no sample yet\n"),
+        "/report" => body(p.report.clone(), "application/json"),
+        _ if wants_openmetrics(req) => {
+            body(p.openmetrics.clone(), metrics::OPENMETRICS_CONTENT_TYPE)
+        }
+        _ => body(p.text.clone(), metrics::TEXT_CONTENT_TYPE),
+    }
+}
+
+/// True when the scraper's `Accept` names OpenMetrics (Prometheus asks for it first and
+/// falls back to 0.0.4).
+fn wants_openmetrics(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
+fn body(bytes: Bytes, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(bytes));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
+    let mut r = body(
+        Bytes::copy_from_slice(text.as_bytes()),
+        "text/plain; charset=utf-8",
+    );
+    *r.status_mut() = status;
+    r
+}
