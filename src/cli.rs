@@ -85,7 +85,12 @@ pub struct PortsArgs {
     pub by: GroupBy,
 
     /// Show sockets in this TCP state (repeatable), by ss's names, or `all`.
-    #[arg(long = "state", value_name = "STATE", default_value = "established", value_parser = STATE_NAMES)]
+    #[arg(
+        long = "state",
+        value_name = "STATE",
+        default_value = "established",
+        value_parser = STATE_NAMES
+    )]
     pub states: Vec<String>,
 
     /// Only sockets whose local or remote port is N.

@@ -477,7 +477,10 @@ impl fmt::Display for Warning {
                  counted as unattributed; run as root (sudo) to see every owner",
                 processes(*n)
             ),
-            Warning::OwnersUnreadable { processes: n, first } => write!(
+            Warning::OwnersUnreadable {
+                processes: n,
+                first,
+            } => write!(
                 f,
                 "cannot read the open files of {} ({first}): the sockets they hold are counted \
                  as unattributed",

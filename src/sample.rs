@@ -118,8 +118,8 @@ impl Sampler {
                     .map_err(|_| anyhow!("the socket collector thread panicked"))?
                     .map_err(collect_failed)?;
                 let scan = scan.with_context(|| proc_failed(scanner.root()))?;
-                // Processes at half their fd limit or more get a name too: a finding or a metric may be
-                // about them.
+                // Processes at half their fd limit or more get a name too: a finding or a
+                // metric may be about them.
                 let near_limit: Vec<u32> = scan
                     .fds
                     .iter()
@@ -139,7 +139,8 @@ impl Sampler {
                 (dump, topology, found)
             }
             Some(cache) => {
-                let dump = dump_tagged(source.as_mut(), dump_states, own).map_err(collect_failed)?;
+                let dump =
+                    dump_tagged(source.as_mut(), dump_states, own).map_err(collect_failed)?;
                 let topology = Topology::new(&dump.sockets);
                 let r = cache
                     .refresh(scanner, &dump.sockets, self.threads)

@@ -45,6 +45,9 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// How often the sleep between samples checks for a signal.
 const TICK: Duration = Duration::from_millis(50);
+/// The sampling threads' nice value: a sample uses every core for a moment, and a scrape
+/// arriving then should not wait for it (the HTTP thread keeps the default priority).
+const SAMPLER_NICE: i32 = 10;
 
 /// What a scrape is answered from: replaced whole after every sample.
 #[derive(Debug, Clone, Default)]
@@ -85,6 +88,9 @@ pub fn run(args: &ServeArgs, err: &mut dyn Write) -> anyhow::Result<usize> {
         Some(addr) => Some(Server::start(addr, Arc::clone(&shared))?),
         None => None,
     };
+    // This thread samples from here on, and the scan threads it starts inherit its priority.
+    // Failing to lower it costs only scrape latency under load: not worth refusing to run.
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), SAMPLER_NICE);
     let result = sample_loop(args, interval, &shared, &stop, err);
     if let Some(server) = server {
         server.stop();
@@ -159,8 +165,7 @@ fn sample_loop(
         let encoded = metrics::encode(&families, &health)
             .map_err(|_| anyhow::anyhow!("cannot encode the metrics"))?;
         if let Some(path) = &args.textfile {
-            let written =
-                crate::atomic::replace(path, |w| w.write_all(encoded.text.as_bytes()));
+            let written = crate::atomic::replace(path, |w| w.write_all(encoded.text.as_bytes()));
             if let Err(e) = written {
                 writeln!(err, "shimcheck: error: textfile: {e:#}")?;
             }
@@ -201,7 +206,9 @@ impl Server {
     /// `shared` on a thread of its own.
     fn start(addr: SocketAddr, shared: Shared) -> anyhow::Result<Server> {
         let listener = std::net::TcpListener::bind(addr).with_context(|| {
-            format!("cannot listen on {addr} (another process may use it; choose one with --listen)")
+            format!(
+                "cannot listen on {addr} (another process may use it; choose one with --listen)"
+            )
         })?;
         listener.set_nonblocking(true)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -271,11 +278,15 @@ async fn accept_loop(
 fn respond(req: &Request<Incoming>, p: &Publication) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     if !matches!(path, "/metrics" | "/report" | "/healthz") {
-        return plain(StatusCode::NOT_FOUND, "not found: try /metrics, /report or /healthz\n");
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /report or /healthz\n",
+        );
     }
     if req.method() != Method::GET {
         let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n");
-        r.headers_mut().insert(ALLOW, HeaderValue::from_static("GET"));
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET"));
         return r;
     }
     match path {

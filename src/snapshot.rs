@@ -104,7 +104,8 @@ pub fn read(path: &Path) -> anyhow::Result<Sample> {
         .with_context(|| format!("{} is not a shimcheck snapshot (JSON)", path.display()))?;
     if doc.kind != KIND || doc.schema_version != SNAPSHOT_SCHEMA_VERSION {
         bail!(
-            "{} is a {} schema_version {} document; this shimcheck reads {KIND} schema_version {SNAPSHOT_SCHEMA_VERSION}",
+            "{} is a {} schema_version {} document; this shimcheck reads {KIND} \
+             schema_version {SNAPSHOT_SCHEMA_VERSION}",
             path.display(),
             doc.kind,
             doc.schema_version

@@ -31,7 +31,8 @@ pub enum CollectError {
     #[error("malformed sock_diag reply at byte {offset}: {reason}")]
     Malformed { offset: usize, reason: String },
     #[error(
-        "the sock_diag dump ended without NLMSG_DONE after {sockets} sockets: the reply was truncated"
+        "the sock_diag dump ended without NLMSG_DONE after {sockets} sockets: the reply was \
+         truncated"
     )]
     Truncated { sockets: usize },
     #[error("the socket table changed during every one of {0} dump attempts (NLM_F_DUMP_INTR)")]
@@ -91,7 +92,12 @@ pub fn open(
     all_netns: bool,
     threads: usize,
 ) -> (Box<dyn SocketSource + Send>, Option<Warning>) {
-    choose_source(netlink::NetlinkSource::open(), proc_root, all_netns, threads)
+    choose_source(
+        netlink::NetlinkSource::open(),
+        proc_root,
+        all_netns,
+        threads,
+    )
 }
 
 fn choose_source(

@@ -186,14 +186,19 @@ pub fn families(
     for (i, s) in sample.sockets.iter().enumerate() {
         let netns = netns_label(j, s.netns);
         *totals
-            .entry(vec![("netns", netns.clone()), ("state", state_label(s.state).into())])
+            .entry(vec![
+                ("netns", netns.clone()),
+                ("state", state_label(s.state).into()),
+            ])
             .or_default() += 1.0;
         if !matches!(s.state, TcpState::Established | TcpState::CloseWait) {
             continue;
         }
         let process = process_label(j, i);
         if process == UNATTRIBUTED {
-            *unattributed.entry(vec![("netns", netns.clone())]).or_default() += 1.0;
+            *unattributed
+                .entry(vec![("netns", netns.clone())])
+                .or_default() += 1.0;
         }
         let server = j.listening(s.netns, s.local);
         let (side, endpoint) = if server {
@@ -207,8 +212,7 @@ pub fn families(
         };
         let endpoint = endpoint.to_string();
         if s.state == TcpState::Established
-            && s
-                .tcp_info
+            && s.tcp_info
                 .is_some_and(|t| u128::from(t.data_idle_ms()) >= idle_ms)
         {
             *idle
@@ -259,7 +263,11 @@ pub fn families(
         let netns = f
             .netns
             .as_ref()
-            .map(|n| n.name.clone().unwrap_or_else(|| format!("net:[{}]", n.inode)))
+            .map(|n| {
+                n.name
+                    .clone()
+                    .unwrap_or_else(|| format!("net:[{}]", n.inode))
+            })
             .unwrap_or_default();
         let endpoint = f.service.clone().or_else(|| f.remote.clone());
         *by_finding
@@ -500,4 +508,91 @@ fn text_format(openmetrics: &str, families: &[Family]) -> Result<String, std::fm
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(process: &str, side: &str, v: f64) -> (Labels, f64) {
+        (
+            vec![("process", process.to_string()), ("side", side.to_string())],
+            v,
+        )
+    }
+
+    #[test]
+    fn max_series_keeps_the_largest_and_sums_the_rest_into_other() {
+        let all = vec![
+            series("a", "client", 1.0),
+            series("b", "client", 50.0),
+            series("c", "server", 2.0),
+            series("d", "client", 30.0),
+            series("e", "server", 3.0),
+        ];
+        let kept = cap(all.clone(), 4, &["process"]);
+        assert_eq!(kept.len(), 4, "{kept:?}");
+        let total: f64 = kept.iter().map(|s| s.1).sum();
+        assert_eq!(total, 86.0, "folding keeps the sum: {kept:?}");
+        assert!(kept.contains(&series("b", "client", 50.0)));
+        assert!(kept.contains(&series("d", "client", 30.0)));
+        // Two folded series (one per side), so only two of the originals fit.
+        assert!(kept.contains(&series(OTHER, "client", 1.0)), "{kept:?}");
+        assert!(kept.contains(&series(OTHER, "server", 5.0)), "{kept:?}");
+        assert_eq!(
+            cap(all.clone(), 5, &["process"]),
+            all,
+            "under the limit: untouched"
+        );
+        assert_eq!(
+            cap(all, 1, &["process"]).len(),
+            2,
+            "never fewer than the folded ones"
+        );
+    }
+
+    #[test]
+    fn text_format_names_counters_by_their_total_series_and_has_no_eof() {
+        let health = SamplerHealth {
+            interval: Duration::from_secs(15),
+            last_sample: None,
+            samples: 7,
+            errors: 1,
+        };
+        let e = encode(&Families::default(), &health).unwrap();
+        assert!(e.openmetrics.ends_with("# EOF\n"));
+        assert!(e.openmetrics.contains("# TYPE shimcheck_samples counter\n"));
+        assert!(e.openmetrics.contains("\nshimcheck_samples_total 7.0\n"));
+        assert!(!e.text.contains("# EOF"));
+        assert!(e.text.contains("# TYPE shimcheck_samples_total counter\n"));
+        assert!(e.text.contains("# HELP shimcheck_sample_errors_total "));
+        assert!(e.text.contains("\nshimcheck_sample_errors_total 1.0\n"));
+        assert!(
+            e.text
+                .contains("# TYPE shimcheck_sample_interval_seconds gauge\n")
+        );
+        assert!(!e.text.contains("shimcheck_last_sample_timestamp_seconds"));
+    }
+
+    #[test]
+    fn label_values_from_the_host_are_escaped() {
+        let fam = Families(vec![gauge(
+            "shimcheck_connections",
+            "help",
+            vec![(vec![("process", "evil\"}\n\\x".to_string())], 1.0)],
+        )]);
+        let health = SamplerHealth {
+            interval: Duration::from_secs(1),
+            last_sample: None,
+            samples: 0,
+            errors: 0,
+        };
+        let e = encode(&fam, &health).unwrap();
+        assert!(
+            e.text
+                .contains("shimcheck_connections{process=\"evil\\\"}\\n\\\\x\"} 1"),
+            "{}",
+            e.text
+        );
+    }
 }

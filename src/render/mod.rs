@@ -19,7 +19,11 @@ pub fn print_warnings<'a>(
     warnings: impl IntoIterator<Item = &'a Warning>,
 ) -> io::Result<()> {
     for w in warnings {
-        writeln!(err, "shimcheck: warning: {}", escape_control(&w.to_string()))?;
+        writeln!(
+            err,
+            "shimcheck: warning: {}",
+            escape_control(&w.to_string())
+        )?;
     }
     Ok(())
 }

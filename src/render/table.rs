@@ -13,8 +13,8 @@ use crate::model::TcpState;
 /// How many owners a cell names before it says "+N more".
 const OWNERS_SHOWN: usize = 3;
 
-/// Writes the table, then the footer (warnings are the caller's, for stderr). `width` wraps the table to a terminal
-/// of that many columns; `None` (a pipe) never wraps.
+/// Writes the table, then the footer (warnings are the caller's, for stderr). `width` wraps the
+/// table to a terminal of that many columns; `None` (a pipe) never wraps.
 pub fn render(report: &Report, out: &mut dyn Write, width: Option<u16>) -> io::Result<()> {
     let states = if report.states.len() == TcpState::ALL.len() {
         "all states".to_string()

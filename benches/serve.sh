@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Benchmark: `shimcheck serve` as a node agent. For each size it builds the same population as
+# benches/ports.sh (S ESTABLISHED loopback sockets plus 300 idle processes with 100 files
+# each) in a network namespace of its own, starts `serve --interval 15s` there, and measures:
+#   - steady CPU (user+sys from /proc/PID/stat) as a share of one core, over --seconds after
+#     the first sample (the owner cache's full rescan every 60 samples is not in that span);
+#   - RSS (VmRSS) and peak RSS (VmHWM);
+#   - scrape latency of /metrics under 20 concurrent scrapers (wrk, 10 s, inside the namespace).
+#
+#   benches/serve.sh [--sizes 10000,60000,120000] [--seconds 75]
+#
+# Run as root from the repository root. SHIMCHECK=/path/to/binary skips the release build.
+set -euo pipefail
+
+sizes=10000,60000,120000
+seconds=75
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --sizes) sizes=$2; shift 2 ;;
+    --seconds) seconds=$2; shift 2 ;;
+    *) echo "usage: $0 [--sizes 10000,60000,120000] [--seconds 75]" >&2; exit 2 ;;
+  esac
+done
+[ "$(id -u)" = 0 ] || { echo "run as root: the benchmark makes network namespaces" >&2; exit 2; }
+command -v wrk >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk; }
+
+if [ -z "${SHIMCHECK:-}" ]; then
+  cargo build --release --quiet
+  SHIMCHECK=$PWD/target/release/shimcheck
+fi
+
+out=$(mktemp -d)
+pop_pid=
+serve_pid=
+cleanup() {
+  if [ -n "$serve_pid" ]; then kill "$serve_pid" 2>/dev/null || true; fi
+  if [ -n "$pop_pid" ]; then kill "$pop_pid" 2>/dev/null || true; wait "$pop_pid" 2>/dev/null || true; fi
+  rm -rf "$out"
+}
+trap cleanup EXIT INT TERM
+
+ticks=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+status_kib() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
+
+printf '%-8s %12s %10s %10s %12s %12s %12s\n' sockets "CPU/core" "RSS MiB" "peak MiB" "scrape p50" "scrape p99" "scrapes/s"
+IFS=, read -r -a size_list <<<"$sizes"
+for size in "${size_list[@]}"; do
+  fifo=$out/ready.$size
+  mkfifo "$fifo"
+  (sleep infinity | unshare -n python3 tests/support/population.py \
+      "$(python3 benches/spec.py "$size" "$(ulimit -Hn)")" >"$fifo") &
+  pop_pid=$!
+  read -r line <"$fifo"
+  case "$line" in READY*) ;; *) echo "population failed: $line" >&2; exit 1 ;; esac
+  ns=$(sed 's/.*"netns_pid": \([0-9]*\).*/\1/' <<<"$line")
+  in_ns=(nsenter -t "$ns" -n)
+  "${in_ns[@]}" "$SHIMCHECK" serve --interval 15s --listen 127.0.0.1:10188 2>"$out/serve.err" &
+  serve_pid=$!
+  # The first sample is the one-shot-sized full scan; wait for it, then measure steady state.
+  healthz='import urllib.request as u; print(u.urlopen("http://127.0.0.1:10188/healthz").status)'
+  until [ "$("${in_ns[@]}" python3 -c "$healthz" 2>/dev/null)" = 200 ]; do
+    kill -0 "$serve_pid" 2>/dev/null || { cat "$out/serve.err" >&2; exit 1; }
+    sleep 0.5
+  done
+  sleep 1
+  c0=$(cpu_ticks "$serve_pid"); t0=$(date +%s.%N)
+  sleep "$seconds"
+  c1=$(cpu_ticks "$serve_pid"); t1=$(date +%s.%N)
+  "${in_ns[@]}" wrk -c20 -t2 -d10s --latency http://127.0.0.1:10188/metrics >"$out/wrk.$size"
+  rss=$(status_kib "$serve_pid" VmRSS); hwm=$(status_kib "$serve_pid" VmHWM)
+  python3 - "$size" "$c0" "$c1" "$t0" "$t1" "$ticks" "$rss" "$hwm" "$out/wrk.$size" <<'PY'
+import re, sys
+size, c0, c1, t0, t1, ticks, rss, hwm, wrk = sys.argv[1:]
+share = (int(c1) - int(c0)) / int(ticks) / (float(t1) - float(t0))
+text = open(wrk).read()
+def pct(p):
+    m = re.search(rf"^\s*{p}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    v, unit = float(m.group(1)), m.group(2)
+    return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+rate = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+print(f"{size:<8} {share * 100:11.2f}% {int(rss) / 1024:10.1f} {int(hwm) / 1024:10.1f} "
+      f"{pct(50):10.2f}ms {pct(99):10.2f}ms {rate:12.0f}")
+PY
+  kill "$serve_pid"; wait "$serve_pid" 2>/dev/null || true; serve_pid=
+  pkill -P "$pop_pid" 2>/dev/null || true
+  kill "$pop_pid" 2>/dev/null || true
+  wait "$pop_pid" 2>/dev/null || true
+  pop_pid=
+done
+echo "targets at 120k: scrape p99 <= 10 ms, RSS <= 64 MiB (2-core machine)"
