@@ -15,7 +15,7 @@ use shimcheck::collect::decode::Feed;
 use shimcheck::collect::netlink::NetlinkSource;
 
 fn main() -> anyhow::Result<()> {
-    let states = shimcheck::DETECT_STATES.into_iter().collect();
+    let states = shimcheck::sample::DETECT_STATES.into_iter().collect();
     let mut bytes = 0usize;
     for path in std::env::args().skip(1) {
         bytes += std::thread::scope(|s| {

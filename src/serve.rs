@@ -150,7 +150,8 @@ fn sample_loop(
                     .filter(|w| !warned.contains(w))
                     .cloned()
                     .collect();
-                render::print_warnings(err, &new)?;
+                // A closed stderr must not stop the agent: logging is best effort.
+                let _ = render::print_warnings(err, &new);
                 warned.extend(new);
                 health.samples += 1;
                 health.last_sample = Some((sample.taken_at, tick.elapsed()));
@@ -159,7 +160,7 @@ fn sample_loop(
             Err(e) => {
                 health.errors += 1;
                 failing += 1;
-                writeln!(err, "shimcheck: error: sample failed: {e:#}")?;
+                let _ = writeln!(err, "shimcheck: error: sample failed: {e:#}");
             }
         }
         let encoded = metrics::encode(&families, &health)
@@ -167,16 +168,16 @@ fn sample_loop(
         if let Some(path) = &args.textfile {
             let written = crate::atomic::replace(path, |w| w.write_all(encoded.text.as_bytes()));
             if let Err(e) = written {
-                writeln!(err, "shimcheck: error: textfile: {e:#}")?;
+                let _ = writeln!(err, "shimcheck: error: textfile: {e:#}");
             }
         }
         let healthy = health.samples > 0 && failing < UNHEALTHY_AFTER;
-        let status = if health.samples == 0 {
-            "no sample yet".to_string()
-        } else if healthy {
-            "ok".to_string()
-        } else {
+        let status = if failing >= UNHEALTHY_AFTER {
             format!("the last {failing} samples failed (see shimcheck's stderr)")
+        } else if health.samples == 0 {
+            "no sample yet".to_string()
+        } else {
+            "ok".to_string()
         };
         let publication = Arc::new(Publication {
             text: Bytes::from(encoded.text),
@@ -292,6 +293,7 @@ fn respond(req: &Request<Incoming>, p: &Publication) -> Response<Full<Bytes>> {
     match path {
         "/healthz" if p.healthy => plain(StatusCode::OK, "ok\n"),
         "/healthz" => plain(StatusCode::SERVICE_UNAVAILABLE, &format!("{}\n", p.status)),
+        // Before the first attempt; after it, failures are in the metrics themselves.
         _ if p.text.is_empty() => plain(StatusCode::SERVICE_UNAVAILABLE, "no sample yet\n"),
         "/report" => body(p.report.clone(), "application/json"),
         _ if wants_openmetrics(req) => {

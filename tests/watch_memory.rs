@@ -2,6 +2,7 @@
 //! binary, so its CPU load does not disturb the timing of the other live tests).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod support;
 
 use serde_json::json;
@@ -15,6 +16,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn memory_stays_bounded_over_10000_samples_of_a_churning_population() {
+    skip_unless_live!();
     let pop = Population::start_script(
         "leak_repro.py",
         &json!({"registry": {"port": 5000}, "churn": {"interval_ms": 5}, "pool": {"size": 200}}),

@@ -1,7 +1,10 @@
-//! Live-test harness: a socket population inside a network namespace the test makes
+//! Test support. `builders`: sockets, processes and samples for the pure tests. The rest is
+//! the live-test harness: a socket population inside a network namespace the test makes
 //! (`unshare -n` + `tests/support/population.py`), and helpers to run shimcheck and the
 //! oracles (`ss`, `netstat`) inside it. Dropping a `Population` tears the namespace down.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod builders;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -23,16 +26,36 @@ pub fn live(test: &str) -> bool {
         std::env::var_os("CI").is_none(),
         "{test}: this live test needs root (it makes network namespaces) and CI must run it"
     );
-    eprintln!("skipped {test}: needs root to make network namespaces (run `sudo cargo test`)");
+    // Straight to stderr: the test harness captures `eprintln!` of a passing test, and a skip
+    // nobody sees is a pass nobody earned.
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped {test}: needs root to make network namespaces (run `sudo cargo test`)"
+    );
     false
 }
 
-/// Live tests make network namespaces; say so plainly instead of failing obscurely.
+/// Begins a live test: `skip_unless_live!();` returns from the test, skipped, where `live`
+/// says it cannot run, naming the test by its path (`live::ports::...`).
+#[allow(unused_macros)]
+macro_rules! skip_unless_live {
+    () => {{
+        fn here() {}
+        let name = std::any::type_name_of_val(&here);
+        if !$crate::support::live(name.strip_suffix("::here").unwrap_or(name)) {
+            return;
+        }
+    }};
+}
+
+/// The harness's own check before it makes a namespace, for a test that did not begin with
+/// `if !support::live(..) { return; }`: says so plainly instead of failing obscurely.
 pub fn require_root() {
     let euid = rustix::process::geteuid();
     assert!(
         euid.is_root(),
-        "this live test makes network namespaces (unshare -n) and needs root: run `sudo cargo test`"
+        "this live test makes network namespaces (unshare -n) and needs root: begin it with \
+         `if !support::live(\"name\") {{ return; }}`, and run `sudo cargo test`"
     );
 }
 
@@ -63,6 +86,22 @@ impl Population {
     /// Starts `tests/support/SCRIPT SPEC` (population.py or leak_repro.py) the same way.
     pub fn start_script(script: &str, spec: &Value) -> Population {
         Population::launch(Command::new("unshare").arg("-n"), script, spec, None)
+    }
+
+    /// The leak itself (`leak_repro.py`): an HTTP/1.1 keep-alive registry on 127.0.0.1:5000,
+    /// the leaky image-cri-shim and the fixed one each asking every 500 ms, a client churning
+    /// every 100 ms and a stable pool of 60.
+    pub fn leak_reproducer() -> Population {
+        Population::start_script(
+            "leak_repro.py",
+            &serde_json::json!({
+                "registry": {"port": 5000},
+                "leaky": {"interval_ms": 500},
+                "fixed": {"interval_ms": 500},
+                "churn": {"interval_ms": 100},
+                "pool": {"size": 60}
+            }),
+        )
     }
 
     /// Starts `tests/support/SCRIPT SPEC` in a namespace made with `ip netns add NAME`, so that

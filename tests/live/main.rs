@@ -1,0 +1,16 @@
+//! Live tests: real sockets, most of them in network namespaces each test makes and checked
+//! against `ss`, `netstat` and a `--watch` of their own. Those that make namespaces need root:
+//! as another user they say they were skipped, and under CI (`CI` set) they fail instead.
+//! Watch mode's memory test has a binary of its own (`tests/watch_memory.rs`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+#[path = "../support/mod.rs"]
+mod support;
+
+mod findings;
+mod netns;
+mod owner_cache;
+mod ports;
+mod serve;
+mod watch;

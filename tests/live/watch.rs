@@ -1,0 +1,140 @@
+//! The leak itself, live: an HTTP/1.1 keep-alive registry on 127.0.0.1:5000 and the clients of
+//! `tests/support/leak_repro.py` (the leaky image-cri-shim, the fixed one, a churning client,
+//! a stable pool), watched and compared with a baseline, in a namespace each test makes.
+
+use serde_json::Value;
+
+use crate::support::{Population, watch};
+
+#[test]
+fn watch_flags_the_leaky_shim_within_12_samples_and_nothing_else_in_30() {
+    skip_unless_live!();
+    let pop = Population::leak_reproducer();
+    let shim = pop.pid("image-cri-shim");
+    let mut flagged_at = None;
+    let mut samples = 0;
+    let mut others = Vec::new();
+    let code = watch(
+        &pop,
+        &[
+            "--interval",
+            "1s",
+            "--window",
+            "10s",
+            "--count",
+            "30",
+            "--by",
+            "pair",
+        ],
+        |v, _| {
+            samples += 1;
+            assert_eq!(v["sample"], samples);
+            for f in v["findings"].as_array().unwrap() {
+                if f["pid"] == shim && f["kind"] == "growth" {
+                    if flagged_at.is_none() {
+                        flagged_at = Some(samples);
+                        assert_eq!(f["remote"], "127.0.0.1:5000");
+                        assert_eq!(f["severity"], "critical");
+                        assert!(
+                            f["message"]
+                                .as_str()
+                                .unwrap()
+                                .contains("image-cri-shim before v4.2.0")
+                        );
+                        assert!(
+                            f["remediation"]
+                                .as_str()
+                                .unwrap()
+                                .contains("systemctl restart image-cri-shim")
+                        );
+                        assert!(f["retained"].as_f64().unwrap() >= 0.9);
+                    }
+                } else {
+                    others.push(f.clone());
+                }
+            }
+            // Each group carries its change since the previous and the first sample.
+            let g = &v["groups"][0];
+            assert!(
+                g.get("delta").is_some() && g.get("delta_total").is_some(),
+                "{g}"
+            );
+        },
+    );
+    assert_eq!(samples, 30);
+    let at = flagged_at.expect("the leaky client was never flagged");
+    eprintln!("the leaky image-cri-shim was first flagged at sample {at}");
+    assert!(at <= 12, "flagged only at sample {at}");
+    assert!(
+        others.is_empty(),
+        "the fixed client, the churner, the pool or the registry were flagged: {others:#?}"
+    );
+    assert_eq!(code, Some(1), "the last sample has a finding");
+}
+
+#[test]
+fn baseline_finds_growth_since_a_snapshot() {
+    skip_unless_live!();
+    let pop = Population::leak_reproducer();
+    let dir = std::env::temp_dir().join(format!("shimcheck-baseline-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let snap = dir.join("before.json");
+    assert!(
+        pop.shimcheck(&["snapshot", "-o", snap.to_str().unwrap()])
+            .status
+            .success()
+    );
+    std::thread::sleep(std::time::Duration::from_secs(7));
+    let report = pop.report(&["--baseline", snap.to_str().unwrap(), "--by", "pair"]);
+    let shim = pop.pid("image-cri-shim");
+    let growth: Vec<&Value> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["kind"] == "growth")
+        .collect();
+    assert_eq!(growth.len(), 1, "{growth:#?}");
+    assert_eq!(growth[0]["pid"], shim);
+    let g = report["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["key"] == format!("image-cri-shim({shim}) -> 127.0.0.1:5000"))
+        .unwrap();
+    assert!(g["delta_total"].as_i64().unwrap() >= 10, "{g}");
+    assert!(report["baseline_taken_at"].is_string());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn ctrl_c_ends_a_watch_with_a_summary_of_what_grew() {
+    skip_unless_live!();
+    let pop = Population::leak_reproducer();
+    let bin = crate::support::shimcheck_bin();
+    let child = pop
+        .command(bin.to_str().unwrap())
+        .args(["ports", "--watch", "--interval", "1s", "--by", "pair"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    // nsenter forwards the signal to shimcheck, as a terminal's Ctrl-C would reach it.
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{:?}", out.status);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("shimcheck ports --watch: sample 3"), "{text}");
+    let summary = text
+        .split("watched ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no summary: {text}"));
+    assert!(
+        summary.contains(&format!(
+            "image-cri-shim({}) -> 127.0.0.1:5000",
+            pop.pid("image-cri-shim")
+        )),
+        "{summary}"
+    );
+}

@@ -1,0 +1,430 @@
+//! Detector tests on synthetic sample series: time is data, every sample carries its own
+//! timestamp and no clock is read.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use shimcheck::detect::{self, Detail, DetectConfig, Finding, History, Kind, MIN_RISES, Severity};
+use shimcheck::join::Joined;
+use shimcheck::model::{FdUse, HostFacts, Sample, TcpInfo, TcpState};
+
+use crate::support::builders::{self, ProcessWith, SocketWith, process, sock};
+
+const REGISTRY: &str = "127.0.0.1:5000";
+
+/// A socket population at one instant: (cookie, state, local, remote, idle ms, holder pid).
+struct Pop {
+    sockets: Vec<(u64, TcpState, String, String, u32, u32)>,
+    comms: HashMap<u32, &'static str>,
+    host: HostFacts,
+}
+
+impl Pop {
+    fn new() -> Pop {
+        Pop {
+            sockets: Vec::new(),
+            comms: HashMap::from([
+                (100, "image-cri-shim"),
+                (200, "image-cri-shim"),
+                (300, "app"),
+                (900, "registry"),
+            ]),
+            host: HostFacts::default(),
+        }
+    }
+
+    /// `n` client connections from `pid` to the registry, cookies `first..first+n`.
+    fn clients(mut self, pid: u32, first: u64, n: u64, idle_ms: u32) -> Pop {
+        for c in first..first + n {
+            let local = format!("127.0.0.1:{}", 20000 + c % 40000);
+            self.sockets.push((
+                c,
+                TcpState::Established,
+                local,
+                REGISTRY.into(),
+                idle_ms,
+                pid,
+            ));
+        }
+        self
+    }
+
+    fn with(mut self, cookie: u64, state: TcpState, local: &str, remote: &str, pid: u32) -> Pop {
+        self.sockets
+            .push((cookie, state, local.into(), remote.into(), 0, pid));
+        self
+    }
+
+    fn sample(&self, t: u64) -> Sample {
+        let sockets = self
+            .sockets
+            .iter()
+            .map(|(cookie, state, local, remote, idle, _)| {
+                // Inode 0 means "no owner can be found" (TIME_WAIT): keep real ones non-zero.
+                sock(*state, local, remote, cookie + 1)
+                    .cookie(*cookie)
+                    .tcp_info(TcpInfo {
+                        last_data_sent_ms: *idle,
+                        last_data_recv_ms: *idle,
+                        bytes_acked: Some(1),
+                        bytes_received: Some(0),
+                        ..TcpInfo::default()
+                    })
+            });
+        builders::sample()
+            .at(1_800_000_000 + t)
+            .sockets(sockets)
+            .owners(self.sockets.iter().map(|s| (s.0 + 1, s.5)))
+            .processes(
+                self.comms
+                    .iter()
+                    .map(|(&pid, &comm)| process(pid, comm).cmdline(comm)),
+            )
+            .host(self.host.clone())
+            .build()
+    }
+}
+
+fn cfg(window_s: u64) -> DetectConfig {
+    DetectConfig {
+        window: Duration::from_secs(window_s),
+        ..DetectConfig::default()
+    }
+}
+
+/// Feeds a series (time in seconds → population) through a watch-mode history and returns
+/// the growth findings after each sample.
+fn watch(series: impl IntoIterator<Item = (u64, Pop)>, c: &DetectConfig) -> Vec<Vec<Finding>> {
+    let mut h = History::new(c.window, MIN_RISES);
+    series
+        .into_iter()
+        .map(|(t, pop)| {
+            let s = pop.sample(t);
+            let j = Joined::new(&s);
+            h.observe(&j);
+            h.growth(&j, c)
+        })
+        .collect()
+}
+
+fn first_flagged(results: &[Vec<Finding>]) -> Option<usize> {
+    results.iter().position(|f| !f.is_empty())
+}
+
+#[test]
+fn a_steady_leak_is_flagged_with_the_culprits_remedy() {
+    // +2 connections every 5 s, none ever closed (the image-cri-shim leak).
+    let results = watch(
+        (0..12).map(|i| (i * 5, Pop::new().clients(100, 0, 2 * i + 2, 0))),
+        &cfg(60),
+    );
+    assert_eq!(
+        first_flagged(&results),
+        Some(5),
+        "rise of 10 reached at the 6th sample"
+    );
+    let f = &results[11][0];
+    assert_eq!(
+        (f.kind, f.pid, f.comm.as_str(), f.count),
+        (Kind::Growth, Some(100), "image-cri-shim", 24)
+    );
+    assert_eq!(f.remote.as_deref(), Some(REGISTRY));
+    assert_eq!(f.severity, Severity::Critical);
+    assert!(
+        f.message.contains(
+            "image-cri-shim before v4.2.0 leaks one registry connection per image lookup"
+        ),
+        "{}",
+        f.message
+    );
+    assert!(
+        f.remediation
+            .as_deref()
+            .unwrap()
+            .contains("systemctl restart image-cri-shim")
+    );
+    match f.detail {
+        Detail::Growth {
+            rate_per_min,
+            retained,
+        } => {
+            assert_eq!(retained, 1.0);
+            assert_eq!(rate_per_min, 24.0, "22 more in 55 s");
+        }
+        ref other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_slow_leak_of_four_a_minute_is_flagged_once_it_has_grown_by_ten() {
+    // One more connection every 15 s over 5 minutes.
+    let results = watch(
+        (0..21).map(|i| (i * 15, Pop::new().clients(300, 0, 5 + i, 0))),
+        &cfg(300),
+    );
+    assert_eq!(first_flagged(&results), Some(10));
+    let f = &results[20][0];
+    assert_eq!((f.comm.as_str(), f.severity), ("app", Severity::Warning));
+    assert!(
+        f.remediation.is_none(),
+        "no known fix for an unknown program"
+    );
+    assert!(matches!(f.detail, Detail::Growth { rate_per_min, .. } if rate_per_min == 4.0));
+}
+
+#[test]
+fn churn_at_a_stable_count_is_not_a_leak() {
+    // 40 connections at any time, all replaced each sample; every few samples a burst of 15.
+    let results = watch(
+        (0..30).map(|i| {
+            let n = if i % 4 == 3 { 55 } else { 40 };
+            (i * 5, Pop::new().clients(300, i * 1000, n, 0))
+        }),
+        &cfg(60),
+    );
+    assert_eq!(first_flagged(&results), None);
+}
+
+#[test]
+fn a_large_stable_pool_is_not_a_leak() {
+    let results = watch(
+        (0..30).map(|i| (i * 5, Pop::new().clients(300, 0, 2000, 0))),
+        &cfg(60),
+    );
+    assert_eq!(first_flagged(&results), None);
+}
+
+#[test]
+fn a_step_then_flat_is_not_a_leak() {
+    // A pool warming up: 10 connections, then 60 in one go, then nothing more.
+    let results = watch(
+        (0..30).map(|i| {
+            (
+                i * 5,
+                Pop::new().clients(300, 0, if i == 0 { 10 } else { 60 }, 0),
+            )
+        }),
+        &cfg(60),
+    );
+    assert_eq!(first_flagged(&results), None);
+}
+
+#[test]
+fn a_restarted_process_that_leaks_again_is_flagged_under_its_new_pid() {
+    let mut series = Vec::new();
+    for i in 0..6 {
+        series.push((i * 5, Pop::new().clients(100, 0, 2 * i + 2, 0)));
+    }
+    // Restarted: pid 100 is gone with its sockets, pid 200 starts from nothing and leaks.
+    for i in 0..10 {
+        series.push((30 + i * 5, Pop::new().clients(200, 10_000, 2 * i + 2, 0)));
+    }
+    let results = watch(series, &cfg(60));
+    let last = &results[15];
+    assert_eq!(last.len(), 1);
+    assert_eq!((last[0].pid, last[0].count), (Some(200), 20));
+    assert!(results[6..].iter().flatten().all(|f| f.pid == Some(200)));
+}
+
+#[test]
+fn the_server_end_on_this_node_is_named_as_the_mirror_not_reported_twice() {
+    let mut series = Vec::new();
+    for i in 0..8u64 {
+        let mut p = Pop::new().with(1, TcpState::Listen, "127.0.0.1:5000", "0.0.0.0:0", 900);
+        for c in 0..2 * i + 2 {
+            let port = 40000 + c;
+            p = p
+                .with(
+                    10 + c,
+                    TcpState::Established,
+                    &format!("127.0.0.1:{port}"),
+                    REGISTRY,
+                    100,
+                )
+                .with(
+                    5000 + c,
+                    TcpState::Established,
+                    REGISTRY,
+                    &format!("127.0.0.1:{port}"),
+                    900,
+                );
+        }
+        series.push((i * 5, p));
+    }
+    let results = watch(series, &cfg(60));
+    let last = &results[7];
+    assert_eq!(last.len(), 1, "{last:#?}");
+    assert_eq!(last[0].pid, Some(100));
+    assert!(
+        last[0]
+            .message
+            .contains("the other ends are held by registry(900) on this node"),
+        "{}",
+        last[0].message
+    );
+}
+
+#[test]
+fn growth_since_a_baseline_needs_no_window() {
+    let c = cfg(300);
+    let before = Pop::new().clients(100, 0, 100, 0).sample(0);
+    let after = Pop::new().clients(100, 0, 180, 0).sample(3600);
+    let mut h = History::new(Duration::MAX, 1);
+    h.observe(&Joined::new(&before));
+    let j = Joined::new(&after);
+    h.observe(&j);
+    let f = h.growth(&j, &c);
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].count, 180);
+    assert!(matches!(f[0].detail, Detail::Growth { retained, .. } if retained == 1.0));
+}
+
+#[test]
+fn history_is_a_window_not_a_log() {
+    let c = cfg(60);
+    let mut h = History::new(c.window, MIN_RISES);
+    for i in 0..1000u64 {
+        let s = Pop::new().clients(300, i * 100, 50, 0).sample(i * 5);
+        h.observe(&Joined::new(&s));
+        assert!(h.len() <= 14, "{} samples held at sample {i}", h.len());
+    }
+}
+
+#[test]
+fn an_idle_pile_up_is_seen_in_one_look() {
+    let c = DetectConfig {
+        idle_after: Duration::from_secs(2),
+        ..DetectConfig::default()
+    };
+    let s = Pop::new()
+        .clients(100, 0, 60, 35_000)
+        .clients(300, 1000, 60, 500)
+        .sample(0);
+    let f = detect::findings(&Joined::new(&s), None, &c);
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(
+        (f[0].kind, f[0].pid, f[0].count),
+        (Kind::Idle, Some(100), 60)
+    );
+    assert!(matches!(
+        f[0].detail,
+        Detail::Idle {
+            idle_s_min: 35,
+            idle_s_median: 35
+        }
+    ));
+    assert!(
+        f[0].message.contains("carried no data for at least 35s"),
+        "{}",
+        f[0].message
+    );
+    // Below the count threshold: nothing.
+    let s = Pop::new().clients(100, 0, 49, 35_000).sample(0);
+    assert!(detect::findings(&Joined::new(&s), None, &c).is_empty());
+}
+
+#[test]
+fn a_close_wait_pile_up_is_flagged_per_process() {
+    let mut p = Pop::new();
+    for c in 0..60u64 {
+        p = p.with(
+            c,
+            TcpState::CloseWait,
+            &format!("127.0.0.1:{}", 30000 + c),
+            "127.0.0.1:7000",
+            300,
+        );
+    }
+    let f = detect::findings(&Joined::new(&p.sample(0)), None, &DetectConfig::default());
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(
+        (f[0].kind, f[0].pid, f[0].count),
+        (Kind::CloseWait, Some(300), 60)
+    );
+    assert_eq!(f[0].remote.as_deref(), Some("127.0.0.1:7000"));
+    assert!(f[0].message.contains("never called close()"));
+}
+
+#[test]
+fn half_the_ephemeral_range_to_one_destination_is_port_exhaustion() {
+    let mut p = Pop::new().clients(300, 0, 600, 0);
+    p.host.port_range = Some((32768, 33767)); // 1,000 ports
+    let f = detect::findings(&Joined::new(&p.sample(0)), None, &DetectConfig::default());
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(f[0].kind, Kind::PortExhaustion);
+    assert!(matches!(
+        f[0].detail,
+        Detail::PortExhaustion {
+            used: 600,
+            range: 1000
+        }
+    ));
+    p.host.port_range = Some((32768, 60999));
+    assert!(
+        detect::findings(&Joined::new(&p.sample(0)), None, &DetectConfig::default()).is_empty()
+    );
+}
+
+#[test]
+fn a_process_near_its_fd_limit_is_flagged() {
+    let mut p = Pop::new();
+    p.host.fds.insert(
+        300,
+        FdUse {
+            open: 1000,
+            limit: Some(1024),
+        },
+    );
+    p.host.fds.insert(
+        100,
+        FdUse {
+            open: 700,
+            limit: Some(1024),
+        },
+    );
+    p.host.fds.insert(
+        900,
+        FdUse {
+            open: 5000,
+            limit: None,
+        },
+    );
+    let f = detect::findings(&Joined::new(&p.sample(0)), None, &DetectConfig::default());
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(
+        (f[0].kind, f[0].pid, f[0].severity),
+        (Kind::FdLimit, Some(300), Severity::Critical)
+    );
+    assert!(matches!(
+        f[0].detail,
+        Detail::FdLimit {
+            open: 1000,
+            limit: 1024
+        }
+    ));
+}
+
+#[test]
+fn findings_serialise_with_the_contract_fields() {
+    let results = watch(
+        (0..8).map(|i| (i * 5, Pop::new().clients(100, 0, 2 * i + 2, 0))),
+        &cfg(60),
+    );
+    let v = serde_json::to_value(&results[7][0]).unwrap();
+    for field in [
+        "kind",
+        "severity",
+        "pid",
+        "comm",
+        "remote",
+        "count",
+        "message",
+        "remediation",
+        "rate_per_min",
+        "retained",
+    ] {
+        assert!(v.get(field).is_some(), "missing {field}: {v}");
+    }
+    assert_eq!(v["kind"], "growth");
+    assert_eq!(v["severity"], "critical");
+}

@@ -1,0 +1,17 @@
+//! The tests that need neither root nor a network namespace, in one binary: the pipeline's pure
+//! stages on samples built with `support::builders`, decoders and the /proc join on recorded
+//! fixtures, and the binary's command-line contract.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod aggregate;
+mod cli;
+mod decode_fixtures;
+mod detect;
+mod join;
+mod owners;
+mod proc_join;
+mod procnet_fallback;
+mod render;
