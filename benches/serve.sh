@@ -10,6 +10,7 @@
 #   benches/serve.sh [--sizes 10000,60000,120000] [--seconds 75]
 #
 # Run as root from the repository root. SHIMCHECK=/path/to/binary skips the release build.
+# serve listens on 127.0.0.1:9000 there: the population's clients use ports 10000-65535.
 set -euo pipefail
 
 sizes=10000,60000,120000
@@ -55,10 +56,10 @@ for size in "${size_list[@]}"; do
   case "$line" in READY*) ;; *) echo "population failed: $line" >&2; exit 1 ;; esac
   ns=$(sed 's/.*"netns_pid": \([0-9]*\).*/\1/' <<<"$line")
   in_ns=(nsenter -t "$ns" -n)
-  "${in_ns[@]}" "$SHIMCHECK" serve --interval 15s --listen 127.0.0.1:10188 2>"$out/serve.err" &
+  "${in_ns[@]}" "$SHIMCHECK" serve --interval 15s --listen 127.0.0.1:9000 2>"$out/serve.err" &
   serve_pid=$!
   # The first sample is the one-shot-sized full scan; wait for it, then measure steady state.
-  healthz='import urllib.request as u; print(u.urlopen("http://127.0.0.1:10188/healthz").status)'
+  healthz='import urllib.request as u; print(u.urlopen("http://127.0.0.1:9000/healthz").status)'
   until [ "$("${in_ns[@]}" python3 -c "$healthz" 2>/dev/null)" = 200 ]; do
     kill -0 "$serve_pid" 2>/dev/null || { cat "$out/serve.err" >&2; exit 1; }
     sleep 0.5
@@ -67,7 +68,7 @@ for size in "${size_list[@]}"; do
   c0=$(cpu_ticks "$serve_pid"); t0=$(date +%s.%N)
   sleep "$seconds"
   c1=$(cpu_ticks "$serve_pid"); t1=$(date +%s.%N)
-  "${in_ns[@]}" wrk -c20 -t2 -d10s --latency http://127.0.0.1:10188/metrics >"$out/wrk.$size"
+  "${in_ns[@]}" wrk -c20 -t2 -d10s --latency http://127.0.0.1:9000/metrics >"$out/wrk.$size"
   rss=$(status_kib "$serve_pid" VmRSS); hwm=$(status_kib "$serve_pid" VmHWM)
   python3 - "$size" "$c0" "$c1" "$t0" "$t1" "$ticks" "$rss" "$hwm" "$out/wrk.$size" <<'PY'
 import re, sys

@@ -92,9 +92,10 @@ pub enum GroupKey {
     },
 }
 
-/// Socket counts per state, written as a JSON object in kernel state order.
+/// Socket counts per state, written as a JSON object in kernel state order. 32-bit: a group
+/// is never 4 billion sockets, and `--by pair` on a busy server has a group per client port.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StateCounts([usize; 11]);
+pub struct StateCounts([u32; 11]);
 
 impl StateCounts {
     fn add(&mut self, st: TcpState) {
@@ -105,7 +106,7 @@ impl StateCounts {
     pub fn iter(&self) -> impl Iterator<Item = (TcpState, usize)> + '_ {
         TcpState::ALL
             .into_iter()
-            .zip(self.0)
+            .zip(self.0.map(|n| n as usize))
             .filter(|&(_, n)| n > 0)
     }
 }
@@ -179,7 +180,7 @@ pub struct Report {
 
 #[derive(Default)]
 struct Acc {
-    count: usize,
+    count: u32,
     states: StateCounts,
 }
 
@@ -203,11 +204,18 @@ pub struct GroupCounts(FxHashMap<RawKey, usize>);
 /// groups that survive `top` are spelled out: `--by port` on a busy node has a group per
 /// client port.
 pub fn aggregate(joined: &Joined<'_>, query: &Query) -> Report {
-    aggregate_with_counts(joined, query).0
+    group(joined, query, false).0
 }
 
 /// `aggregate`, plus the size of every group for `annotate_deltas`.
 pub fn aggregate_with_counts(joined: &Joined<'_>, query: &Query) -> (Report, GroupCounts) {
+    let (report, counts) = group(joined, query, true);
+    (report, counts.unwrap_or_default())
+}
+
+/// Groups the sockets; with `counts`, also keeps every group's size (a map as large as the
+/// groups, which `--by pair` on a busy server makes one per client port).
+fn group(joined: &Joined<'_>, query: &Query, counts: bool) -> (Report, Option<GroupCounts>) {
     let sample = joined.sample;
     let mut totals = Totals::default();
     let mut slots: FxHashMap<RawKey, u32> = FxHashMap::default();
@@ -292,7 +300,8 @@ pub fn aggregate_with_counts(joined: &Joined<'_>, query: &Query) -> (Report, Gro
         }
     }
     drop(slots);
-    let all_counts = GroupCounts(accs.iter().map(|(k, a)| (*k, a.count)).collect());
+    let all_counts =
+        counts.then(|| GroupCounts(accs.iter().map(|(k, a)| (*k, a.count as usize)).collect()));
 
     // Rank the groups, keep the top ones, and note where each kept slot landed.
     let total_groups = accs.len();
@@ -534,7 +543,7 @@ fn make_group(
     Group {
         key: key_text,
         what,
-        count: acc.count,
+        count: acc.count as usize,
         states: acc.states,
         processes: counts(owners),
         peer_processes: counts(peers),

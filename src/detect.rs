@@ -50,6 +50,11 @@ pub const MIN_RETAINED: f64 = 0.9;
 /// Sample-to-sample increases a growth must be spread over in watch mode, so a pool that
 /// opens its connections in one burst and then holds them is not taken for a leak.
 pub const MIN_RISES: usize = 3;
+/// A grown socket counts as active (a pool growing under load, not a leak) when it carried
+/// data after shimcheck first saw it and within the last `window / QUIET_DIVISOR`: a leaked
+/// connection goes quiet after its first exchanges and stays so. With the 10 s window of a
+/// terminal session that is 2.5 s; with `serve`'s 1 h window, 15 minutes.
+pub const QUIET_DIVISOR: u32 = 4;
 /// Share of the ephemeral port range one (source, destination) may use before it is flagged.
 pub const PORT_RANGE_SHARE: f64 = 0.5;
 /// Share of RLIMIT_NOFILE a process may hold before it is flagged (defined with `FdUse`).
@@ -101,11 +106,27 @@ pub enum Severity {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Detail {
-    Growth { rate_per_min: f64, retained: f64 },
-    Idle { idle_s_min: u64, idle_s_median: u64 },
+    Growth {
+        rate_per_min: f64,
+        retained: f64,
+        /// Of the connections opened within the window: how many went quiet (a leak's
+        /// signature), and how many activity could not be judged for (no tcp_info).
+        quiet: usize,
+        unjudged: usize,
+    },
+    Idle {
+        idle_s_min: u64,
+        idle_s_median: u64,
+    },
     CloseWait {},
-    PortExhaustion { used: usize, range: usize },
-    FdLimit { open: u64, limit: u64 },
+    PortExhaustion {
+        used: usize,
+        range: usize,
+    },
+    FdLimit {
+        open: u64,
+        limit: u64,
+    },
 }
 
 /// One conclusion, with what to do about it.
@@ -482,8 +503,14 @@ fn human(secs: u64) -> String {
 pub struct History {
     window: Duration,
     min_rises: usize,
+    /// Against a baseline the sockets opened since were all first seen in the last sample, so
+    /// their activity is judged by their quiet time alone.
+    baseline: bool,
     samples: VecDeque<(SystemTime, FxHashMap<PairKey, u32>)>,
-    first_seen: FxHashMap<u64, SystemTime>,
+    /// Per socket open now: when it was first seen, and the number of the last sample that
+    /// had it (updated in place, so a sample never holds two maps of every socket).
+    first_seen: FxHashMap<u64, (SystemTime, u64)>,
+    observed: u64,
 }
 
 impl History {
@@ -493,8 +520,19 @@ impl History {
         History {
             window,
             min_rises,
+            baseline: false,
             samples: VecDeque::new(),
             first_seen: FxHashMap::default(),
+            observed: 0,
+        }
+    }
+
+    /// A history of two samples, a baseline snapshot and now: the baseline is the window's
+    /// start however long ago, and one rise is enough.
+    pub fn against_baseline() -> History {
+        History {
+            baseline: true,
+            ..History::new(Duration::MAX, 1)
         }
     }
 
@@ -502,20 +540,20 @@ impl History {
     pub fn observe(&mut self, j: &Joined<'_>) {
         let t = j.sample.taken_at;
         let mut counts: FxHashMap<PairKey, u32> = FxHashMap::default();
-        let mut first_seen = FxHashMap::default();
+        self.observed += 1;
+        let n = self.observed;
         let mut keys = Vec::new();
         for i in 0..j.sample.sockets.len() {
             pair_keys(j, i, &mut keys);
             if keys.is_empty() {
                 continue;
             }
-            let id = identity(j, i);
-            first_seen.insert(id, self.first_seen.get(&id).copied().unwrap_or(t));
+            self.first_seen.entry(identity(j, i)).or_insert((t, n)).1 = n;
             for k in &keys {
                 *counts.entry(*k).or_default() += 1;
             }
         }
-        self.first_seen = first_seen;
+        self.first_seen.retain(|_, seen| seen.1 == n);
         self.samples.push_back((t, counts));
         // Keep the newest sample at or before the window's start: it is the baseline.
         let start = t.checked_sub(self.window).unwrap_or(SystemTime::UNIX_EPOCH);
@@ -545,8 +583,16 @@ impl History {
         }
         let elapsed = t1.duration_since(*t0).unwrap_or_default();
         let minutes = (elapsed.as_secs_f64() / 60.0).max(1.0 / 60.0);
-        // Per pair: sockets open now that were already open at the window's start.
+        // Against a baseline the span is the time since the snapshot, however short.
+        let quiet_after = if self.baseline {
+            cfg.window.min(elapsed) / QUIET_DIVISOR
+        } else {
+            cfg.window / QUIET_DIVISOR
+        };
+        // Per pair: sockets open now that were already open at the window's start, and how
+        // the ones opened since behave.
         let mut kept: FxHashMap<PairKey, u32> = FxHashMap::default();
+        let mut fresh: FxHashMap<PairKey, Activity> = FxHashMap::default();
         let mut members: FxHashMap<PairKey, Vec<usize>> = FxHashMap::default();
         let mut keys = Vec::new();
         for i in 0..j.sample.sockets.len() {
@@ -554,13 +600,18 @@ impl History {
             if keys.is_empty() {
                 continue;
             }
-            let old = self
+            let seen = self
                 .first_seen
                 .get(&identity(j, i))
-                .is_some_and(|seen| seen <= t0);
+                .map_or(*t1, |seen| seen.0);
+            let old = seen <= *t0;
+            let activity = (!old).then(|| self.activity(j.socket(i), *t1, seen, quiet_after));
             for k in &keys {
                 if old {
                     *kept.entry(*k).or_default() += 1;
+                }
+                if let Some(a) = activity {
+                    fresh.entry(*k).or_default().add(a);
                 }
                 members.entry(*k).or_default().push(i);
             }
@@ -593,11 +644,26 @@ impl History {
             if rises < self.min_rises {
                 continue;
             }
+            // A pool growing under load keeps using its new connections; a leak's go quiet.
+            // Where the kernel gave no tcp_info (/proc/net/tcp), activity is not judged.
+            let a = fresh.get(key).copied().unwrap_or_default();
+            if a.judged() > 0 && a.quiet + a.unjudged < cfg.min_growth {
+                continue;
+            }
             let (pid, netns, target) = *key;
             let comm = comm_of(j, pid);
             let (remote, where_) = describe_target(j, netns, &target);
             let rate = rise as f64 / minutes;
             let no_members = Vec::new();
+            let activity = if a.judged() == 0 {
+                " (whether they carry data could not be judged: no tcp_info)".to_string()
+            } else {
+                format!(
+                    "; {} of the {} opened since went quiet after their first exchanges",
+                    a.quiet,
+                    a.judged()
+                )
+            };
             out.push(finish(
                 Finding {
                     kind: Kind::Growth,
@@ -605,7 +671,7 @@ impl History {
                     pid: Some(pid),
                     message: format!(
                         "{comm}({pid}) went from {start} to {count} connections {where_} in {} \
-                         ({rate:.1}/min) and kept {:.0}% of those it had{}",
+                         ({rate:.1}/min) and kept {:.0}% of those it had{activity}{}",
                         human(elapsed.as_secs()),
                         retained * 100.0,
                         mirror_note(j, members.get(key).unwrap_or(&no_members))
@@ -619,12 +685,79 @@ impl History {
                     detail: Detail::Growth {
                         rate_per_min: (rate * 10.0).round() / 10.0,
                         retained: (retained * 1000.0).round() / 1000.0,
+                        quiet: a.quiet,
+                        unjudged: a.unjudged,
                     },
                 },
                 None,
             ));
         }
         out
+    }
+}
+
+/// How one socket opened within the window behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// Carried data recently, after shimcheck first saw it.
+    Active,
+    /// Silent since it was opened, or long enough: the leak's signature. A socket first seen
+    /// in this very sample cannot have shown activity yet and counts here too, so a leak is
+    /// flagged as soon as it has grown enough.
+    Quiet,
+    /// No tcp_info (the /proc/net/tcp fallback).
+    Unjudged,
+}
+
+/// The sockets of one pair opened within the window, by `Use`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Activity {
+    active: usize,
+    quiet: usize,
+    unjudged: usize,
+}
+
+impl Activity {
+    fn add(&mut self, u: Use) {
+        match u {
+            Use::Active => self.active += 1,
+            Use::Quiet => self.quiet += 1,
+            Use::Unjudged => self.unjudged += 1,
+        }
+    }
+
+    fn judged(&self) -> usize {
+        self.active + self.quiet
+    }
+}
+
+impl History {
+    /// Judges a socket opened within the window, at `now`, first seen at `seen`: active when
+    /// its data clock (the smaller of last-sent and last-received) is younger than both its
+    /// time under watch and `quiet_after`. Against a baseline, when it was opened is unknown:
+    /// `quiet_after` (a quarter of the time since the snapshot, at most) alone decides.
+    fn activity(
+        &self,
+        s: &crate::model::Socket,
+        now: SystemTime,
+        seen: SystemTime,
+        quiet_after: Duration,
+    ) -> Use {
+        let Some(info) = s.tcp_info else {
+            return Use::Unjudged;
+        };
+        let idle = Duration::from_millis(u64::from(info.data_idle_ms()));
+        let watched = now.duration_since(seen).unwrap_or_default();
+        let bound = if self.baseline {
+            quiet_after
+        } else {
+            watched.min(quiet_after)
+        };
+        if idle < bound {
+            Use::Active
+        } else {
+            Use::Quiet
+        }
     }
 }
 

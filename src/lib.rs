@@ -73,8 +73,7 @@ pub fn run_ports(
             let (_, base_counts) = aggregate::aggregate_with_counts(&base_joined, &query);
             aggregate::annotate_deltas(&mut report, None, &base_counts);
             report.baseline_taken_at = Some(aggregate::rfc3339(base.taken_at));
-            // A baseline is the window's start, however long ago; one rise is enough.
-            let mut h = detect::History::new(std::time::Duration::MAX, 1);
+            let mut h = detect::History::against_baseline();
             h.observe(&base_joined);
             h.observe(&joined);
             Some(h)

@@ -43,6 +43,10 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// The largest request head read (headers beyond it get 431).
 const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Groups in /report: `--by pair` has a group per client port of every server whose clients
+/// are elsewhere, so the whole list grows with the sockets; `total_groups` says how many
+/// there were.
+pub const REPORT_TOP: usize = 500;
 /// How often the sleep between samples checks for a signal.
 const TICK: Duration = Duration::from_millis(50);
 /// The sampling threads' nice value: a sample uses every core for a moment, and a scrape
@@ -116,7 +120,7 @@ fn sample_loop(
         port: None,
         pid: None,
         process: None,
-        top: None,
+        top: Some(REPORT_TOP),
     };
     let mut sampler = Sampler::open(&args.node, Mode::Incremental);
     let mut history = History::new(cfg.window, MIN_RISES);

@@ -29,6 +29,8 @@ pub struct NetlinkSource {
     socket: NlSocket,
     buf: Vec<u8>,
     seq: u32,
+    /// Sockets the last dump found: the next one is sized for about as many.
+    last_len: usize,
 }
 
 impl NetlinkSource {
@@ -49,6 +51,7 @@ impl NetlinkSource {
             socket,
             buf: Vec::with_capacity(RECV_BUF),
             seq: 0,
+            last_len: 0,
         })
     }
 
@@ -106,9 +109,14 @@ impl NetlinkSource {
         }
     }
 
-    fn dump_family(&mut self, family: u8, states: StateSet) -> Result<Vec<Socket>, CollectError> {
+    fn dump_family(
+        &mut self,
+        family: u8,
+        states: StateSet,
+        capacity: usize,
+    ) -> Result<Vec<Socket>, CollectError> {
         for _ in 0..MAX_ATTEMPTS {
-            let mut decoder = DumpDecoder::new();
+            let mut decoder = DumpDecoder::with_capacity(capacity);
             self.dump_raw(family, states, &mut |d| decoder.feed(d))?;
             let dump = decoder.finish()?;
             if !dump.interrupted {
@@ -125,8 +133,56 @@ impl SocketSource for NetlinkSource {
     }
 
     fn sockets(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError> {
-        let mut all = self.dump_family(AF_INET, states)?;
-        all.extend(self.dump_family(AF_INET6, states)?);
+        // Room for both families and some growth in the first vector, so that appending the
+        // second one does not reallocate. The first dump is sized by the kernel's counters.
+        if self.last_len == 0 {
+            self.last_len = tcp_in_use();
+        }
+        let room = self.last_len + self.last_len / 8;
+        let mut all = self.dump_family(AF_INET, states, room)?;
+        all.extend(self.dump_family(AF_INET6, states, 0)?);
+        self.last_len = all.len();
         Ok(all)
+    }
+}
+
+/// TCP sockets of this thread's network namespace by the kernel's own counters
+/// (`/proc/thread-self/net/sockstat{,6}`: `inuse` plus `tw`, about 3 µs to read): the size to
+/// expect of a dump. 0 when they cannot be read; a dump then grows as it goes.
+fn tcp_in_use() -> usize {
+    ["sockstat", "sockstat6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(format!("/proc/thread-self/net/{f}")).ok())
+        .map(|text| sockstat_tcp(&text))
+        .sum()
+}
+
+/// `inuse` + `tw` of the `TCP:` or `TCP6:` line of a sockstat file.
+fn sockstat_tcp(text: &str) -> usize {
+    let Some(line) = text
+        .lines()
+        .find(|l| l.starts_with("TCP: ") || l.starts_with("TCP6: "))
+    else {
+        return 0;
+    };
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words
+        .windows(2)
+        .filter(|w| w[0] == "inuse" || w[0] == "tw")
+        .filter_map(|w| w[1].parse::<usize>().ok())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sockstat_tcp;
+
+    #[test]
+    fn sockstat_counts_in_use_and_time_wait_sockets() {
+        let v4 =
+            "sockets: used 290\nTCP: inuse 5 orphan 0 tw 3 alloc 7 mem 1\nUDP: inuse 2 mem 0\n";
+        assert_eq!(sockstat_tcp(v4), 8);
+        assert_eq!(sockstat_tcp("TCP6: inuse 4\nUDP6: inuse 1\n"), 4);
+        assert_eq!(sockstat_tcp("garbage"), 0);
     }
 }

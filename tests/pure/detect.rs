@@ -11,6 +11,9 @@ use shimcheck::model::{FdUse, HostFacts, Sample, TcpInfo, TcpState};
 use crate::support::builders::{self, ProcessWith, SocketWith, process, sock};
 
 const REGISTRY: &str = "127.0.0.1:5000";
+/// An idle time meaning "no data since it was opened, right after the previous sample": the
+/// leak's signature (`watch` turns it into that socket's age).
+const QUIET: u32 = u32::MAX;
 
 /// A socket population at one instant: (cookie, state, local, remote, idle ms, holder pid).
 struct Pop {
@@ -49,9 +52,33 @@ impl Pop {
         self
     }
 
+    /// One socket, quiet since it was opened.
     fn with(mut self, cookie: u64, state: TcpState, local: &str, remote: &str, pid: u32) -> Pop {
         self.sockets
-            .push((cookie, state, local.into(), remote.into(), 0, pid));
+            .push((cookie, state, local.into(), remote.into(), QUIET, pid));
+        self
+    }
+
+    /// Gives the socket added last data `idle_ms` old.
+    fn idle_last(mut self, idle_ms: u32) -> Pop {
+        if let Some(s) = self.sockets.last_mut() {
+            s.4 = idle_ms;
+        }
+        self
+    }
+
+    /// Replaces each `QUIET` idle time by the socket's age at `t`: opened 0.5 s after the
+    /// sample before the one that first had it (`prev`), or 0.5 s before `t` if none did.
+    fn aged(mut self, t: u64, prev: Option<u64>, opened: &mut HashMap<u64, i64>) -> Pop {
+        let now_ms = t as i64 * 1000;
+        for (cookie, _, _, _, idle, _) in &mut self.sockets {
+            if *idle == QUIET {
+                let at_ms = *opened
+                    .entry(*cookie)
+                    .or_insert_with(|| prev.map_or(now_ms - 500, |p| p as i64 * 1000 + 500));
+                *idle = (now_ms - at_ms) as u32;
+            }
+        }
         self
     }
 
@@ -96,10 +123,13 @@ fn cfg(window_s: u64) -> DetectConfig {
 /// the growth findings after each sample.
 fn watch(series: impl IntoIterator<Item = (u64, Pop)>, c: &DetectConfig) -> Vec<Vec<Finding>> {
     let mut h = History::new(c.window, MIN_RISES);
+    let mut opened = HashMap::new();
+    let mut prev = None;
     series
         .into_iter()
         .map(|(t, pop)| {
-            let s = pop.sample(t);
+            let s = pop.aged(t, prev, &mut opened).sample(t);
+            prev = Some(t);
             let j = Joined::new(&s);
             h.observe(&j);
             h.growth(&j, c)
@@ -115,7 +145,7 @@ fn first_flagged(results: &[Vec<Finding>]) -> Option<usize> {
 fn a_steady_leak_is_flagged_with_the_culprits_remedy() {
     // +2 connections every 5 s, none ever closed (the image-cri-shim leak).
     let results = watch(
-        (0..12).map(|i| (i * 5, Pop::new().clients(100, 0, 2 * i + 2, 0))),
+        (0..12).map(|i| (i * 5, Pop::new().clients(100, 0, 2 * i + 2, QUIET))),
         &cfg(60),
     );
     assert_eq!(
@@ -147,9 +177,16 @@ fn a_steady_leak_is_flagged_with_the_culprits_remedy() {
         Detail::Growth {
             rate_per_min,
             retained,
+            quiet,
+            unjudged,
         } => {
             assert_eq!(retained, 1.0);
             assert_eq!(rate_per_min, 24.0, "22 more in 55 s");
+            assert_eq!(
+                (quiet, unjudged),
+                (22, 0),
+                "every connection opened since is quiet"
+            );
         }
         ref other => panic!("{other:?}"),
     }
@@ -159,7 +196,7 @@ fn a_steady_leak_is_flagged_with_the_culprits_remedy() {
 fn a_slow_leak_of_four_a_minute_is_flagged_once_it_has_grown_by_ten() {
     // One more connection every 15 s over 5 minutes.
     let results = watch(
-        (0..21).map(|i| (i * 15, Pop::new().clients(300, 0, 5 + i, 0))),
+        (0..21).map(|i| (i * 15, Pop::new().clients(300, 0, 5 + i, QUIET))),
         &cfg(300),
     );
     assert_eq!(first_flagged(&results), Some(10));
@@ -178,7 +215,7 @@ fn churn_at_a_stable_count_is_not_a_leak() {
     let results = watch(
         (0..30).map(|i| {
             let n = if i % 4 == 3 { 55 } else { 40 };
-            (i * 5, Pop::new().clients(300, i * 1000, n, 0))
+            (i * 5, Pop::new().clients(300, i * 1000, n, QUIET))
         }),
         &cfg(60),
     );
@@ -188,7 +225,7 @@ fn churn_at_a_stable_count_is_not_a_leak() {
 #[test]
 fn a_large_stable_pool_is_not_a_leak() {
     let results = watch(
-        (0..30).map(|i| (i * 5, Pop::new().clients(300, 0, 2000, 0))),
+        (0..30).map(|i| (i * 5, Pop::new().clients(300, 0, 2000, QUIET))),
         &cfg(60),
     );
     assert_eq!(first_flagged(&results), None);
@@ -201,7 +238,7 @@ fn a_step_then_flat_is_not_a_leak() {
         (0..30).map(|i| {
             (
                 i * 5,
-                Pop::new().clients(300, 0, if i == 0 { 10 } else { 60 }, 0),
+                Pop::new().clients(300, 0, if i == 0 { 10 } else { 60 }, QUIET),
             )
         }),
         &cfg(60),
@@ -213,11 +250,14 @@ fn a_step_then_flat_is_not_a_leak() {
 fn a_restarted_process_that_leaks_again_is_flagged_under_its_new_pid() {
     let mut series = Vec::new();
     for i in 0..6 {
-        series.push((i * 5, Pop::new().clients(100, 0, 2 * i + 2, 0)));
+        series.push((i * 5, Pop::new().clients(100, 0, 2 * i + 2, QUIET)));
     }
     // Restarted: pid 100 is gone with its sockets, pid 200 starts from nothing and leaks.
     for i in 0..10 {
-        series.push((30 + i * 5, Pop::new().clients(200, 10_000, 2 * i + 2, 0)));
+        series.push((
+            30 + i * 5,
+            Pop::new().clients(200, 10_000, 2 * i + 2, QUIET),
+        ));
     }
     let results = watch(series, &cfg(60));
     let last = &results[15];
@@ -267,9 +307,16 @@ fn the_server_end_on_this_node_is_named_as_the_mirror_not_reported_twice() {
 #[test]
 fn growth_since_a_baseline_needs_no_window() {
     let c = cfg(300);
-    let before = Pop::new().clients(100, 0, 100, 0).sample(0);
-    let after = Pop::new().clients(100, 0, 180, 0).sample(3600);
-    let mut h = History::new(Duration::MAX, 1);
+    let mut opened = HashMap::new();
+    let before = Pop::new()
+        .clients(100, 0, 100, QUIET)
+        .aged(0, None, &mut opened)
+        .sample(0);
+    let after = Pop::new()
+        .clients(100, 0, 180, QUIET)
+        .aged(3600, Some(0), &mut opened)
+        .sample(3600);
+    let mut h = History::against_baseline();
     h.observe(&Joined::new(&before));
     let j = Joined::new(&after);
     h.observe(&j);
@@ -407,7 +454,7 @@ fn a_process_near_its_fd_limit_is_flagged() {
 #[test]
 fn findings_serialise_with_the_contract_fields() {
     let results = watch(
-        (0..8).map(|i| (i * 5, Pop::new().clients(100, 0, 2 * i + 2, 0))),
+        (0..8).map(|i| (i * 5, Pop::new().clients(100, 0, 2 * i + 2, QUIET))),
         &cfg(60),
     );
     let v = serde_json::to_value(&results[7][0]).unwrap();
@@ -422,9 +469,136 @@ fn findings_serialise_with_the_contract_fields() {
         "remediation",
         "rate_per_min",
         "retained",
+        "quiet",
+        "unjudged",
     ] {
         assert!(v.get(field).is_some(), "missing {field}: {v}");
     }
     assert_eq!(v["kind"], "growth");
     assert_eq!(v["severity"], "critical");
+}
+
+/// A client opening one connection a second, up to 40 (watched every second, 10 s window),
+/// whose connections each carry `idle_ms`-old data (QUIET: none since opened).
+fn ramp(pid: u32, first: u64, idle_ms: u32) -> Vec<(u64, Pop)> {
+    (0..45)
+        .map(|t| (t, Pop::new().clients(pid, first, (t + 1).min(40), idle_ms)))
+        .collect()
+}
+
+#[test]
+fn a_pool_warming_up_under_load_is_not_a_leak() {
+    // Every connection carries a byte each second: its data clock is never older than 1 s.
+    let results = watch(ramp(300, 0, 400), &cfg(10));
+    assert_eq!(first_flagged(&results), None, "{:#?}", results.concat());
+}
+
+#[test]
+fn the_same_ramp_of_connections_that_go_quiet_is_a_leak_as_fast_as_before() {
+    let results = watch(ramp(300, 0, QUIET), &cfg(10));
+    assert_eq!(
+        first_flagged(&results),
+        Some(10),
+        "a rise of 10 over 3 rises"
+    );
+    let f = &results[20][0];
+    assert!(
+        f.message
+            .contains("10 of the 10 opened since went quiet after their first exchanges"),
+        "{}",
+        f.message
+    );
+}
+
+#[test]
+fn connections_that_carry_data_once_and_then_go_quiet_are_a_leak() {
+    // Each connection exchanges data 1 s after it is opened (after shimcheck first saw it),
+    // then never again: active at first, quiet once the quiet time (window / 4) has passed.
+    let mut series = Vec::new();
+    for t in 0..45u64 {
+        let mut p = Pop::new();
+        for c in 0..(t + 1).min(40) {
+            let since_data = (t - c).saturating_sub(1) * 1000;
+            p = p.clients(300, c, 1, since_data as u32);
+        }
+        series.push((t, p));
+    }
+    let results = watch(series, &cfg(20));
+    let first = first_flagged(&results).expect("flagged");
+    eprintln!("carried data once, then quiet: first flagged at sample {first}");
+    assert!((10..=20).contains(&first), "flagged at sample {first}");
+}
+
+#[test]
+fn a_pool_that_ramps_up_and_shrinks_back_is_not_a_leak() {
+    let series: Vec<(u64, Pop)> = (0..60u64)
+        .map(|t| {
+            let n = if t < 30 { t + 1 } else { 60 - t };
+            (t, Pop::new().clients(300, 0, n, 300))
+        })
+        .collect();
+    let results = watch(series, &cfg(10));
+    assert_eq!(first_flagged(&results), None);
+}
+
+#[test]
+fn only_the_leak_is_flagged_in_a_process_with_an_active_pool_beside_it() {
+    let series: Vec<(u64, Pop)> = (0..45u64)
+        .map(|t| {
+            let n = (t + 1).min(40);
+            let mut p = Pop::new().clients(300, 0, n, QUIET);
+            for c in 0..n {
+                p = p
+                    .with(
+                        10_000 + c,
+                        TcpState::Established,
+                        &format!("127.0.0.1:{}", 50_000 + c),
+                        "127.0.0.1:6379",
+                        300,
+                    )
+                    .idle_last(300);
+            }
+            (t, p)
+        })
+        .collect();
+    let results = watch(series, &cfg(10));
+    for f in results.iter().flatten() {
+        assert_eq!(f.remote.as_deref(), Some(REGISTRY), "{f:#?}");
+    }
+    assert_eq!(results[30].len(), 1, "{:#?}", results[30]);
+}
+
+#[test]
+fn without_tcp_info_growth_is_judged_as_before_and_says_so() {
+    let mut h = History::new(Duration::from_secs(60), MIN_RISES);
+    let mut last = Vec::new();
+    for i in 0..8u64 {
+        let sockets = (0..2 * i + 2).map(|c| {
+            sock(
+                TcpState::Established,
+                &format!("127.0.0.1:{}", 20000 + c),
+                REGISTRY,
+                c + 1,
+            )
+        });
+        let s = builders::sample()
+            .at(1_800_000_000 + i * 5)
+            .sockets(sockets)
+            .owners((0..2 * i + 2).map(|c| (c + 1, 300)))
+            .process(process(300, "app"))
+            .build();
+        let j = Joined::new(&s);
+        h.observe(&j);
+        last = h.growth(&j, &cfg(60));
+    }
+    assert_eq!(last.len(), 1);
+    assert!(
+        last[0].message.contains("could not be judged: no tcp_info"),
+        "{}",
+        last[0].message
+    );
+    assert!(matches!(
+        last[0].detail,
+        Detail::Growth { unjudged: 14, .. }
+    ));
 }

@@ -16,7 +16,8 @@ and a client runs only if its key is present:
      "leaky":  {"name": "image-cri-shim", "interval_ms": 500},
      "fixed":  {"name": "fixed-shim", "interval_ms": 500},
      "churn":  {"name": "churner", "interval_ms": 100},
-     "pool":   {"name": "pool-holder", "size": 60}}
+     "pool":   {"name": "pool-holder", "size": 60},
+     "warm":   {"name": "warming-pool", "interval_ms": 1000, "size": 40}}
 
 - registry (always started, process `registry`): HTTP/1.1 keep-alive on 127.0.0.1:PORT, one
   process multiplexing every connection with `selectors`, never timing one out. `GET /v2/`
@@ -29,6 +30,9 @@ and a client runs only if its key is present:
 - churn: a new connection per lookup, closed by the client afterwards (busy but correct; the
   client's side ends in TIME_WAIT).
 - pool: `size` connections opened at start, one `GET /v2/` each, then held with no traffic.
+- warm: a connection pool warming up under rising load: every interval one more connection
+  (up to `size`), and a `GET /v2/` on every connection it holds. It grows like the leak, but
+  its connections keep carrying data (a JDBC or HTTP pool after a deploy).
 
 Clients stop making lookups after 10 minutes and just hold what they have. When the registry
 listens, the pool is open and every client has finished its first lookup it prints one line,
@@ -202,6 +206,24 @@ def pool(port, size, ready_w):
     hold_forever(conns)
 
 
+def warming(port, interval_ms, size, ready_w):
+    """A pool growing by one connection per interval to `size`, using every one each interval."""
+    conns = []
+    start = next_at = time.monotonic()
+    while time.monotonic() - start < LIFETIME_S:
+        if len(conns) < size:
+            conns.append(connect(port))
+        for conn in conns:
+            get(conn, "/v2/")
+        if ready_w is not None:
+            os.write(ready_w, b"k")
+            os.close(ready_w)
+            ready_w = None
+        next_at = max(next_at + interval_ms / 1000, time.monotonic())
+        time.sleep(max(0.0, next_at - time.monotonic()))
+    hold_forever(conns)
+
+
 def fork_child(name, body, *args):
     """Fork a child named `name` running body(*args); returns its pid."""
     parent = os.getpid()
@@ -237,7 +259,7 @@ def main():
         fail("usage: leak_repro.py [SPEC_JSON_OR_FILE]")
     arg = sys.argv[1] if len(sys.argv) == 2 else "{}"
     spec = json.loads(arg if arg.lstrip().startswith("{") else open(arg).read())
-    unknown = set(spec) - {"registry", "pool", *CLIENTS}
+    unknown = set(spec) - {"registry", "pool", "warm", *CLIENTS}
     if unknown:
         fail(f"unknown spec keys {sorted(unknown)}")
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
@@ -274,6 +296,10 @@ def main():
         if "pool" in spec:
             p = spec["pool"]
             parts.append((p.get("name", "pool-holder"), pool, int(p.get("size", 60))))
+        if "warm" in spec:
+            w = spec["warm"]
+            parts.append((w.get("name", "warming-pool"), warming,
+                          int(w.get("interval_ms", 1000)), int(w.get("size", 40))))
         for name, body, *args in parts:
             r, w = os.pipe()
             start(name, body, port, *args, w)
