@@ -28,7 +28,7 @@ use crate::aggregate::{self, GroupBy, Query};
 use crate::cli::ServeArgs;
 use crate::detect::{self, History, MIN_RISES};
 use crate::join::Joined;
-use crate::model::{StateSet, TcpState, Warning};
+use crate::model::{StateSet, TcpState};
 use crate::render::{self, metrics};
 use crate::sample::{Mode, Sampler, Taken};
 
@@ -133,7 +133,7 @@ fn sample_loop(
     let mut families = metrics::Families::default();
     let mut report = Bytes::new();
     let mut failing = 0u32;
-    let mut warned: Vec<Warning> = Vec::new();
+    let mut warned = render::WarnedOnce::default();
     while !stop.load(Ordering::SeqCst) {
         let tick = Instant::now();
         match sampler.sample(states) {
@@ -148,15 +148,8 @@ fn sample_loop(
                     r.drop_cmdlines();
                 }
                 report = Bytes::from(serde_json::to_vec_pretty(&r)?);
-                let new: Vec<Warning> = r
-                    .warnings
-                    .iter()
-                    .filter(|w| !warned.contains(w))
-                    .cloned()
-                    .collect();
                 // A closed stderr must not stop the agent: logging is best effort.
-                let _ = render::print_warnings(err, &new);
-                warned.extend(new);
+                let _ = warned.print_new(err, &r.warnings);
                 health.samples += 1;
                 health.last_sample = Some((sample.taken_at, tick.elapsed()));
                 failing = 0;

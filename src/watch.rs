@@ -17,7 +17,6 @@ use crate::aggregate::{self, GroupCounts, Report};
 use crate::cli::{Output, PortsArgs};
 use crate::detect::{self, History, MIN_RISES};
 use crate::join::Joined;
-use crate::model::Warning;
 use crate::render;
 use crate::sample::{Mode, Sampler, Taken};
 
@@ -42,7 +41,7 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
     let redraw = args.output == Output::Table && std::io::stdout().is_terminal();
     let mut first: Option<GroupCounts> = None;
     let mut previous: Option<GroupCounts> = None;
-    let mut warned: Vec<Warning> = Vec::new();
+    let mut warned = render::WarnedOnce::default();
     let started = Instant::now();
     let mut n = 0u64;
     let last = loop {
@@ -59,15 +58,7 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
         report.sample = Some(n);
         report.elapsed_s = Some((started.elapsed().as_secs_f64() * 10.0).round() / 10.0);
         report.findings = detect::findings(&joined, Some(&history), &cfg);
-        // Each warning once per watch, however many samples repeat it.
-        let new: Vec<Warning> = report
-            .warnings
-            .iter()
-            .filter(|w| !warned.contains(w))
-            .cloned()
-            .collect();
-        render::print_warnings(err, &new)?;
-        warned.extend(new);
+        warned.print_new(err, &report.warnings)?;
         match args.output {
             Output::Json => {
                 serde_json::to_writer(&mut *out, &report)?;

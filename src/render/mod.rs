@@ -28,6 +28,24 @@ pub fn print_warnings<'a>(
     Ok(())
 }
 
+/// The warnings a loop (`--watch`, `serve`) has printed: each is printed once, however many
+/// samples repeat it.
+#[derive(Debug, Default)]
+pub struct WarnedOnce(Vec<Warning>);
+
+impl WarnedOnce {
+    /// Prints those of `warnings` not printed before.
+    pub fn print_new(&mut self, err: &mut dyn io::Write, warnings: &[Warning]) -> io::Result<()> {
+        let new: Vec<Warning> = warnings
+            .iter()
+            .filter(|w| !self.0.contains(w))
+            .cloned()
+            .collect();
+        self.0.extend(new.iter().cloned());
+        print_warnings(err, &new)
+    }
+}
+
 /// Makes a string from the host safe for a terminal: control characters (C0, DEL, C1) become
 /// `\x1b`-style escapes, so a process named with escape codes cannot repaint the screen.
 pub fn escape_control(s: &str) -> Cow<'_, str> {
@@ -48,6 +66,20 @@ pub fn escape_control(s: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_loop_prints_each_warning_once() {
+        let mut warned = WarnedOnce::default();
+        let a = Warning::Recorded("a\x1b[31m".into());
+        let b = Warning::Recorded("b".into());
+        let mut err = Vec::new();
+        warned.print_new(&mut err, &[a.clone()]).unwrap();
+        warned.print_new(&mut err, &[a, b]).unwrap();
+        assert_eq!(
+            String::from_utf8(err).unwrap(),
+            "shimcheck: warning: a\\x1b[31m\nshimcheck: warning: b\n"
+        );
+    }
 
     #[test]
     fn control_characters_are_escaped() {

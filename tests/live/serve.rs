@@ -770,3 +770,60 @@ fn healthz_is_503_while_every_sample_fails_and_says_why() {
         "{err}"
     );
 }
+
+/// What the DaemonSet runs: `serve --all-netns` from the host's namespace sees a leak inside a
+/// named network namespace and labels it with that name.
+#[test]
+fn serve_all_netns_labels_a_leak_in_another_namespace_with_its_name() {
+    skip_unless_live!();
+    let pop = Population::start_in_ip_netns(
+        "shimcheck-serve-ns",
+        "leak_repro.py",
+        &json!({"registry": {"port": 5000}, "leaky": {"interval_ms": 500}}),
+    );
+    let port = free_port();
+    let mut serve = Command::new(shimcheck_bin())
+        .args([
+            "serve",
+            "--all-netns",
+            "--interval",
+            "1s",
+            "--window",
+            "10s",
+        ])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = || -> Option<BTreeMap<String, f64>> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut r = agent
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .call()
+            .ok()?;
+        (r.status() == 200).then(|| parse(&r.body_mut().read_to_string().unwrap()))
+    };
+    let growth = "shimcheck_finding{kind=\"growth\",severity=\"critical\",\
+                  netns=\"shimcheck-serve-ns\",process=\"image-cri-shim\",\
+                  endpoint=\"127.0.0.1:5000\"}";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let m = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no growth finding in the named namespace"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        if let Some(m) = metrics().filter(|m| m.contains_key(growth)) {
+            break m;
+        }
+    };
+    let clients = "shimcheck_connections{netns=\"shimcheck-serve-ns\",process=\"image-cri-shim\",\
+                   endpoint=\"127.0.0.1:5000\",side=\"client\",state=\"established\"}";
+    assert!(m[clients] >= 10.0, "{m:#?}");
+    let _ = serve.kill();
+    let _ = serve.wait();
+    drop(pop);
+}
