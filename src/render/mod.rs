@@ -73,7 +73,9 @@ mod tests {
         let a = Warning::Recorded("a\x1b[31m".into());
         let b = Warning::Recorded("b".into());
         let mut err = Vec::new();
-        warned.print_new(&mut err, std::slice::from_ref(&a)).unwrap();
+        warned
+            .print_new(&mut err, std::slice::from_ref(&a))
+            .unwrap();
         warned.print_new(&mut err, &[a, b]).unwrap();
         assert_eq!(
             String::from_utf8(err).unwrap(),

@@ -701,6 +701,20 @@ fn prometheus_fires_the_shipped_leak_alert_for_image_cri_shim_and_for_nothing_el
     drop(serve);
 }
 
+/// `GET http://127.0.0.1:PORT/PATH` in the test's own namespace: status and body, or `None`
+/// while nothing answers.
+fn get_host(port: u16, path: &str) -> Option<(u16, String)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut r = agent
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .call()
+        .ok()?;
+    Some((r.status().as_u16(), r.body_mut().read_to_string().unwrap()))
+}
+
 /// A port nothing listens on right now, on the host's loopback.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -727,17 +741,7 @@ fn healthz_is_503_while_every_sample_fails_and_says_why() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let get = |path: &str| {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut r = agent
-            .get(format!("http://127.0.0.1:{port}{path}"))
-            .call()
-            .ok()?;
-        Some((r.status().as_u16(), r.body_mut().read_to_string().unwrap()))
-    };
+    let get = |path: &str| get_host(port, path);
     let deadline = Instant::now() + Duration::from_secs(20);
     let health = loop {
         assert!(
@@ -795,16 +799,10 @@ fn serve_all_netns_labels_a_leak_in_another_namespace_with_its_name() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let metrics = || -> Option<BTreeMap<String, f64>> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut r = agent
-            .get(format!("http://127.0.0.1:{port}/metrics"))
-            .call()
-            .ok()?;
-        (r.status() == 200).then(|| parse(&r.body_mut().read_to_string().unwrap()))
+    let metrics = || {
+        get_host(port, "/metrics")
+            .filter(|(code, _)| *code == 200)
+            .map(|(_, body)| parse(&body))
     };
     let growth = "shimcheck_finding{kind=\"growth\",severity=\"critical\",\
                   netns=\"shimcheck-serve-ns\",process=\"image-cri-shim\",\
