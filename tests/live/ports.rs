@@ -234,3 +234,30 @@ fn piping_into_head_ends_quietly() {
         "{out}"
     );
 }
+
+/// `snapshot -o` on a full filesystem: exit 2 with a message, the previous snapshot intact and
+/// no temporary file left (a tmpfs in a mount namespace of the test's own, filled first).
+#[test]
+fn a_snapshot_that_cannot_be_written_leaves_the_previous_one_intact() {
+    skip_unless_live!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let script = format!(
+        "mount -t tmpfs -o size=256k tmpfs {d} && echo previous > {d}/snap.json && \
+         (dd if=/dev/zero of={d}/fill bs=4k 2>/dev/null || true) && \
+         {bin} snapshot -o {d}/snap.json; echo \"rc=$?\"; cat {d}/snap.json; ls -A {d}",
+        bin = crate::support::shimcheck_bin().display()
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines, ["rc=2", "previous", "fill", "snap.json"], "{stderr}");
+    assert!(
+        stderr.contains("shimcheck: error: cannot write") && stderr.contains("snap.json"),
+        "{stderr}"
+    );
+}
