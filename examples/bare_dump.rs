@@ -1,18 +1,18 @@
 //! The kernel's own cost of a namespace sweep, for `benches/netns.sh`: enters each namespace
 //! named on the command line (a `/proc/PID/ns/net` or `/run/netns/NAME` path) on a thread of
-//! its own and dumps its TCP sockets (the states `shimcheck ports` asks for) without decoding
+//! its own and dumps its TCP sockets (the states `shimcheck ports` asks for, both families in one
+//! walk, as shimcheck does) without decoding
 //! them: only the netlink headers are looked at, to find the end of the dump.
 //!
 //! `cargo run --release --example bare_dump -- /run/netns/a /run/netns/b ...`
 
 use anyhow::{Context, bail};
 use netlink_packet_core::{NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer};
-use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6};
 use rustix::fs::{Mode, OFlags};
 use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 use shimcheck::collect::CollectError;
 use shimcheck::collect::decode::Feed;
-use shimcheck::collect::netlink::NetlinkSource;
+use shimcheck::collect::netlink::{NetlinkSource, Request};
 
 fn main() -> anyhow::Result<()> {
     let states = shimcheck::sample::DETECT_STATES.into_iter().collect();
@@ -29,12 +29,10 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("setns {path}"))?;
                 let mut nl = NetlinkSource::open()?;
                 let mut n = 0;
-                for family in [AF_INET, AF_INET6] {
-                    nl.dump_raw(family, states, &mut |d| {
-                        n += d.len();
-                        last_type(d)
-                    })?;
-                }
+                nl.dump_raw(Request::Both, states, &mut |d| {
+                    n += d.len();
+                    last_type(d)
+                })?;
                 Ok(n)
             })
             .join()

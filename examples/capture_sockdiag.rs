@@ -17,7 +17,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6};
 use shimcheck::collect::decode::DumpDecoder;
-use shimcheck::collect::netlink::NetlinkSource;
+use shimcheck::collect::netlink::{NetlinkSource, Request};
 use shimcheck::model::StateSet;
 
 /// Offset of the `tcp_info` attribute's own length field, from the start of an inet_diag
@@ -47,7 +47,7 @@ fn main() -> anyhow::Result<()> {
     let mut nl = NetlinkSource::open()?;
     let all = StateSet::all();
 
-    let v4 = record(&mut nl, AF_INET, all)?;
+    let v4 = record(&mut nl, Request::Family(AF_INET), all)?;
     if v4.len() < 3 {
         bail!(
             "the IPv4 dump came in {} datagrams; the fixture needs a multi-part dump",
@@ -61,13 +61,17 @@ fn main() -> anyhow::Result<()> {
     cut[0] = first[..first.len() - 50].to_vec();
     write(&dir.join("cut-message.bin"), &cut)?;
 
-    let v6 = record(&mut nl, AF_INET6, all)?;
+    let v6 = record(&mut nl, Request::Family(AF_INET6), all)?;
     write(&dir.join("v6.bin"), &v6)?;
     write(&dir.join("v6-short-tcp-info.bin"), &shorten_tcp_info(&v6)?)?;
 
     // AF_UNSPEC has no sock_diag handler: the kernel answers with NLMSG_ERROR (-ENOENT).
-    let err = record(&mut nl, 0, all)?;
+    let err = record(&mut nl, Request::Family(0), all)?;
     write(&dir.join("error.bin"), &err)?;
+
+    // The compat request: both families in one walk, message type TCPDIAG_GETSOCK.
+    let both = record(&mut nl, Request::Both, all)?;
+    write(&dir.join("both.bin"), &both)?;
     println!("wrote fixtures to {}", dir.display());
     Ok(())
 }
@@ -102,10 +106,14 @@ fn populate() -> anyhow::Result<Vec<TcpStream>> {
     Ok(keep)
 }
 
-fn record(nl: &mut NetlinkSource, family: u8, states: StateSet) -> anyhow::Result<Vec<Vec<u8>>> {
+fn record(
+    nl: &mut NetlinkSource,
+    request: Request,
+    states: StateSet,
+) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut datagrams = Vec::new();
     let mut decoder = DumpDecoder::new();
-    let outcome = nl.dump_raw(family, states, &mut |d| {
+    let outcome = nl.dump_raw(request, states, &mut |d| {
         datagrams.push(d.to_vec());
         decoder.feed(d)
     });

@@ -49,8 +49,9 @@ pub fn run_ports(
     let (sample, topology) = match &args.from {
         Some(path) => (snapshot::read(path)?, None),
         None => {
-            let Taken { sample, topology } =
-                Sampler::open(&args.node, Mode::OneShot).sample(query.states)?;
+            let Taken {
+                sample, topology, ..
+            } = Sampler::open(&args.node, Mode::OneShot).sample(query.states)?;
             (sample, Some(topology))
         }
     };

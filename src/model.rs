@@ -199,6 +199,13 @@ impl TcpInfo {
     pub fn data_idle_ms(&self) -> u32 {
         self.last_data_sent_ms.min(self.last_data_recv_ms)
     }
+
+    /// The same connection `ms` milliseconds later, with nothing sent or received since.
+    pub fn age(&mut self, ms: u32) {
+        self.last_data_sent_ms = self.last_data_sent_ms.saturating_add(ms);
+        self.last_data_recv_ms = self.last_data_recv_ms.saturating_add(ms);
+        self.last_ack_recv_ms = self.last_ack_recv_ms.saturating_add(ms);
+    }
 }
 
 /// One TCP socket, as one line of `ss -tan` shows it.

@@ -328,6 +328,8 @@ pub struct OwnerCache {
     fds: FxHashMap<u32, FdUse>,
     stats: ScanStats,
     since_full: Option<u32>,
+    /// The pids alive at the last refresh, ascending.
+    live: Vec<u32>,
 }
 
 /// The owner map after a refresh.
@@ -364,22 +366,37 @@ impl OwnerCache {
         self.owners.get(at).is_some_and(|&(i, _)| i == inode)
     }
 
-    /// Brings the map up to date with `sockets`.
+    /// Brings the map up to date with `sockets`. `same_sockets`: they are the very sockets of
+    /// the last refresh (the collector saw nothing move), so only processes that exited are
+    /// forgotten and no fd table is read.
     pub fn refresh(
         &mut self,
         scanner: &ProcScanner,
         sockets: &[Socket],
         threads: usize,
+        same_sockets: bool,
     ) -> Result<Refreshed, std::io::Error> {
+        let mut cost = RefreshCost::default();
+        let mut live = scanner.pids()?;
+        live.sort_unstable();
+        let full_due = self.since_full.is_none_or(|n| n >= FULL_SCAN_EVERY);
+        if same_sockets && !full_due {
+            self.since_full = self.since_full.map(|n| n + 1);
+            if live != self.live {
+                let live_set: FxHashSet<u32> = live.iter().copied().collect();
+                self.forget_exited(&live_set);
+            }
+            self.count_fds(scanner, &live);
+            self.live = live;
+            return Ok(self.index(scanner, cost));
+        }
         let current: FxHashSet<u64> = sockets
             .iter()
             .map(|s| s.inode)
             .filter(|&i| i != 0)
             .collect();
-        let mut cost = RefreshCost::default();
-        let live = scanner.pids()?;
         let live_set: FxHashSet<u32> = live.iter().copied().collect();
-        if self.since_full.is_none_or(|n| n >= FULL_SCAN_EVERY) {
+        if full_due {
             let scan = scanner.socket_fds(threads)?;
             cost.full = true;
             cost.processes_read = scan.stats.scanned;
@@ -408,12 +425,9 @@ impl OwnerCache {
         } else {
             self.since_full = self.since_full.map(|n| n + 1);
             // Forget the dead and what closed.
-            self.owners
-                .retain(|(inode, pid)| current.contains(inode) && live_set.contains(pid));
+            self.forget_exited(&live_set);
+            self.owners.retain(|(inode, _)| current.contains(inode));
             self.unowned.retain(|i| current.contains(i));
-            self.recent.retain(|p| live_set.contains(p));
-            self.processes.retain(|p, _| live_set.contains(p));
-            self.fds.retain(|p, _| live_set.contains(p));
             let mut missing: FxHashSet<u64> = current
                 .iter()
                 .copied()
@@ -466,19 +480,38 @@ impl OwnerCache {
                     self.recent.insert(0, pid);
                 }
             }
-            // Open-file counts: cheap on Linux 6.2+ (the fd directory's size), else kept from
-            // the last full scan. Limits are read once per process.
-            for &pid in &live {
-                let open = scanner.fd_count(pid);
-                let entry = self.fds.entry(pid).or_insert_with(|| FdUse {
-                    open: 0,
-                    limit: scanner.fd_limit(pid),
-                });
-                if let Some(open) = open {
-                    entry.open = open;
-                }
+            self.count_fds(scanner, &live);
+        }
+        self.live = live;
+        Ok(self.index(scanner, cost))
+    }
+
+    /// Drops every process not in `live`, and what it held.
+    fn forget_exited(&mut self, live: &FxHashSet<u32>) {
+        self.owners.retain(|(_, pid)| live.contains(pid));
+        self.recent.retain(|p| live.contains(p));
+        self.processes.retain(|p, _| live.contains(p));
+        self.fds.retain(|p, _| live.contains(p));
+    }
+
+    /// Open-file counts: cheap on Linux 6.2+ (the fd directory's size), else kept from the
+    /// last full scan. Limits are read once per process.
+    fn count_fds(&mut self, scanner: &ProcScanner, live: &[u32]) {
+        for &pid in live {
+            let open = scanner.fd_count(pid);
+            let entry = self.fds.entry(pid).or_insert_with(|| FdUse {
+                open: 0,
+                limit: scanner.fd_limit(pid),
+            });
+            if let Some(open) = open {
+                entry.open = open;
             }
         }
+    }
+
+    /// The owner index of the sockets held now, with the details of their holders and of
+    /// every process at half its fd limit or more (read once per process).
+    fn index(&mut self, scanner: &ProcScanner, cost: RefreshCost) -> Refreshed {
         let mut index = OwnerIndex::from_pairs(self.owners.clone(), HashMap::new());
         let mut wanted: Vec<u32> = self.owners.iter().map(|&(_, pid)| pid).collect();
         wanted.extend(
@@ -502,11 +535,11 @@ impl OwnerCache {
             };
             index.processes.insert(pid, p);
         }
-        Ok(Refreshed {
+        Refreshed {
             owners: index,
             stats: self.stats.clone(),
             fds: self.fds.iter().map(|(&p, &f)| (p, f)).collect(),
             cost,
-        })
+        }
     }
 }

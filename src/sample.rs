@@ -45,6 +45,10 @@ pub enum Mode {
 pub struct Taken {
     pub sample: Sample,
     pub topology: Topology,
+    /// Incremental mode: the collector saw nothing move since the last sample, so the sockets
+    /// (in the same order) and their owners are the last sample's; only clocks and fd counts
+    /// moved on.
+    pub unchanged: bool,
 }
 
 /// The socket source, the /proc scanner and (incremental mode) the owner cache.
@@ -56,6 +60,8 @@ pub struct Sampler {
     opened: Option<Warning>,
     sys_fs_cgroup: PathBuf,
     threads: usize,
+    /// Incremental mode: the last sample's topology, kept while its sockets stay the same.
+    topology: Option<Topology>,
 }
 
 impl Sampler {
@@ -63,7 +69,12 @@ impl Sampler {
     /// `--all-netns`, else /proc/net with a warning) and a scanner of `node.proc_root`.
     pub fn open(node: &NodeArgs, mode: Mode) -> Sampler {
         let threads = worker_threads();
-        let (source, opened) = collect::open(&node.proc_root, node.all_netns, threads);
+        let (source, opened) = collect::open(
+            &node.proc_root,
+            node.all_netns,
+            threads,
+            mode == Mode::Incremental,
+        );
         let mut sampler = Sampler::with_source(
             source,
             ProcScanner::with_pods(&node.proc_root, &node.pods_dir),
@@ -86,6 +97,7 @@ impl Sampler {
             opened: None,
             sys_fs_cgroup: PathBuf::from(SYS_FS_CGROUP),
             threads: worker_threads(),
+            topology: None,
         }
     }
 
@@ -102,7 +114,7 @@ impl Sampler {
         let own = collect::netns::own(self.scanner.root()).unwrap_or(0);
         let source = &mut self.source;
         let scanner = &self.scanner;
-        let (dump, topology, found) = match &mut self.cache {
+        let (dump, topology, found, unchanged) = match &mut self.cache {
             None => {
                 let (dumped, scan) = std::thread::scope(|s| {
                     let dump = s.spawn(|| {
@@ -136,21 +148,27 @@ impl Sampler {
                     stats: scan.stats,
                     fds: scan.fds.into_iter().collect(),
                 };
-                (dump, topology, found)
+                (dump, topology, found, false)
             }
             Some(cache) => {
                 let dump =
                     dump_tagged(source.as_mut(), dump_states, own).map_err(collect_failed)?;
-                let topology = Topology::new(&dump.sockets);
+                // Nothing moved: the same sockets in the same order, so the same topology.
+                let topology = match &self.topology {
+                    Some(t) if dump.unchanged => t.clone(),
+                    _ => Topology::new(&dump.sockets),
+                };
+                self.topology = Some(topology.clone());
                 let r = cache
-                    .refresh(scanner, &dump.sockets, self.threads)
+                    .refresh(scanner, &dump.sockets, self.threads, dump.unchanged)
                     .with_context(|| proc_failed(scanner.root()))?;
                 let found = Found {
                     owners: r.owners,
                     stats: r.stats,
                     fds: r.fds,
                 };
-                (dump, topology, found)
+                let unchanged = dump.unchanged;
+                (dump, topology, found, unchanged)
             }
         };
         let mut warnings: Vec<Warning> = self.opened.iter().cloned().collect();
@@ -175,7 +193,11 @@ impl Sampler {
             warnings,
             own_netns: own,
         };
-        Ok(Taken { sample, topology })
+        Ok(Taken {
+            sample,
+            topology,
+            unchanged,
+        })
     }
 }
 

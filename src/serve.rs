@@ -137,7 +137,9 @@ fn sample_loop(
     while !stop.load(Ordering::SeqCst) {
         let tick = Instant::now();
         match sampler.sample(states) {
-            Ok(Taken { sample, topology }) => {
+            Ok(Taken {
+                sample, topology, ..
+            }) => {
                 let joined = Joined::with_topology(&sample, topology);
                 history.observe(&joined);
                 let findings = detect::findings(&joined, Some(&history), &cfg);

@@ -47,7 +47,9 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
     let last = loop {
         n += 1;
         let tick = Instant::now();
-        let Taken { sample, topology } = sampler.sample(query.states)?;
+        let Taken {
+            sample, topology, ..
+        } = sampler.sample(query.states)?;
         let joined = Joined::with_topology(&sample, topology);
         history.observe(&joined);
         let (mut report, counts) = aggregate::aggregate_with_counts(&joined, &query);

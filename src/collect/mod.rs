@@ -7,6 +7,7 @@
 //! (`--all-netns`); `procnet` reads /proc/net/tcp{,6} when sock_diag cannot be opened;
 //! `decode` is the pure byte decoder both the transport and the fixture tests use.
 
+pub mod counters;
 pub mod decode;
 pub mod netlink;
 pub mod netns;
@@ -65,6 +66,9 @@ pub struct Dump {
     pub namespaces: Vec<netns::Target>,
     /// What the operator must know about this dump (namespaces that could not be entered).
     pub warnings: Vec<Warning>,
+    /// Nothing moved since the last dump: every namespace's sockets are its last dump's, with
+    /// their clocks brought forward (`counters::LastDump`), in the same order.
+    pub unchanged: bool,
 }
 
 /// Where sockets come from. Implementations: the kernel (`netlink::NetlinkSource`), the
@@ -86,18 +90,22 @@ pub trait SocketSource {
 
 /// The best source this host allows for one namespace or, with `all_netns`, every namespace
 /// (dumped on `threads` worker threads): sock_diag, else /proc/net/tcp{,6} of shimcheck's own
-/// namespace with a warning saying what was lost.
+/// namespace with a warning saying what was lost. With `reuse` (loops), a namespace whose
+/// counters did not move since its last dump is not dumped again (`counters`).
 pub fn open(
     proc_root: &Path,
     all_netns: bool,
     threads: usize,
+    reuse: bool,
 ) -> (Box<dyn SocketSource + Send>, Option<Warning>) {
-    choose_source(
-        netlink::NetlinkSource::open(),
-        proc_root,
-        all_netns,
-        threads,
-    )
+    let netlink = netlink::NetlinkSource::open().map(|src| {
+        if reuse {
+            src.reusing_unchanged_dumps()
+        } else {
+            src
+        }
+    });
+    choose_source(netlink, proc_root, all_netns, threads)
 }
 
 fn choose_source(

@@ -1,19 +1,28 @@
-//! Stage 1, collector, kernel half: one `SOCK_DIAG_BY_FAMILY` dump per address family over a
+//! Stage 1, collector, kernel half: the TCP sockets of one network namespace over a
 //! NETLINK_SOCK_DIAG socket, states filtered in the kernel, tcp_info requested.
+//!
+//! One compat `TCPDIAG_GETSOCK` dump returns IPv4 and IPv6 in a single walk of the kernel's
+//! table; a `SOCK_DIAG_BY_FAMILY` dump per family walks the whole table twice (70–95 ns per
+//! socket for the family it skips: 11 ms at 120,000 sockets). A kernel that refuses the compat
+//! request gets the two per-family dumps from then on.
 //!
 //! Input: a `StateSet`. Output: sockets via `decode::DumpDecoder`, which owns every rule about
 //! what a complete reply is; this file only moves bytes. Like `ss -tan`, unprivileged.
 
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
-use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage};
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
+};
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
 use netlink_sys::{Socket as NlSocket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
 
-use super::decode::{DumpDecoder, Feed};
-use super::{CollectError, SocketSource};
+use super::counters::{Counters, LastDump};
+use super::decode::{DumpDecoder, Feed, TCPDIAG_GETSOCK};
+use super::{CollectError, Dump, SocketSource};
 use crate::model::{Socket, StateSet};
 
 /// The kernel hands out dump datagrams of at most 32 KiB; twice that means a full buffer can
@@ -31,6 +40,19 @@ pub struct NetlinkSource {
     seq: u32,
     /// Sockets the last dump found: the next one is sized for about as many.
     last_len: usize,
+    /// The kernel refused the compat request once: dump each family on its own.
+    per_family: bool,
+    /// Loops: the last dump, answered again while this namespace's counters stand still.
+    last: Option<LastDump>,
+}
+
+/// What a dump asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// `TCPDIAG_GETSOCK`: IPv4 and IPv6 in one walk.
+    Both,
+    /// `SOCK_DIAG_BY_FAMILY` for one address family (`AF_INET`, `AF_INET6`).
+    Family(u8),
 }
 
 impl NetlinkSource {
@@ -52,40 +74,61 @@ impl NetlinkSource {
             buf: Vec::with_capacity(RECV_BUF),
             seq: 0,
             last_len: 0,
+            per_family: false,
+            last: None,
         })
     }
 
-    /// Dumps one family, handing each datagram to `sink` as it arrives (the capture tool
-    /// records them; `sockets` decodes them).
+    /// From now on, a dump whose namespace's counters did not move since the last one
+    /// returns the last one's sockets instead (`counters::LastDump`).
+    pub fn reusing_unchanged_dumps(mut self) -> NetlinkSource {
+        self.last = Some(LastDump::default());
+        self
+    }
+
+    /// True when unchanged dumps are reused.
+    pub fn reuses(&self) -> bool {
+        self.last.is_some()
+    }
+
+    /// The sockets, and whether they are the last dump's (nothing moved). The counters are
+    /// those of the namespace the calling thread is in.
+    pub fn sockets_or_last(
+        &mut self,
+        states: StateSet,
+    ) -> Result<(Vec<Socket>, bool), CollectError> {
+        let Some(last) = self.last.as_mut() else {
+            return Ok((self.fresh(states)?, false));
+        };
+        let counters = Counters::read(Path::new(THREAD_NET));
+        if let Some(c) = &counters
+            && let Some(sockets) = last.reuse(c, states, Instant::now())
+        {
+            return Ok((sockets, true));
+        }
+        let sockets = self.fresh(states);
+        if let Some(last) = self.last.as_mut() {
+            match (&sockets, counters) {
+                (Ok(s), Some(c)) => last.keep(c, states, s, Instant::now()),
+                _ => last.forget(),
+            }
+        }
+        Ok((sockets?, false))
+    }
+
+    /// Runs one dump, handing each datagram to `sink` as it arrives (the capture tool records
+    /// them; `sockets` decodes them).
     pub fn dump_raw(
         &mut self,
-        family: u8,
+        request: Request,
         states: StateSet,
         sink: &mut dyn FnMut(&[u8]) -> Result<Feed, CollectError>,
     ) -> Result<(), CollectError> {
         self.seq = self.seq.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-        header.sequence_number = self.seq;
-        let socket_id = if family == AF_INET6 {
-            SocketId::new_v6()
-        } else {
-            SocketId::new_v4()
+        let req = match request {
+            Request::Both => compat_request(self.seq, states),
+            Request::Family(family) => family_request(self.seq, family, states),
         };
-        let mut msg = NetlinkMessage::new(
-            header,
-            SockDiagMessage::InetRequest(InetRequest {
-                family,
-                protocol: IPPROTO_TCP,
-                extensions: ExtensionFlags::INFO,
-                states: StateFlags::from_bits_retain(states.kernel_mask()),
-                socket_id,
-            })
-            .into(),
-        );
-        msg.finalize();
-        let mut req = vec![0u8; msg.buffer_len()];
-        msg.serialize(&mut req);
         self.socket.send(&req, 0).map_err(CollectError::Send)?;
         loop {
             self.buf.clear();
@@ -109,15 +152,15 @@ impl NetlinkSource {
         }
     }
 
-    fn dump_family(
+    fn dump_once(
         &mut self,
-        family: u8,
+        request: Request,
         states: StateSet,
         capacity: usize,
     ) -> Result<Vec<Socket>, CollectError> {
         for _ in 0..MAX_ATTEMPTS {
             let mut decoder = DumpDecoder::with_capacity(capacity);
-            self.dump_raw(family, states, &mut |d| decoder.feed(d))?;
+            self.dump_raw(request, states, &mut |d| decoder.feed(d))?;
             let dump = decoder.finish()?;
             if !dump.interrupted {
                 return Ok(dump.sockets);
@@ -125,6 +168,70 @@ impl NetlinkSource {
         }
         Err(CollectError::Interrupted(MAX_ATTEMPTS))
     }
+
+    /// Every socket through two `SOCK_DIAG_BY_FAMILY` dumps, IPv4 then IPv6: what a kernel
+    /// without the compat request gets, and what the tests compare the one walk with.
+    pub fn sockets_per_family(
+        &mut self,
+        states: StateSet,
+        capacity: usize,
+    ) -> Result<Vec<Socket>, CollectError> {
+        let mut all = self.dump_once(Request::Family(AF_INET), states, capacity)?;
+        all.extend(self.dump_once(Request::Family(AF_INET6), states, 0)?);
+        Ok(all)
+    }
+}
+
+/// `SOCK_DIAG_BY_FAMILY` for one family, built by the crate.
+fn family_request(seq: u32, family: u8, states: StateSet) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = seq;
+    let socket_id = if family == AF_INET6 {
+        SocketId::new_v6()
+    } else {
+        SocketId::new_v4()
+    };
+    let mut msg = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::INFO,
+            states: StateFlags::from_bits_retain(states.kernel_mask()),
+            socket_id,
+        })
+        .into(),
+    );
+    msg.finalize();
+    let mut req = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut req);
+    req
+}
+
+/// `struct inet_diag_req` (`include/uapi/linux/inet_diag.h`): family, src_len, dst_len, ext,
+/// a 48-byte `inet_diag_sockid` (zero: no filter), states, dbs.
+const INET_DIAG_REQ_LEN: usize = 60;
+const REQ_EXT: usize = 3;
+const REQ_STATES: usize = 52;
+
+/// `struct nlmsghdr`: 16 bytes (the crate keeps its constant private).
+const NETLINK_HEADER_LEN: usize = 16;
+
+/// `TCPDIAG_GETSOCK`: the compat request, which the crate does not model. The family is
+/// ignored by the kernel (it dumps AF_UNSPEC); `ext` asks for tcp_info as `INET_DIAG_INFO`.
+fn compat_request(seq: u32, states: StateSet) -> Vec<u8> {
+    let mut req = vec![0u8; NETLINK_HEADER_LEN + INET_DIAG_REQ_LEN];
+    let mut buf = NetlinkBuffer::new(&mut req[..]);
+    buf.set_length((NETLINK_HEADER_LEN + INET_DIAG_REQ_LEN) as u32);
+    buf.set_message_type(TCPDIAG_GETSOCK);
+    buf.set_flags(NLM_F_REQUEST | NLM_F_DUMP);
+    buf.set_sequence_number(seq);
+    let body = buf.payload_mut();
+    body[0] = AF_INET;
+    body[REQ_EXT] = ExtensionFlags::INFO.bits();
+    body[REQ_STATES..REQ_STATES + 4].copy_from_slice(&states.kernel_mask().to_ne_bytes());
+    req
 }
 
 impl SocketSource for NetlinkSource {
@@ -133,18 +240,49 @@ impl SocketSource for NetlinkSource {
     }
 
     fn sockets(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError> {
-        // Room for both families and some growth in the first vector, so that appending the
-        // second one does not reallocate. The first dump is sized by the kernel's counters.
+        self.sockets_or_last(states).map(|(sockets, _)| sockets)
+    }
+
+    fn dump(&mut self, states: StateSet) -> Result<Dump, CollectError> {
+        let (sockets, unchanged) = self.sockets_or_last(states)?;
+        Ok(Dump {
+            sockets,
+            unchanged,
+            ..Dump::default()
+        })
+    }
+}
+
+impl NetlinkSource {
+    /// A new dump of every socket in `states`.
+    fn fresh(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError> {
+        // Room for every socket and some growth, made once. The first dump is sized by the
+        // kernel's counters.
         if self.last_len == 0 {
             self.last_len = tcp_in_use();
         }
         let room = self.last_len + self.last_len / 8;
-        let mut all = self.dump_family(AF_INET, states, room)?;
-        all.extend(self.dump_family(AF_INET6, states, 0)?);
+        let all = if self.per_family {
+            self.sockets_per_family(states, room)?
+        } else {
+            match self.dump_once(Request::Both, states, room) {
+                Ok(all) => all,
+                // Refused (a kernel or sandbox without the compat request): the per-family
+                // requests, which every kernel since 4.x answers, from now on.
+                Err(CollectError::Kernel(_)) => {
+                    self.per_family = true;
+                    self.sockets_per_family(states, room)?
+                }
+                Err(e) => return Err(e),
+            }
+        };
         self.last_len = all.len();
         Ok(all)
     }
 }
+
+/// The procfs view of the calling thread's network namespace.
+pub const THREAD_NET: &str = "/proc/thread-self/net";
 
 /// TCP sockets of this thread's network namespace by the kernel's own counters
 /// (`/proc/thread-self/net/sockstat{,6}`: `inuse` plus `tw`, about 3 µs to read): the size to

@@ -9,12 +9,16 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use rustix::fs::{Mode, OFlags};
 use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 
-use super::netlink::NetlinkSource;
+use rustc_hash::FxHashMap;
+
+use super::counters::{Counters, LastDump};
+use super::netlink::{NetlinkSource, THREAD_NET};
 use super::{CollectError, Dump, SocketSource};
 use crate::model::{Socket, StateSet, Warning};
 
@@ -94,17 +98,22 @@ pub struct AllNetns {
     proc_root: PathBuf,
     ip_netns_dir: PathBuf,
     threads: usize,
+    /// Loops (`own` reuses unchanged dumps): each other namespace's last dump, by inode.
+    last: Option<FxHashMap<u64, LastDump>>,
 }
 
 impl AllNetns {
     /// Dumps the namespaces of the processes under `proc_root` and those `ip netns` names,
-    /// on up to `threads` worker threads; `own` is a sock_diag socket of this namespace.
+    /// on up to `threads` worker threads; `own` is a sock_diag socket of this namespace. When
+    /// `own` reuses unchanged dumps, so does every other namespace.
     pub fn new(own: NetlinkSource, proc_root: &Path, threads: usize) -> AllNetns {
+        let last = own.reuses().then(FxHashMap::default);
         AllNetns {
             own,
             proc_root: proc_root.to_path_buf(),
             ip_netns_dir: PathBuf::from(IP_NETNS_DIR),
             threads,
+            last,
         }
     }
 }
@@ -122,8 +131,20 @@ impl SocketSource for AllNetns {
         let pids = list_pids(&self.proc_root);
         let (targets, denied) = discover(&self.proc_root, &pids, &self.ip_netns_dir);
         let own_inode = own(&self.proc_root).unwrap_or(0);
-        let (sockets, mut warnings) =
-            dump_all(&mut self.own, &targets, own_inode, states, self.threads);
+        let mut last = self.last.take();
+        let sweep = Sweep {
+            proc_root: &self.proc_root,
+            states,
+            reuse: last.is_some(),
+        };
+        let (sockets, mut warnings, unchanged) = sweep.run(
+            &mut self.own,
+            &targets,
+            own_inode,
+            last.as_mut(),
+            self.threads,
+        );
+        self.last = last;
         if denied > 0 {
             warnings.push(Warning::NetnsHidden { processes: denied });
         }
@@ -131,6 +152,7 @@ impl SocketSource for AllNetns {
             sockets,
             namespaces: targets,
             warnings,
+            unchanged,
         })
     }
 }
@@ -147,82 +169,204 @@ fn list_pids(proc_root: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// The sockets of every target. Shimcheck's own namespace (`own_inode`) is dumped on the
-/// calling thread through `own_source`, without `setns` (any user may); every other one on
-/// fresh worker threads (`threads` of them, each entering namespace after namespace, then
-/// ending, so no thread is left in a foreign namespace). Sockets carry their namespace's
-/// inode; a namespace that cannot be entered (not root, or gone) is counted in the returned
-/// warning and left out.
-fn dump_all(
-    own_source: &mut NetlinkSource,
-    targets: &[Target],
-    own_inode: u64,
+/// One look at every namespace.
+struct Sweep<'a> {
+    proc_root: &'a Path,
     states: StateSet,
-    threads: usize,
-) -> (Vec<Socket>, Vec<Warning>) {
-    let failures: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
-    let fail = |inode: u64, e: String| {
-        if let Ok(mut f) = failures.lock() {
-            f.push((inode, e));
-        }
-    };
-    let tag = |mut sockets: Vec<Socket>, inode: u64| {
-        sockets.iter_mut().for_each(|s| s.netns = inode);
-        sockets
-    };
-    let (own, others): (Vec<&Target>, Vec<&Target>) =
-        targets.iter().partition(|t| t.inode == own_inode);
-    let mut all = Vec::new();
-    for t in own {
-        match own_source.sockets(states) {
-            Ok(sockets) => all.extend(tag(sockets, t.inode)),
-            Err(e) => fail(t.inode, e.to_string()),
-        }
-    }
-    let next = AtomicUsize::new(0);
-    let work = || {
-        let mut out = Vec::new();
-        while let Some(t) = others.get(next.fetch_add(1, Ordering::Relaxed)) {
-            match enter_and_dump(t, states) {
-                Ok(sockets) => out.extend(tag(sockets, t.inode)),
-                Err(e) => fail(t.inode, e),
-            }
-        }
-        out
-    };
-    let workers = threads.clamp(1, others.len().max(1));
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers).map(|_| s.spawn(work)).collect();
-        for h in handles {
-            // A worker that panicked lost its namespaces: say so rather than count less.
-            match h.join() {
-                Ok(sockets) => all.extend(sockets),
-                Err(_) => fail(0, "a namespace worker thread panicked".into()),
-            }
-        }
-    });
-    let failures = failures.into_inner().unwrap_or_default();
-    let mut warnings = Vec::new();
-    if let Some((inode, first)) = failures.first() {
-        warnings.push(Warning::NetnsNotDumped {
-            failed: failures.len(),
-            total: targets.len(),
-            first_inode: *inode,
-            first_error: first.clone(),
-        });
-    }
-    (all, warnings)
+    /// Keep each namespace's dump for the next sweep.
+    reuse: bool,
 }
 
-/// Moves this (worker) thread into one namespace and dumps it there.
-fn enter_and_dump(t: &Target, states: StateSet) -> Result<Vec<Socket>, String> {
+/// What one namespace gave.
+struct Got {
+    sockets: Vec<Socket>,
+    /// The last dump's sockets (nothing moved), or none at all in a namespace that had none.
+    unchanged: bool,
+}
+
+impl Sweep<'_> {
+    /// The sockets of every target, tagged with their namespace's inode. Shimcheck's own
+    /// namespace (`own_inode`) is dumped on the calling thread through `own_source`, without
+    /// `setns` (any user may); every other one on fresh worker threads (`threads` of them,
+    /// each entering namespace after namespace, then ending, so no thread is left in a
+    /// foreign namespace). A namespace whose counters say it holds no TCP socket is not
+    /// entered at all; with `last`, one whose counters did not move is answered from its last
+    /// dump. A namespace that cannot be entered (not root, or gone) is counted in the returned
+    /// warning and left out. The flag is true when every namespace was unchanged.
+    fn run(
+        &self,
+        own_source: &mut NetlinkSource,
+        targets: &[Target],
+        own_inode: u64,
+        last: Option<&mut FxHashMap<u64, LastDump>>,
+        threads: usize,
+    ) -> (Vec<Socket>, Vec<Warning>, bool) {
+        let failures: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
+        let fail = |inode: u64, e: String| {
+            if let Ok(mut f) = failures.lock() {
+                f.push((inode, e));
+            }
+        };
+        let tag = |mut sockets: Vec<Socket>, inode: u64| {
+            sockets.iter_mut().for_each(|s| s.netns = inode);
+            sockets
+        };
+        let (own, others): (Vec<&Target>, Vec<&Target>) =
+            targets.iter().partition(|t| t.inode == own_inode);
+        let mut all = Vec::new();
+        let mut unchanged = true;
+        for t in own {
+            match own_source.sockets_or_last(self.states) {
+                Ok((sockets, same)) => {
+                    unchanged &= same;
+                    all.extend(tag(sockets, t.inode));
+                }
+                Err(e) => fail(t.inode, e.to_string()),
+            }
+        }
+        // Each worker owns the last dumps of the namespaces it takes; a namespace gone since
+        // the last sweep is forgotten.
+        let mut last = last;
+        let mut kept = last
+            .as_mut()
+            .map(|l| std::mem::take(*l))
+            .unwrap_or_default();
+        let slots: Vec<Mutex<LastDump>> = others
+            .iter()
+            .map(|t| Mutex::new(kept.remove(&t.inode).unwrap_or_default()))
+            .collect();
+        let next = AtomicUsize::new(0);
+        let same_everywhere = AtomicBool::new(true);
+        let work = || {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let (Some(t), Some(slot)) = (others.get(i), slots.get(i)) else {
+                    break;
+                };
+                let Ok(mut last) = slot.lock() else {
+                    fail(
+                        t.inode,
+                        "a namespace's last dump was lost to a panic".into(),
+                    );
+                    continue;
+                };
+                match self.one(t, &mut last) {
+                    Ok(got) => {
+                        if !got.unchanged {
+                            same_everywhere.store(false, Ordering::Relaxed);
+                        }
+                        out.extend(tag(got.sockets, t.inode));
+                    }
+                    Err(e) => {
+                        last.forget();
+                        fail(t.inode, e);
+                    }
+                }
+            }
+            out
+        };
+        let workers = threads.clamp(1, others.len().max(1));
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers).map(|_| s.spawn(work)).collect();
+            for h in handles {
+                // A worker that panicked lost its namespaces: say so rather than count less.
+                match h.join() {
+                    Ok(sockets) => all.extend(sockets),
+                    Err(_) => fail(0, "a namespace worker thread panicked".into()),
+                }
+            }
+        });
+        // A namespace gone since the last sweep took its sockets with it: that is a change.
+        let mut unchanged = unchanged && kept.is_empty();
+        if let Some(last) = last {
+            *last = others
+                .iter()
+                .zip(slots)
+                .filter_map(|(t, slot)| Some((t.inode, slot.into_inner().ok()?)))
+                .collect();
+        }
+        let failures = failures.into_inner().unwrap_or_default();
+        let mut warnings = Vec::new();
+        if let Some((inode, first)) = failures.first() {
+            warnings.push(Warning::NetnsNotDumped {
+                failed: failures.len(),
+                total: targets.len(),
+                first_inode: *inode,
+                first_error: first.clone(),
+            });
+        }
+        unchanged &= failures.is_empty() && same_everywhere.into_inner();
+        (all, warnings, unchanged)
+    }
+
+    /// One namespace other than shimcheck's own, on a worker thread.
+    fn one(&self, t: &Target, last: &mut LastDump) -> Result<Got, String> {
+        let now = Instant::now();
+        // Through a process living in it, the counters need no `setns`; the process must
+        // still be there (its pid not reused by one in another namespace).
+        let seen_from_pid = t.pid.and_then(|pid| {
+            let c = Counters::read(&self.proc_root.join(format!("{pid}/net")))?;
+            let still = inode_of(&self.proc_root.join(format!("{pid}/ns/net")));
+            (still == Some(t.inode)).then_some(c)
+        });
+        let entered = seen_from_pid.is_none();
+        let counters = match seen_from_pid {
+            Some(c) => Some(c),
+            None => {
+                enter(t)?;
+                Counters::read(Path::new(THREAD_NET))
+            }
+        };
+        if let Some(c) = &counters
+            && let Some(got) = self.without_dump(c, last, now)
+        {
+            return Ok(got);
+        }
+        if !entered {
+            enter(t)?;
+        }
+        let mut source = NetlinkSource::open().map_err(|e| e.to_string())?;
+        let sockets = source.sockets(self.states).map_err(|e| e.to_string())?;
+        match counters {
+            Some(c) if self.reuse => last.keep(c, self.states, &sockets, Instant::now()),
+            _ => last.forget(),
+        }
+        Ok(Got {
+            sockets,
+            unchanged: false,
+        })
+    }
+
+    /// The namespace's sockets without a dump: its last dump's when its counters did not
+    /// move, none when it holds no TCP socket.
+    fn without_dump(&self, c: &Counters, last: &mut LastDump, now: Instant) -> Option<Got> {
+        if let Some(sockets) = last.reuse(c, self.states, now) {
+            return Some(Got {
+                sockets,
+                unchanged: true,
+            });
+        }
+        if c.sockets() > 0 {
+            return None;
+        }
+        if self.reuse {
+            last.keep(c.clone(), self.states, &[], now);
+        }
+        Some(Got {
+            sockets: Vec::new(),
+            unchanged: false,
+        })
+    }
+}
+
+/// Moves this (worker) thread into one namespace.
+fn enter(t: &Target) -> Result<(), String> {
     let fd = rustix::fs::open(&t.path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| e.to_string())?;
     move_into_link_name_space(
         rustix::fd::AsFd::as_fd(&fd),
         Some(LinkNameSpaceType::Network),
     )
-    .map_err(|e| format!("setns: {e}"))?;
-    let mut source = NetlinkSource::open().map_err(|e: CollectError| e.to_string())?;
-    source.sockets(states).map_err(|e| e.to_string())
+    .map_err(|e| format!("setns: {e}"))
 }

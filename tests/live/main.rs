@@ -8,7 +8,9 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod collect;
 mod findings;
+mod incremental;
 mod netns;
 mod owner_cache;
 mod ports;

@@ -42,7 +42,7 @@ fn a_sample_reads_only_the_fd_tables_it_needs() {
         fds,
         cost,
         ..
-    } = cache.refresh(&scanner, &sockets, 2).unwrap();
+    } = cache.refresh(&scanner, &sockets, 2, false).unwrap();
     assert!(cost.full, "the first refresh is a full scan");
     assert!(
         sockets
@@ -52,7 +52,7 @@ fn a_sample_reads_only_the_fd_tables_it_needs() {
     assert!(fds[&me].open >= 10);
 
     // Nothing new: no fd table is read.
-    let cost = cache.refresh(&scanner, &sockets, 2).unwrap().cost;
+    let cost = cache.refresh(&scanner, &sockets, 2, false).unwrap().cost;
     assert_eq!((cost.full, cost.processes_read), (false, 0));
 
     // Three new connections: found in this process, which gained sockets before, first.
@@ -66,7 +66,7 @@ fn a_sample_reads_only_the_fd_tables_it_needs() {
         owners: index,
         cost,
         ..
-    } = cache.refresh(&scanner, &sockets, 2).unwrap();
+    } = cache.refresh(&scanner, &sockets, 2, false).unwrap();
     assert_eq!((cost.full, cost.processes_read), (false, 1));
     assert!(
         sockets
@@ -81,7 +81,7 @@ fn a_sample_reads_only_the_fd_tables_it_needs() {
         owners: index,
         cost,
         ..
-    } = cache.refresh(&scanner, &sockets, 2).unwrap();
+    } = cache.refresh(&scanner, &sockets, 2, false).unwrap();
     assert_eq!(cost.processes_read, 0);
     assert!(
         sockets

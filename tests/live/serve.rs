@@ -8,26 +8,8 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{Population, shimcheck_bin};
+use crate::support::{Population, in_netns, shimcheck_bin};
 use serde_json::{Value, json};
-
-/// Runs `f` on a thread that has entered the network namespace of `pid`: loopback there is
-/// the population's loopback.
-fn in_netns<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
-            rustix::thread::move_into_link_name_space(
-                std::os::fd::AsFd::as_fd(&ns),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            )
-            .unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
 
 /// A response: status, content type, body.
 struct Got {

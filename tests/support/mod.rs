@@ -59,6 +59,24 @@ pub fn require_root() {
     );
 }
 
+/// Runs `f` on a thread that has entered the network namespace of `pid`: loopback there is
+/// the population's loopback.
+pub fn in_netns<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&ns),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
 /// The shimcheck binary cargo built for these tests.
 pub fn shimcheck_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_shimcheck"))

@@ -1,0 +1,151 @@
+//! The collector on a live kernel, in a namespace each test makes: the one-walk compat dump
+//! against the two per-family dumps, and a loop's reuse of an unchanged dump against what
+//! really moved (a connection opened, data sent, a FIN received, the periodic resync).
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::time::Duration;
+
+use serde_json::json;
+use shimcheck::collect::counters::RESYNC_EVERY;
+use shimcheck::collect::netlink::NetlinkSource;
+use shimcheck::collect::{Dump, SocketSource};
+use shimcheck::model::{Socket, StateSet, TcpState};
+
+use crate::support::{Population, in_netns};
+
+fn key(
+    s: &Socket,
+) -> (
+    Option<u64>,
+    TcpState,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
+    (s.cookie, s.state, s.local, s.remote)
+}
+
+fn sorted(
+    sockets: &[Socket],
+) -> Vec<(
+    Option<u64>,
+    TcpState,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+)> {
+    let mut v: Vec<_> = sockets.iter().map(key).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn one_walk_finds_what_the_two_per_family_dumps_find() {
+    skip_unless_live!();
+    let pop = Population::start(&json!({
+        "servers": [{"name": "registry", "addr": "127.0.0.1", "port": 5000},
+                    {"name": "apiserver", "addr": "::1", "port": 6443}],
+        "clients": [{"name": "image-cri-shim", "connect": "127.0.0.1:5000", "count": 40},
+                    {"name": "kubelet", "connect": "[::1]:6443", "count": 20}]
+    }));
+    let (both, per_family) = in_netns(pop.ns_pid, || {
+        let mut nl = NetlinkSource::open().unwrap();
+        let both = nl.sockets(StateSet::all()).unwrap();
+        let per_family = nl.sockets_per_family(StateSet::all(), 0).unwrap();
+        (both, per_family)
+    });
+    // 60 connections (both ends) and two listeners.
+    assert_eq!(both.len(), 122, "{:?}", sorted(&both));
+    assert_eq!(sorted(&both), sorted(&per_family));
+    assert_eq!(both.iter().filter(|s| s.local.is_ipv6()).count(), 41);
+}
+
+/// Dumps through a loop's source, waiting first for loopback to settle.
+fn dump(nl: &mut NetlinkSource) -> Dump {
+    std::thread::sleep(Duration::from_millis(100));
+    let states = [TcpState::Established, TcpState::CloseWait, TcpState::Listen]
+        .into_iter()
+        .collect();
+    nl.dump(states).unwrap()
+}
+
+#[test]
+fn an_unchanged_dump_is_reused_until_a_segment_moves_and_no_longer_than_the_resync() {
+    skip_unless_live!();
+    let pop = Population::start(&json!({
+        "servers": [{"name": "registry", "addr": "127.0.0.1", "port": 5000}],
+        "clients": [{"name": "image-cri-shim", "connect": "127.0.0.1:5000", "count": 10}]
+    }));
+    in_netns(pop.ns_pid, || {
+        let mut nl = NetlinkSource::open().unwrap().reusing_unchanged_dumps();
+        let first = dump(&mut nl);
+        assert!(!first.unchanged, "the first dump is a dump");
+        assert_eq!(first.sockets.len(), 21);
+
+        let again = dump(&mut nl);
+        assert!(again.unchanged, "nothing moved: the last dump is reused");
+        assert_eq!(sorted(&again.sockets), sorted(&first.sockets));
+        // Its clocks moved on by the time between the two (at least the 100 ms waited).
+        for (a, b) in first.sockets.iter().zip(&again.sockets) {
+            let (Some(a), Some(b)) = (a.tcp_info, b.tcp_info) else {
+                panic!("tcp_info is dumped");
+            };
+            assert!(
+                b.last_data_recv_ms >= a.last_data_recv_ms + 100,
+                "{a:?} -> {b:?}"
+            );
+            assert_eq!(b.bytes_received, a.bytes_received);
+        }
+
+        // A connection opened: a dump, with its two ends and its listener.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let opened = dump(&mut nl);
+        assert!(!opened.unchanged);
+        assert_eq!(opened.sockets.len(), 24);
+        assert!(dump(&mut nl).unchanged);
+
+        // Data sent on it: the clocks the detector reads were reset, so a dump.
+        client.write_all(b"GET /v2/ HTTP/1.1\r\n\r\n").unwrap();
+        let sent = dump(&mut nl);
+        assert!(!sent.unchanged);
+        let port = client.local_addr().unwrap().port();
+        let mine = sent
+            .sockets
+            .iter()
+            .find(|s| s.local.port() == port)
+            .and_then(|s| s.tcp_info)
+            .unwrap();
+        assert!(mine.last_data_sent_ms < 1000, "{mine:?}");
+
+        // The server reads the request and closes its end: the client's goes to CLOSE_WAIT,
+        // which only a dump shows. (Closing with the request unread would send a reset.)
+        let mut request = [0u8; 21];
+        server.read_exact(&mut request).unwrap();
+        server.shutdown(Shutdown::Both).unwrap();
+        drop(server);
+        let closed = dump(&mut nl);
+        assert!(!closed.unchanged);
+        assert!(
+            closed
+                .sockets
+                .iter()
+                .any(|s| s.local.port() == port && s.state == TcpState::CloseWait)
+        );
+
+        // However still the namespace stays, a full dump comes every RESYNC_EVERY samples.
+        let reused = (0..=RESYNC_EVERY)
+            .map(|_| {
+                nl.dump([TcpState::Established].into_iter().collect())
+                    .unwrap()
+                    .unchanged
+            })
+            .collect::<Vec<_>>();
+        let dumped: Vec<usize> = (0..reused.len()).filter(|&i| !reused[i]).collect();
+        assert_eq!(
+            dumped,
+            [0, RESYNC_EVERY as usize],
+            "a dump for the new states, then one every {RESYNC_EVERY} samples: {reused:?}"
+        );
+        drop(client);
+    });
+}

@@ -1,0 +1,171 @@
+//! A loop's incremental sample against a full one-shot sample of the same moment, on a
+//! population that leaks, churns, closes, gains a process and loses it, in a namespace the
+//! test makes.
+//!
+//! No tolerance is needed: every change in the namespace is made by the test itself, between
+//! samples, and the two samplers look one right after the other while nothing moves. Only the
+//! timestamps and the tcp_info clocks (milliseconds apart) may differ, and neither is compared.
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use shimcheck::aggregate::{GroupBy, Query};
+use shimcheck::cli::NodeArgs;
+use shimcheck::detect::{DetectConfig, snapshot_findings};
+use shimcheck::join::Joined;
+use shimcheck::model::{Sample, StateSet, TcpState};
+use shimcheck::sample::{Mode, Sampler, Taken};
+
+use crate::support::{Population, in_netns};
+
+/// Each socket (by cookie) with its state, endpoints and holders.
+fn sockets(s: &Sample) -> BTreeMap<u64, String> {
+    s.sockets
+        .iter()
+        .map(|x| {
+            let owners: Vec<u32> = s.owners.owners(x.inode).iter().map(|p| p.1).collect();
+            let cookie = x.cookie.unwrap_or_default();
+            (
+                cookie,
+                format!("{} {} {} {owners:?}", x.state, x.local, x.remote),
+            )
+        })
+        .collect()
+}
+
+/// The report by `by` as JSON, without the time it was taken.
+fn report(s: &Sample, by: GroupBy) -> Value {
+    let query = Query {
+        group_by: by,
+        states: [TcpState::Established, TcpState::CloseWait]
+            .into_iter()
+            .collect(),
+        port: None,
+        pid: None,
+        process: None,
+        top: None,
+    };
+    let mut v = serde_json::to_value(shimcheck::ports_report(s, &query)).unwrap();
+    v.as_object_mut().unwrap().remove("taken_at");
+    v
+}
+
+/// Findings as kind, pid, count and message (which names no clock below the thresholds).
+fn findings(s: &Sample) -> Vec<String> {
+    let cfg = DetectConfig {
+        close_wait_min: 5,
+        ..DetectConfig::default()
+    };
+    snapshot_findings(&Joined::new(s), &cfg)
+        .into_iter()
+        .map(|f| format!("{:?} {:?} {} {}", f.kind, f.pid, f.count, f.message))
+        .collect()
+}
+
+#[test]
+fn every_incremental_sample_equals_a_full_sample_of_the_same_moment() {
+    skip_unless_live!();
+    let pop = Population::start(&json!({
+        "servers": [{"name": "registry", "addr": "127.0.0.1", "port": 5000},
+                    {"name": "closer", "addr": "127.0.0.1", "port": 7000,
+                     "close_accepted": true}],
+        "clients": [{"name": "kubelet", "connect": "127.0.0.1:5000", "count": 20}]
+    }));
+    let node = NodeArgs {
+        proc_root: PathBuf::from("/proc"),
+        pods_dir: PathBuf::from("/nonexistent"),
+        all_netns: false,
+    };
+    let states: StateSet = [TcpState::Established, TcpState::CloseWait, TcpState::Listen]
+        .into_iter()
+        .collect();
+    in_netns(pop.ns_pid, || {
+        let mut loop_sampler = Sampler::open(&node, Mode::Incremental);
+        let mut leaked: Vec<TcpStream> = Vec::new();
+        let mut child = None;
+        let mut unchanged_at = Vec::new();
+        for step in 0..8 {
+            match step {
+                // The leak: connections opened and kept.
+                1 => leaked.extend((0..25).map(|_| TcpStream::connect("127.0.0.1:5000").unwrap())),
+                // Churn: some closed, as many opened; a server that closes what it accepts
+                // leaves these clients in CLOSE_WAIT.
+                2 => {
+                    leaked.drain(..10);
+                    leaked.extend((0..10).map(|_| TcpStream::connect("127.0.0.1:5000").unwrap()));
+                    leaked.extend((0..8).map(|_| TcpStream::connect("127.0.0.1:7000").unwrap()));
+                }
+                // A new process with connections of its own.
+                4 => {
+                    let mut c = Command::new("python3")
+                        .args([
+                            "-c",
+                            "import socket,sys,time\n\
+                             k=[socket.create_connection(('127.0.0.1',5000)) for _ in range(15)]\n\
+                             print('ready',flush=True)\ntime.sleep(600)",
+                        ])
+                        .stdout(Stdio::piped())
+                        .spawn()
+                        .unwrap();
+                    let mut line = String::new();
+                    BufReader::new(c.stdout.take().unwrap())
+                        .read_line(&mut line)
+                        .unwrap();
+                    assert_eq!(line.trim(), "ready");
+                    child = Some(c);
+                }
+                // It exits, and its connections with it.
+                6 => {
+                    let mut c = child.take().unwrap();
+                    c.kill().unwrap();
+                    c.wait().unwrap();
+                }
+                // 0, 3, 5 and 7: nothing moves.
+                _ => {}
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let Taken {
+                sample: inc,
+                unchanged,
+                ..
+            } = loop_sampler.sample(states).unwrap();
+            let full = Sampler::open(&node, Mode::OneShot)
+                .sample(states)
+                .unwrap()
+                .sample;
+            if unchanged {
+                unchanged_at.push(step);
+            }
+            assert_eq!(
+                sockets(&inc),
+                sockets(&full),
+                "step {step}: sockets and holders"
+            );
+            for by in [GroupBy::Port, GroupBy::Pair, GroupBy::Process] {
+                assert_eq!(
+                    report(&inc, by),
+                    report(&full, by),
+                    "step {step}: --by {by:?}"
+                );
+            }
+            assert_eq!(findings(&inc), findings(&full), "step {step}: findings");
+            if step == 2 {
+                assert!(
+                    findings(&inc).iter().any(|f| f.starts_with("CloseWait")),
+                    "the CLOSE_WAIT pile-up is found: {:?}",
+                    findings(&inc)
+                );
+            }
+        }
+        // Steps 3, 5 and 7 change nothing since the sample before: answered without a dump.
+        assert_eq!(
+            unchanged_at,
+            [3, 5, 7],
+            "samples answered from the last dump"
+        );
+    });
+}
