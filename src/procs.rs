@@ -35,7 +35,14 @@ pub struct FdScan {
     pub stats: ScanStats,
     /// Open files (and their limit) per process read.
     pub fds: Vec<(u32, FdUse)>,
+    /// With `keep_tables`: every process's fd table, `(fd, socket inode or 0)` by fd.
+    pub tables: Vec<(u32, FdTable)>,
 }
+
+/// One process's fd table as last read: `(fd, socket inode)` ascending by fd. In the owner
+/// cache the inode is kept only for a socket of the dump (0 for any other file or socket), so
+/// that a slot whose socket left the dump is a slot to read again. 12 bytes an fd.
+pub type FdTable = Vec<(u32, u64)>;
 
 /// Reads `/proc/*/fd` under a root.
 pub struct ProcScanner {
@@ -94,9 +101,10 @@ impl ProcScanner {
     }
 
     /// Walks every process's fd table and returns `(socket inode, pid)` pairs, on `threads`
-    /// threads that take the next pid as they finish one (fd tables differ wildly in size).
-    /// Fails only when the root itself cannot be listed.
-    pub fn socket_fds(&self, threads: usize) -> Result<FdScan, std::io::Error> {
+    /// threads that take the next pid as they finish one (fd tables differ wildly in size),
+    /// and with `keep_tables` each table itself. Fails only when the root itself cannot be
+    /// listed.
+    pub fn socket_fds(&self, threads: usize, keep_tables: bool) -> Result<FdScan, std::io::Error> {
         let root = self.open_root()?;
         let pids = self.pids()?;
         let next = AtomicUsize::new(0);
@@ -104,13 +112,18 @@ impl ProcScanner {
             let mut stats = ScanStats::default();
             let mut pairs = Vec::new();
             let mut fds = Vec::new();
+            let mut tables = Vec::new();
             let mut path = String::with_capacity(24);
             while let Some(&pid) = pids.get(next.fetch_add(1, Ordering::Relaxed)) {
                 path.clear();
                 let _ = write!(path, "{pid}/fd");
-                match scan_fd_dir(&root, &path, pid, &mut pairs) {
+                let mut table = keep_tables.then(Vec::new);
+                match scan_fd_dir(&root, &path, pid, &mut pairs, table.as_mut()) {
                     Ok(open) => {
                         stats.scanned += 1;
+                        if let Some(t) = table {
+                            tables.push((pid, t));
+                        }
                         fds.push((
                             pid,
                             FdUse {
@@ -129,7 +142,12 @@ impl ProcScanner {
                     }
                 }
             }
-            FdScan { pairs, stats, fds }
+            FdScan {
+                pairs,
+                stats,
+                fds,
+                tables,
+            }
         };
         let parts: Vec<FdScan> = std::thread::scope(|s| {
             let helpers: Vec<_> = (1..threads.max(1)).map(|_| s.spawn(work)).collect();
@@ -142,6 +160,7 @@ impl ProcScanner {
         for part in parts {
             all.pairs.extend(part.pairs);
             all.fds.extend(part.fds);
+            all.tables.extend(part.tables);
             all.stats.merge(part.stats);
         }
         Ok(all)
@@ -229,11 +248,14 @@ impl ProcScanner {
     }
 }
 
+/// Reads one fd directory: every socket's `(inode, pid)` into `pairs` and, with `table`,
+/// every fd as `(fd, socket inode or 0)` in ascending order. Returns the number of open fds.
 fn scan_fd_dir(
     root: &rustix::fd::OwnedFd,
     path: &str,
     pid: u32,
     pairs: &mut Vec<(u64, u32)>,
+    mut table: Option<&mut FdTable>,
 ) -> Result<u64, Errno> {
     let fd_dir = rustix::fs::openat(
         root,
@@ -254,8 +276,12 @@ fn scan_fd_dir(
         open += 1;
         match rustix::fs::readlinkat_raw(dir.fd()?, name, &mut link) {
             Ok((target, _)) => {
-                if let Some(inode) = socket_inode(target) {
+                let inode = socket_inode(target);
+                if let Some(inode) = inode {
                     pairs.push((inode, pid));
+                }
+                if let (Some(t), Some(fd)) = (table.as_mut(), parse_u32(name.to_bytes())) {
+                    t.push((fd, inode.unwrap_or(0)));
                 }
             }
             // The fd was closed between listing and reading: it is simply gone.
@@ -263,7 +289,21 @@ fn scan_fd_dir(
             Err(e) => return Err(e),
         }
     }
+    if let Some(t) = table {
+        t.sort_unstable();
+    }
     Ok(open)
+}
+
+/// Reads one fd slot of an open `/proc/PID/fd` directory: `Some(inode)` for a socket,
+/// `Some(0)` for another file, `None` for an fd not open.
+fn read_slot(dir: &rustix::fd::OwnedFd, fd: u32) -> Result<Option<u64>, Errno> {
+    let mut link = [MaybeUninit::<u8>::uninit(); 64];
+    match rustix::fs::readlinkat_raw(dir, fd.to_string(), &mut link) {
+        Ok((target, _)) => Ok(Some(socket_inode(target).unwrap_or(0))),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// `/proc/PID/cmdline`, its arguments joined by spaces. Read as bytes: procfs's `cmdline()`
@@ -330,6 +370,8 @@ pub struct OwnerCache {
     since_full: Option<u32>,
     /// The pids alive at the last refresh, ascending.
     live: Vec<u32>,
+    /// Each process's fd table as last read, so that a search reads only its new slots.
+    tables: FxHashMap<u32, FdTable>,
 }
 
 /// The owner map after a refresh.
@@ -350,8 +392,132 @@ pub struct Refreshed {
 pub struct RefreshCost {
     /// A full scan of every fd table ran.
     pub full: bool,
-    /// Processes whose fd tables were read.
+    /// Processes whose whole fd tables were read.
     pub processes_read: usize,
+    /// Single fd slots read where a new socket could be (`read_new_slots`).
+    pub slots_read: usize,
+}
+
+/// The owners a search found.
+#[derive(Default)]
+struct Found {
+    added: FxHashSet<(u64, u32)>,
+    added_inodes: FxHashSet<u64>,
+    /// Pids that gained sockets, in the order found.
+    found_in: Vec<u32>,
+}
+
+impl Found {
+    /// Takes the `(inode, pid)` pairs read in one process: a missing socket, or a known one
+    /// this process did not hold before (inherited, passed over a unix socket).
+    fn take(
+        &mut self,
+        pid: u32,
+        pairs: &[(u64, u32)],
+        owners: &[(u64, u32)],
+        missing: &mut FxHashSet<u64>,
+        current: &FxHashSet<u64>,
+    ) {
+        let holds = |inode: u64| {
+            let at = owners.partition_point(|&(i, _)| i < inode);
+            owners.get(at).is_some_and(|&(i, _)| i == inode)
+        };
+        let mut gained = false;
+        for &(inode, p) in pairs {
+            let known = holds(inode) || self.added_inodes.contains(&inode);
+            if (missing.remove(&inode) || known && current.contains(&inode))
+                && owners.binary_search(&(inode, p)).is_err()
+                && self.added.insert((inode, p))
+            {
+                self.added_inodes.insert(inode);
+                gained = true;
+            }
+        }
+        if gained {
+            self.found_in.push(pid);
+        }
+    }
+}
+
+/// Keeps in a table only the inodes of sockets in the dump.
+fn only_dumped(table: &mut FdTable, current: &FxHashSet<u64>) {
+    for entry in table
+        .iter_mut()
+        .filter(|(_, i)| *i != 0 && !current.contains(i))
+    {
+        entry.1 = 0;
+    }
+}
+
+/// Reads the slots of `pid`'s fd table that can hold a socket opened since the table was
+/// read: first the fds of sockets that left the dump (each either closed or reused), then the
+/// slots that were free at the last read, lowest first (holes below the highest fd, then past
+/// it), up to the first still free: the kernel hands out the lowest free fd, so that is where
+/// new fds are. Updates the table, pushes the sockets found as `(inode, pid)`, and returns the
+/// number of slots read. A slot that held another file, closed and reused since, is not among
+/// them: the whole-table pass that follows finds what it holds.
+fn read_new_slots(
+    root: &rustix::fd::OwnedFd,
+    pid: u32,
+    table: &mut FdTable,
+    current: &FxHashSet<u64>,
+    pairs: &mut Vec<(u64, u32)>,
+) -> usize {
+    let Ok(dir) = rustix::fs::openat(
+        root,
+        format!("{pid}/fd"),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return 0;
+    };
+    let dumped = |inode: u64| if current.contains(&inode) { inode } else { 0 };
+    let mut read = 0;
+    let mut closed = Vec::new();
+    for entry in table
+        .iter_mut()
+        .filter(|(_, i)| *i != 0 && !current.contains(i))
+    {
+        read += 1;
+        match read_slot(&dir, entry.0) {
+            Ok(Some(inode)) => {
+                entry.1 = dumped(inode);
+                if inode != 0 {
+                    pairs.push((inode, pid));
+                }
+            }
+            Ok(None) => closed.push(entry.0),
+            Err(_) => return read,
+        }
+    }
+    table.retain(|(fd, _)| closed.binary_search(fd).is_err());
+    // Slots freed just now say nothing of where newer fds went: skip them.
+    let mut new = Vec::new();
+    let mut known = table.iter().map(|&(fd, _)| fd).peekable();
+    let mut fd = 0u32;
+    loop {
+        while known.next_if(|&k| k < fd).is_some() {}
+        if known.peek() == Some(&fd) || closed.binary_search(&fd).is_ok() {
+            fd += 1;
+            continue;
+        }
+        read += 1;
+        match read_slot(&dir, fd) {
+            Ok(Some(inode)) => {
+                new.push((fd, dumped(inode)));
+                if inode != 0 {
+                    pairs.push((inode, pid));
+                }
+                fd += 1;
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    if !new.is_empty() {
+        table.extend(new);
+        table.sort_unstable();
+    }
+    read
 }
 
 impl OwnerCache {
@@ -397,8 +563,16 @@ impl OwnerCache {
             .collect();
         let live_set: FxHashSet<u32> = live.iter().copied().collect();
         if full_due {
-            let scan = scanner.socket_fds(threads)?;
+            let scan = scanner.socket_fds(threads, true)?;
             cost.full = true;
+            self.tables = scan
+                .tables
+                .into_iter()
+                .map(|(pid, mut table)| {
+                    only_dumped(&mut table, &current);
+                    (pid, table)
+                })
+                .collect();
             cost.processes_read = scan.stats.scanned;
             self.owners = scan.pairs;
             self.owners.retain(|(inode, _)| current.contains(inode));
@@ -441,41 +615,53 @@ impl OwnerCache {
                     .copied()
                     .chain(live.iter().copied().filter(|p| !self.recent.contains(p)))
                     .collect();
-                let mut found_in = Vec::new();
-                let mut pairs = Vec::new();
-                let mut added: FxHashSet<(u64, u32)> = FxHashSet::default();
-                let mut added_inodes: FxHashSet<u64> = FxHashSet::default();
-                for pid in order {
+                let mut found = Found::default();
+                // First only the slots that can hold a new socket, in every process whose
+                // table is known; then whole tables, until every new socket is found.
+                for &pid in &order {
                     if missing.is_empty() {
                         break;
                     }
-                    pairs.clear();
+                    let Some(table) = self.tables.get_mut(&pid) else {
+                        continue;
+                    };
+                    let mut pairs = Vec::new();
+                    cost.slots_read += read_new_slots(&root, pid, table, &current, &mut pairs);
+                    found.take(pid, &pairs, &self.owners, &mut missing, &current);
+                }
+                // Whole tables: processes started since their tables were read first (a new
+                // process is the likeliest holder of a new socket), then the others in order.
+                let (unread, read): (Vec<u32>, Vec<u32>) =
+                    order.iter().partition(|p| !self.tables.contains_key(p));
+                for pid in unread.into_iter().rev().chain(read) {
+                    if missing.is_empty() {
+                        break;
+                    }
+                    let mut pairs = Vec::new();
+                    let mut table = FdTable::new();
                     cost.processes_read += 1;
-                    if scan_fd_dir(&root, &format!("{pid}/fd"), pid, &mut pairs).is_err() {
+                    if scan_fd_dir(
+                        &root,
+                        &format!("{pid}/fd"),
+                        pid,
+                        &mut pairs,
+                        Some(&mut table),
+                    )
+                    .is_err()
+                    {
                         continue;
                     }
-                    let mut gained = false;
-                    for &(inode, p) in &pairs {
-                        let known = self.holds(inode) || added_inodes.contains(&inode);
-                        if (missing.remove(&inode) || known && current.contains(&inode))
-                            && self.owners.binary_search(&(inode, p)).is_err()
-                            && added.insert((inode, p))
-                        {
-                            added_inodes.insert(inode);
-                            gained = true;
-                        }
-                    }
-                    if gained {
-                        found_in.push(pid);
-                    }
+                    only_dumped(&mut table, &current);
+                    self.tables.insert(pid, table);
+                    found.take(pid, &pairs, &self.owners, &mut missing, &current);
                 }
                 self.unowned.extend(missing);
                 // Two sorted runs: the stable sort merges them in one pass.
-                let mut added: Vec<(u64, u32)> = added.into_iter().collect();
+                let mut added: Vec<(u64, u32)> = found.added.into_iter().collect();
                 added.sort_unstable();
                 self.owners.extend(added);
                 self.owners.sort();
-                for pid in found_in.into_iter().rev() {
+                for pid in found.found_in.into_iter().rev() {
                     self.recent.retain(|&p| p != pid);
                     self.recent.insert(0, pid);
                 }
@@ -492,6 +678,7 @@ impl OwnerCache {
         self.recent.retain(|p| live.contains(p));
         self.processes.retain(|p, _| live.contains(p));
         self.fds.retain(|p, _| live.contains(p));
+        self.tables.retain(|p, _| live.contains(p));
     }
 
     /// Open-file counts: cheap on Linux 6.2+ (the fd directory's size), else kept from the

@@ -123,7 +123,7 @@ impl Sampler {
                             (d, topology)
                         })
                     });
-                    let scan = scanner.socket_fds(self.threads);
+                    let scan = scanner.socket_fds(self.threads, false);
                     (dump.join(), scan)
                 });
                 let (dump, topology) = dumped

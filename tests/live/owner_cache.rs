@@ -1,17 +1,86 @@
 //! Watch mode's incremental owner map on real sockets: after the first (full) scan, a sample
-//! reads no fd table when nothing is new, and finds new sockets in the process that gained
-//! sockets before without reading the others. Loopback only, no root needed.
+//! reads no fd table when nothing is new; it finds new sockets by reading only the fd slots
+//! that can hold them (the slots of closed sockets, then those past the highest fd) in the
+//! process that gained sockets before; and it falls back to whole tables only when that is not
+//! enough. The sockets belong to a helper process whose fds only the test moves. Loopback only,
+//! no root needed.
 
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use shimcheck::collect::SocketSource;
 use shimcheck::collect::netlink::NetlinkSource;
 use shimcheck::model::{Socket, StateSet, TcpState};
-use shimcheck::procs::{OwnerCache, ProcScanner, Refreshed};
+use shimcheck::procs::{OwnerCache, ProcScanner, RefreshCost, Refreshed};
 
-/// This test's own sockets, as the kernel reports them.
-fn my_sockets(port: u16) -> Vec<Socket> {
+/// A process holding both ends of loopback connections, told over stdin to `open N` more,
+/// `close N` (the newest N), or `file` (open one file, not a socket); it answers `ok`.
+struct Holder {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+const HOLDER: &str = r#"
+import os, socket, sys
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(128)
+print(srv.getsockname()[1], flush=True)
+pairs, files = [], []
+for line in sys.stdin:
+    cmd, n = line.split()
+    for _ in range(int(n)):
+        if cmd == "open":
+            c = socket.create_connection(srv.getsockname()); a, _ = srv.accept(); pairs.append((c, a))
+        elif cmd == "close":
+            c, a = pairs.pop(); c.close(); a.close()
+        elif cmd == "file":
+            files.append(open("/dev/null"))
+        elif cmd == "unfile":
+            files.pop().close()
+    print("ok", flush=True)
+"#;
+
+impl Holder {
+    fn start() -> (Holder, u16) {
+        let mut child = Command::new("python3")
+            .args(["-c", HOLDER])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut port = String::new();
+        stdout.read_line(&mut port).unwrap();
+        let port = port.trim().parse().unwrap();
+        (
+            Holder {
+                child,
+                stdin,
+                stdout,
+            },
+            port,
+        )
+    }
+
+    fn tell(&mut self, cmd: &str) {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        let mut ok = String::new();
+        self.stdout.read_line(&mut ok).unwrap();
+        assert_eq!(ok.trim(), "ok", "{cmd}");
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The holder's sockets on `port`, as the kernel reports them.
+fn sockets_on(port: u16) -> Vec<Socket> {
     let est: StateSet = [TcpState::Established].into_iter().collect();
     NetlinkSource::open()
         .unwrap()
@@ -22,71 +91,63 @@ fn my_sockets(port: u16) -> Vec<Socket> {
         .collect()
 }
 
-#[test]
-fn a_sample_reads_only_the_fd_tables_it_needs() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let mut keep = Vec::new();
-    for _ in 0..5 {
-        keep.push(TcpStream::connect(("127.0.0.1", port)).unwrap());
-        keep.push(listener.accept().unwrap().0);
-    }
-    let me = std::process::id();
+/// Refreshes and checks that `pid` holds every socket on `port`; returns the cost.
+fn refresh(cache: &mut OwnerCache, port: u16, pid: u32, expect: usize) -> RefreshCost {
     let scanner = ProcScanner::new(Path::new("/proc"));
-    let mut cache = OwnerCache::new();
-
-    let sockets = my_sockets(port);
-    assert_eq!(sockets.len(), 10);
-    let Refreshed {
-        owners: index,
-        fds,
-        cost,
-        ..
-    } = cache.refresh(&scanner, &sockets, 2, false).unwrap();
-    assert!(cost.full, "the first refresh is a full scan");
-    assert!(
-        sockets
-            .iter()
-            .all(|s| index.owners(s.inode).iter().any(|&(_, pid)| pid == me))
-    );
-    assert!(fds[&me].open >= 10);
-
-    // Nothing new: no fd table is read.
-    let cost = cache.refresh(&scanner, &sockets, 2, false).unwrap().cost;
-    assert_eq!((cost.full, cost.processes_read), (false, 0));
-
-    // Three new connections: found in this process, which gained sockets before, first.
-    for _ in 0..3 {
-        keep.push(TcpStream::connect(("127.0.0.1", port)).unwrap());
-        keep.push(listener.accept().unwrap().0);
+    let sockets = sockets_on(port);
+    assert_eq!(sockets.len(), expect);
+    let Refreshed { owners, cost, .. } = cache.refresh(&scanner, &sockets, 2, false).unwrap();
+    for s in &sockets {
+        assert_eq!(
+            owners.owners(s.inode),
+            [(s.inode, pid)],
+            "{} -> {}",
+            s.local,
+            s.remote
+        );
     }
-    let sockets = my_sockets(port);
-    assert_eq!(sockets.len(), 16);
-    let Refreshed {
-        owners: index,
-        cost,
-        ..
-    } = cache.refresh(&scanner, &sockets, 2, false).unwrap();
-    assert_eq!((cost.full, cost.processes_read), (false, 1));
-    assert!(
-        sockets
-            .iter()
-            .all(|s| index.owners(s.inode).iter().any(|&(_, pid)| pid == me))
+    cost
+}
+
+#[test]
+fn a_sample_reads_only_the_fd_slots_that_can_hold_new_sockets() {
+    let (mut holder, port) = Holder::start();
+    let pid = holder.child.id();
+    let mut cache = OwnerCache::new();
+    holder.tell("open 5");
+    let first = refresh(&mut cache, port, pid, 10);
+    assert!(first.full, "the first refresh is a full scan");
+
+    // Nothing new: nothing is read.
+    let cost = refresh(&mut cache, port, pid, 10);
+    assert_eq!(
+        (cost.full, cost.processes_read, cost.slots_read),
+        (false, 0, 0)
     );
 
-    // Closed sockets leave the map with the dump; the rest keep their owner.
-    keep.truncate(4);
-    let sockets = my_sockets(port);
-    let Refreshed {
-        owners: index,
-        cost,
-        ..
-    } = cache.refresh(&scanner, &sockets, 2, false).unwrap();
-    assert_eq!(cost.processes_read, 0);
-    assert!(
-        sockets
-            .iter()
-            .filter(|s| s.state == TcpState::Established)
-            .all(|s| !index.owners(s.inode).is_empty())
-    );
+    // Three new connections, six new fds past the highest: six slots read and the seventh,
+    // not open, ends the search. No whole table is read.
+    holder.tell("open 3");
+    let cost = refresh(&mut cache, port, pid, 16);
+    assert_eq!((cost.processes_read, cost.slots_read), (0, 7));
+
+    // Two connections closed and one opened: the new fds take the lowest free slots, two of
+    // the four closed ones. The four are read again, then the slot past the highest.
+    holder.tell("close 2");
+    holder.tell("open 1");
+    let cost = refresh(&mut cache, port, pid, 14);
+    assert_eq!((cost.processes_read, cost.slots_read), (0, 5));
+
+    // A file opened before a connection: its slot is read and remembered as "not a socket".
+    holder.tell("file 1");
+    holder.tell("open 1");
+    let cost = refresh(&mut cache, port, pid, 16);
+    assert_eq!((cost.processes_read, cost.slots_read), (0, 4));
+    // The file closed, a connection opened: one end lands in the file's slot, which the slots
+    // read do not include, so whole tables are read: those of processes started since (other
+    // tests run beside this one), then the helper's.
+    holder.tell("unfile 1");
+    holder.tell("open 1");
+    let cost = refresh(&mut cache, port, pid, 18);
+    assert!(cost.processes_read >= 1, "{cost:?}");
 }

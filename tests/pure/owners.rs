@@ -127,7 +127,7 @@ fn processes_carry_their_unit_container_and_pod_into_the_report() {
         sock("10.0.0.5:41000", "10.96.0.1:443", 3001),
         sock("127.0.0.1:40009", "127.0.0.1:6443", 8888),
     ];
-    let scan = scanner.socket_fds(1).unwrap();
+    let scan = scanner.socket_fds(1, false).unwrap();
     let owners = scanner.index(
         scan.pairs,
         sockets.iter().map(|s| s.inode),

@@ -83,7 +83,7 @@ fn only_numeric_root_entries_are_processes() {
 fn shared_tree_yields_every_socket_fd_and_nothing_else() {
     let s = scanner("shared");
     for threads in [1, 2, 8] {
-        let scan = s.socket_fds(threads).unwrap();
+        let scan = s.socket_fds(threads, false).unwrap();
         // Raw pairs, one per fd: 2001 is on fds 3 and 9 of 4242; 1001 is in 2811 and 2812.
         // The pipe and /dev/null links give none.
         assert_eq!(
@@ -127,7 +127,7 @@ fn shared_tree_yields_every_socket_fd_and_nothing_else() {
 #[test]
 fn the_index_describes_only_the_holders_of_wanted_sockets() {
     let s = scanner("shared");
-    let scan = s.socket_fds(1).unwrap();
+    let scan = s.socket_fds(1, false).unwrap();
     let index = s.index(
         scan.pairs.clone(),
         [1001, 2002, 9999, 0].into_iter(),
@@ -212,7 +212,7 @@ fn the_index_describes_only_the_holders_of_wanted_sockets() {
 #[test]
 fn a_process_that_vanished_mid_scan_is_counted_not_fatal() {
     let s = scanner("vanished");
-    let scan = s.socket_fds(1).unwrap();
+    let scan = s.socket_fds(1, false).unwrap();
     // 5000 has no fd directory: vanished. 5001 lost only its stat: its fds still count.
     assert_eq!(sorted_pairs(&scan), [(4001, 5001), (4002, 5002)]);
     assert_eq!(
@@ -270,7 +270,7 @@ fn an_unreadable_fd_table_is_counted_and_named() {
         ..ScanStats::default()
     };
     for threads in [1, 4] {
-        let scan = scanner("unreadable").socket_fds(threads).unwrap();
+        let scan = scanner("unreadable").socket_fds(threads, false).unwrap();
         assert_eq!(scan.pairs, [(5001, 6001)]);
         assert_eq!(scan.stats, expected, "{threads} threads");
         assert_eq!(fd_use(&scan), BTreeMap::from([(6001, (1, Some(1024)))]));
@@ -286,7 +286,7 @@ fn an_unreadable_fd_table_is_counted_and_named() {
 #[test]
 fn a_missing_proc_root_is_an_error() {
     let s = ProcScanner::new(Path::new("/nonexistent/proc"));
-    assert!(s.socket_fds(1).is_err());
+    assert!(s.socket_fds(1, false).is_err());
     assert!(s.pids().is_err());
 }
 
@@ -319,7 +319,7 @@ fn registry_sockets() -> Vec<Socket> {
 /// A sample as the sampler builds one: the dump, the tree's owners, its scan stats.
 fn sample(tree: &str, sockets: Vec<Socket>) -> Sample {
     let s = scanner(tree);
-    let scan = s.socket_fds(2).unwrap();
+    let scan = s.socket_fds(2, false).unwrap();
     let owners = s.index(
         scan.pairs,
         sockets.iter().map(|s| s.inode),
@@ -659,4 +659,30 @@ fn an_unreadable_fd_table_warns_only_when_an_unattributed_socket_has_an_inode() 
     let r = shimcheck::ports_report(&vanished, &query(GroupBy::Port, &both));
     assert_eq!(r.totals.unattributed, 1);
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+}
+
+#[test]
+fn kept_tables_list_every_fd_in_order_with_its_socket() {
+    let s = scanner("shared");
+    let scan = s.socket_fds(2, true).unwrap();
+    let tables: BTreeMap<u32, Vec<(u32, u64)>> = scan.tables.into_iter().collect();
+    // 4242 has a hole (fds 1, 2, 6-8) and the same socket on two fds; other files are 0.
+    assert_eq!(
+        tables[&4242],
+        [(0, 0), (3, 2001), (4, 2002), (5, 2003), (9, 2001)]
+    );
+    assert_eq!(
+        tables[&2811],
+        [
+            (0, 0),
+            (1, 0),
+            (2, 0),
+            (3, 1000),
+            (4, 1001),
+            (5, 1002),
+            (6, 1003)
+        ]
+    );
+    assert_eq!(tables.len(), 4);
+    assert!(s.socket_fds(1, false).unwrap().tables.is_empty());
 }
