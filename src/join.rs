@@ -32,19 +32,63 @@ fn endpoint(netns: u64, addr: SocketAddr) -> Endpoint {
     (netns, u128::from(ip), addr.port())
 }
 
+/// A connection's two endpoints, the key of the peer match.
+type Tuple = (Endpoint, Endpoint);
+
+/// 64 bits standing for a tuple: the peer map holds 12 bytes a socket instead of the 64-byte
+/// tuple (90 MB at a million sockets), and a match is confirmed against the sockets.
+fn fingerprint(t: &Tuple) -> u64 {
+    use std::hash::BuildHasher;
+    rustc_hash::FxBuildHasher.hash_one(t)
+}
+
+fn tuple(s: &Socket) -> Tuple {
+    (endpoint(s.netns, s.local), endpoint(s.netns, s.remote))
+}
+
 impl Topology {
     /// Matches every socket with its reverse 4-tuple and collects the listening endpoints.
     pub fn new(sockets: &[Socket]) -> Topology {
-        let mut by_tuple: FxHashMap<(Endpoint, Endpoint), u32> =
+        Topology::matched_by(sockets, fingerprint)
+    }
+
+    /// `new`, with the tuples' fingerprints given by `fingerprint`.
+    fn matched_by(sockets: &[Socket], fingerprint: fn(&Tuple) -> u64) -> Topology {
+        let mut by_print: FxHashMap<u64, u32> =
             FxHashMap::with_capacity_and_hasher(sockets.len(), Default::default());
+        // Tuples whose fingerprint another tuple already holds: next to never.
+        let mut collided: FxHashMap<Tuple, u32> = FxHashMap::default();
         let mut listeners = FxHashSet::default();
         for (i, s) in sockets.iter().enumerate() {
             if s.state == TcpState::Listen {
                 listeners.insert((s.netns, s.local.ip().to_canonical(), s.local.port()));
-            } else if let Ok(i) = u32::try_from(i) {
-                by_tuple.insert((endpoint(s.netns, s.local), endpoint(s.netns, s.remote)), i);
+                continue;
+            }
+            let Ok(i) = u32::try_from(i) else { continue };
+            let t = tuple(s);
+            match by_print.entry(fingerprint(&t)) {
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(i);
+                }
+                // The same tuple again (a dump under churn): the later socket wins, as it
+                // does for a tuple seen once.
+                std::collections::hash_map::Entry::Occupied(mut e)
+                    if tuple(&sockets[*e.get() as usize]) == t =>
+                {
+                    e.insert(i);
+                }
+                std::collections::hash_map::Entry::Occupied(_) => {
+                    collided.insert(t, i);
+                }
             }
         }
+        let find = |t: &Tuple| {
+            let primary = by_print
+                .get(&fingerprint(t))
+                .copied()
+                .filter(|&j| tuple(&sockets[j as usize]) == *t);
+            primary.or_else(|| collided.get(t).copied())
+        };
         let peer = sockets
             .iter()
             .enumerate()
@@ -52,10 +96,8 @@ impl Topology {
                 if s.state == TcpState::Listen {
                     return None;
                 }
-                by_tuple
-                    .get(&(endpoint(s.netns, s.remote), endpoint(s.netns, s.local)))
-                    .copied()
-                    .filter(|&j| j as usize != i)
+                let (local, remote) = tuple(s);
+                find(&(remote, local)).filter(|&j| j as usize != i)
             })
             .collect();
         Topology { peer, listeners }
@@ -146,4 +188,48 @@ fn owner_runs(sockets: &[Socket], pairs: &[(u64, u32)]) -> Vec<(u32, u32)> {
         }
     }
     runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Socket;
+
+    fn sock(state: TcpState, local: &str, remote: &str) -> Socket {
+        Socket {
+            state,
+            local: local.parse().unwrap_or_else(|_| unreachable!()),
+            remote: remote.parse().unwrap_or_else(|_| unreachable!()),
+            inode: 1,
+            cookie: None,
+            uid: 0,
+            recv_q: 0,
+            send_q: 0,
+            tcp_info: None,
+            netns: 7,
+            cgroup_id: None,
+        }
+    }
+
+    #[test]
+    fn peers_match_when_every_fingerprint_collides() {
+        use TcpState::*;
+        let sockets = [
+            sock(Listen, "127.0.0.1:5000", "0.0.0.0:0"),
+            sock(Established, "127.0.0.1:5000", "127.0.0.1:40000"),
+            sock(Established, "127.0.0.1:40000", "127.0.0.1:5000"),
+            sock(
+                Established,
+                "[::ffff:127.0.0.1]:9000",
+                "[::ffff:127.0.0.1]:41000",
+            ),
+            sock(Established, "127.0.0.1:41000", "127.0.0.1:9000"),
+            sock(Established, "10.0.0.1:42000", "10.0.0.2:443"),
+        ];
+        let real = Topology::new(&sockets);
+        let colliding = Topology::matched_by(&sockets, |_| 42);
+        assert_eq!(real.peer, [None, Some(2), Some(1), Some(4), Some(3), None]);
+        assert_eq!(colliding.peer, real.peer);
+        assert_eq!(colliding.listeners, real.listeners);
+    }
 }

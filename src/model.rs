@@ -304,6 +304,23 @@ impl OwnerIndex {
     pub fn pairs(&self) -> &[(u64, u32)] {
         &self.pairs
     }
+
+    /// Calls `f(i, holders)` for each of `inodes` (ascending) with its `(inode, pid)` pairs,
+    /// empty when no process holds it: one pass alongside the pairs, where a search per
+    /// inode costs a cache miss per step at a million sockets.
+    pub fn walk_sorted(&self, inodes: &[u64], mut f: impl FnMut(usize, &[(u64, u32)])) {
+        let mut p = 0;
+        for (i, &inode) in inodes.iter().enumerate() {
+            while p < self.pairs.len() && self.pairs[p].0 < inode {
+                p += 1;
+            }
+            let len = self.pairs[p..]
+                .iter()
+                .take_while(|&&(pi, _)| pi == inode && inode != 0)
+                .count();
+            f(i, &self.pairs[p..p + len]);
+        }
+    }
 }
 
 /// What the scan could not see.

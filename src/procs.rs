@@ -234,9 +234,13 @@ impl ProcScanner {
         extra: impl Iterator<Item = u32>,
     ) -> OwnerIndex {
         let mut index = OwnerIndex::from_pairs(pairs, HashMap::new());
-        let mut pids: Vec<u32> = inodes
-            .flat_map(|i| index.owners(i).iter().map(|&(_, pid)| pid))
-            .collect();
+        let mut inodes: Vec<u64> = inodes.collect();
+        inodes.sort_unstable();
+        inodes.dedup();
+        let mut pids: Vec<u32> = Vec::new();
+        index.walk_sorted(&inodes, |_, held| {
+            pids.extend(held.iter().map(|&(_, pid)| pid))
+        });
         pids.extend(extra);
         pids.sort_unstable();
         pids.dedup();
@@ -439,6 +443,23 @@ impl Found {
     }
 }
 
+/// The inodes of `current` no pair of `owners` (sorted) names, by one walk of both in inode
+/// order: a search per inode costs a cache miss per step on a large map.
+fn unheld<'a>(
+    owners: &'a [(u64, u32)],
+    current: &FxHashSet<u64>,
+) -> impl Iterator<Item = u64> + 'a {
+    let mut sorted: Vec<u64> = current.iter().copied().collect();
+    sorted.sort_unstable();
+    let mut p = 0;
+    sorted.into_iter().filter(move |&inode| {
+        while p < owners.len() && owners[p].0 < inode {
+            p += 1;
+        }
+        !(p < owners.len() && owners[p].0 == inode)
+    })
+}
+
 /// Keeps in a table only the inodes of sockets in the dump.
 fn only_dumped(table: &mut FdTable, current: &FxHashSet<u64>) {
     for entry in table
@@ -526,12 +547,6 @@ impl OwnerCache {
         OwnerCache::default()
     }
 
-    /// True when some process is known to hold socket `inode`.
-    fn holds(&self, inode: u64) -> bool {
-        let at = self.owners.partition_point(|&(i, _)| i < inode);
-        self.owners.get(at).is_some_and(|&(i, _)| i == inode)
-    }
-
     /// Brings the map up to date with `sockets`. `same_sockets`: they are the very sockets of
     /// the last refresh (the collector saw nothing move), so only processes that exited are
     /// forgotten and no fd table is read.
@@ -579,11 +594,7 @@ impl OwnerCache {
             self.owners.sort_unstable();
             self.owners.dedup();
             self.owners.shrink_to_fit();
-            self.unowned = current
-                .iter()
-                .copied()
-                .filter(|&i| !self.holds(i))
-                .collect();
+            self.unowned = unheld(&self.owners, &current).collect();
             // Where new sockets are looked for first: the processes holding the most now.
             let mut held: FxHashMap<u32, usize> = FxHashMap::default();
             for (_, pid) in &self.owners {
@@ -602,10 +613,9 @@ impl OwnerCache {
             self.forget_exited(&live_set);
             self.owners.retain(|(inode, _)| current.contains(inode));
             self.unowned.retain(|i| current.contains(i));
-            let mut missing: FxHashSet<u64> = current
-                .iter()
-                .copied()
-                .filter(|&i| !self.holds(i) && !self.unowned.contains(&i))
+            let unowned = &self.unowned;
+            let mut missing: FxHashSet<u64> = unheld(&self.owners, &current)
+                .filter(|i| !unowned.contains(i))
                 .collect();
             if !missing.is_empty() {
                 let root = scanner.open_root()?;

@@ -255,11 +255,18 @@ pub fn cgroup_places(
     sockets: &[Socket],
     owners: &OwnerIndex,
 ) -> BTreeMap<u64, Place> {
-    let wanted: HashSet<u64> = sockets
+    let mut by_inode: Vec<(u64, u64)> = sockets
         .iter()
-        .filter(|s| owners.owners(s.inode).is_empty())
-        .filter_map(|s| s.cgroup_id)
+        .filter_map(|s| Some((s.inode, s.cgroup_id?)))
         .collect();
+    by_inode.sort_unstable();
+    let inodes: Vec<u64> = by_inode.iter().map(|&(i, _)| i).collect();
+    let mut wanted: HashSet<u64> = HashSet::new();
+    owners.walk_sorted(&inodes, |i, held| {
+        if held.is_empty() {
+            wanted.insert(by_inode[i].1);
+        }
+    });
     if wanted.is_empty() {
         return BTreeMap::new();
     }

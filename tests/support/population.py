@@ -9,7 +9,7 @@ SPEC is a JSON object: a literal (its first non-blank character is "{") or a fil
     {"servers": [{"name": "registry", "addr": "127.0.0.1", "port": 5000,
                   "workers": 1, "close_accepted": false}],
      "clients": [{"name": "image-cri-shim", "connect": "127.0.0.1:5000",
-                  "count": 40, "procs": 1}],
+                  "count": 40, "procs": 1, "source": "127.0.0.1"}],
      "idle": {"procs": 0, "files": 100},
      "port_range": "1024 65535"}
 
@@ -21,7 +21,9 @@ count; the values shown for the others are their defaults (no port_range: the sy
   until it holds its fd hard limit - 64; with `close_accepted` each connection is closed as
   soon as it is accepted, which leaves the client's end in CLOSE_WAIT.
 - client: `procs` processes named `name` holding `count` connections to `connect`
-  ("127.0.0.1:5000" or "[::1]:8443") between them, split evenly; no data is sent.
+  ("127.0.0.1:5000" or "[::1]:8443") between them, split evenly; no data is sent. With
+  `source` (a loopback address of the same family), they connect from that address: each
+  source address has its own ephemeral ports, which a million connections need.
 - idle: `procs` processes named "idle-holder", each holding `files` open fds on /dev/null.
 - port_range: written to net.ipv4.ip_local_port_range (refused in the host's namespace).
 
@@ -153,14 +155,15 @@ def load_spec(arg):
                         "close": get(s, "close_accepted", bool, where, False), "expected": 0})
     for i, c in enumerate(get(spec, "clients", list, "spec", [])):
         where = f"clients[{i}]"
-        only_keys(c, ("name", "connect", "count", "procs"), where)
+        only_keys(c, ("name", "connect", "count", "procs", "source"), where)
         count, procs = get(c, "count", int, where), max(1, get(c, "procs", int, where, 1))
         if -(-count // procs) > budget:
             raise SpecError(f"{where}: {count} connections over {procs} process(es) is more than "
                             f"{budget} per process (fd hard limit - {HEADROOM}); raise procs")
         clients.append({"name": get(c, "name", str, where), "comm": comm(c.get("name"), where),
                         "key": endpoint(get(c, "connect", str, where), where),
-                        "connect": c["connect"], "count": count, "procs": procs})
+                        "connect": c["connect"], "count": count, "procs": procs,
+                        "source": loopback(c["source"], where) if "source" in c else None})
     idle = get(spec, "idle", dict, "spec", {})
     only_keys(idle, ("procs", "files"), "idle")
     idle = {"procs": get(idle, "procs", int, "idle", 0), "files": get(idle, "files", int, "idle", 100)}
@@ -292,12 +295,19 @@ def serve(lsock, counts, slot, close):
     hold_forever()
 
 
-def connect(family, addr, port, n, ready_w):
-    """Client body: open `n` connections to addr:port (blocking connect), report on ready_w."""
+IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h: pick the port at connect(), by the whole 4-tuple
+
+
+def connect(family, addr, port, n, ready_w, source=None):
+    """Client body: open `n` connections to addr:port (blocking connect) from `source` if
+    given, report on ready_w."""
     held = []
     for i in range(n):
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
+            if source is not None:
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((source, 0))
             sock.connect((addr, port))
         except OSError as exc:
             raise SpecError(f"connection {i + 1} of {n} to {addr}:{port} failed: {exc}") from None
@@ -344,7 +354,8 @@ def start(servers, clients, idle, names, counts):
         for i in range(procs):
             n = c["count"] // procs + (i < c["count"] % procs)
             r, w = os.pipe()
-            body = lambda n=n, w=w: connect(family_of(addr), str(addr), port, n, w)  # noqa: E731
+            source = None if c["source"] is None else str(c["source"])
+            body = lambda n=n, w=w, src=source: connect(family_of(addr), str(addr), port, n, w, src)  # noqa: E731
             pid = fork_child(c["comm"], body, [w])
             os.close(w)
             names[pid] = c["name"]
