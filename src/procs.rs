@@ -39,10 +39,20 @@ pub struct FdScan {
     pub tables: Vec<(u32, FdTable)>,
 }
 
-/// One process's fd table as last read: `(fd, socket inode)` ascending by fd. In the owner
-/// cache the inode is kept only for a socket of the dump (0 for any other file or socket), so
-/// that a slot whose socket left the dump is a slot to read again. 12 bytes an fd.
+/// One process's fd table as read: `(fd, socket inode)` ascending by fd, inode 0 for a file
+/// that is not a socket.
 pub type FdTable = Vec<(u32, u64)>;
+
+/// One fd of a process as the owner cache last read it. 16 bytes an fd.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    fd: u32,
+    /// The socket inode, 0 for another kind of file.
+    socket: u64,
+    /// The socket was in the dump when the slot was read: if it leaves the dump, the slot is
+    /// one to read again (closed and perhaps reused).
+    dumped: bool,
+}
 
 /// Reads `/proc/*/fd` under a root.
 pub struct ProcScanner {
@@ -375,7 +385,9 @@ pub struct OwnerCache {
     /// The pids alive at the last refresh, ascending.
     live: Vec<u32>,
     /// Each process's fd table as last read, so that a search reads only its new slots.
-    tables: FxHashMap<u32, FdTable>,
+    tables: FxHashMap<u32, Vec<Slot>>,
+    /// Sockets seen in an fd table but not in the dump then, with where they were seen.
+    undumped: FxHashMap<u64, (u32, u32)>,
 }
 
 /// The owner map after a refresh.
@@ -460,14 +472,33 @@ fn unheld<'a>(
     })
 }
 
-/// Keeps in a table only the inodes of sockets in the dump.
-fn only_dumped(table: &mut FdTable, current: &FxHashSet<u64>) {
-    for entry in table
-        .iter_mut()
-        .filter(|(_, i)| *i != 0 && !current.contains(i))
-    {
-        entry.1 = 0;
+/// A table as slots, each marked with whether its socket is in the dump; sockets that are not
+/// (yet: opened after the dump, before the read) go into `undumped`, where a later dump that
+/// shows them finds their holder without reading anything.
+fn slots_of(
+    pid: u32,
+    table: FdTable,
+    current: &FxHashSet<u64>,
+    undumped: &mut FxHashMap<u64, (u32, u32)>,
+) -> Vec<Slot> {
+    table
+        .into_iter()
+        .map(|(fd, socket)| slot(pid, fd, socket, current, undumped))
+        .collect()
+}
+
+fn slot(
+    pid: u32,
+    fd: u32,
+    socket: u64,
+    current: &FxHashSet<u64>,
+    undumped: &mut FxHashMap<u64, (u32, u32)>,
+) -> Slot {
+    let dumped = current.contains(&socket);
+    if socket != 0 && !dumped {
+        undumped.insert(socket, (pid, fd));
     }
+    Slot { fd, socket, dumped }
 }
 
 /// Reads the slots of `pid`'s fd table that can hold a socket opened since the table was
@@ -480,9 +511,10 @@ fn only_dumped(table: &mut FdTable, current: &FxHashSet<u64>) {
 fn read_new_slots(
     root: &rustix::fd::OwnedFd,
     pid: u32,
-    table: &mut FdTable,
+    table: &mut Vec<Slot>,
     current: &FxHashSet<u64>,
     pairs: &mut Vec<(u64, u32)>,
+    undumped: &mut FxHashMap<u64, (u32, u32)>,
 ) -> usize {
     let Ok(dir) = rustix::fs::openat(
         root,
@@ -492,29 +524,28 @@ fn read_new_slots(
     ) else {
         return 0;
     };
-    let dumped = |inode: u64| if current.contains(&inode) { inode } else { 0 };
     let mut read = 0;
     let mut closed = Vec::new();
-    for entry in table
+    for s in table
         .iter_mut()
-        .filter(|(_, i)| *i != 0 && !current.contains(i))
+        .filter(|s| s.dumped && !current.contains(&s.socket))
     {
         read += 1;
-        match read_slot(&dir, entry.0) {
+        match read_slot(&dir, s.fd) {
             Ok(Some(inode)) => {
-                entry.1 = dumped(inode);
+                *s = slot(pid, s.fd, inode, current, undumped);
                 if inode != 0 {
                     pairs.push((inode, pid));
                 }
             }
-            Ok(None) => closed.push(entry.0),
+            Ok(None) => closed.push(s.fd),
             Err(_) => return read,
         }
     }
-    table.retain(|(fd, _)| closed.binary_search(fd).is_err());
+    table.retain(|s| closed.binary_search(&s.fd).is_err());
     // Slots freed just now say nothing of where newer fds went: skip them.
     let mut new = Vec::new();
-    let mut known = table.iter().map(|&(fd, _)| fd).peekable();
+    let mut known = table.iter().map(|s| s.fd).peekable();
     let mut fd = 0u32;
     loop {
         while known.next_if(|&k| k < fd).is_some() {}
@@ -525,7 +556,7 @@ fn read_new_slots(
         read += 1;
         match read_slot(&dir, fd) {
             Ok(Some(inode)) => {
-                new.push((fd, dumped(inode)));
+                new.push(slot(pid, fd, inode, current, undumped));
                 if inode != 0 {
                     pairs.push((inode, pid));
                 }
@@ -536,7 +567,7 @@ fn read_new_slots(
     }
     if !new.is_empty() {
         table.extend(new);
-        table.sort_unstable();
+        table.sort_unstable_by_key(|s| s.fd);
     }
     read
 }
@@ -580,14 +611,13 @@ impl OwnerCache {
         if full_due {
             let scan = scanner.socket_fds(threads, true)?;
             cost.full = true;
+            let mut undumped = FxHashMap::default();
             self.tables = scan
                 .tables
                 .into_iter()
-                .map(|(pid, mut table)| {
-                    only_dumped(&mut table, &current);
-                    (pid, table)
-                })
+                .map(|(pid, table)| (pid, slots_of(pid, table, &current, &mut undumped)))
                 .collect();
+            self.undumped = undumped;
             cost.processes_read = scan.stats.scanned;
             self.owners = scan.pairs;
             self.owners.retain(|(inode, _)| current.contains(inode));
@@ -626,7 +656,26 @@ impl OwnerCache {
                     .chain(live.iter().copied().filter(|p| !self.recent.contains(p)))
                     .collect();
                 let mut found = Found::default();
-                // First only the slots that can hold a new socket, in every process whose
+                // Sockets an earlier read saw before they were in a dump: their holder is
+                // known without reading anything.
+                let seen: Vec<u64> = missing
+                    .iter()
+                    .copied()
+                    .filter(|i| self.undumped.contains_key(i))
+                    .collect();
+                for inode in seen {
+                    if let Some((pid, fd)) = self.undumped.remove(&inode) {
+                        if let Some(s) = self
+                            .tables
+                            .get_mut(&pid)
+                            .and_then(|t| t.iter_mut().find(|s| s.fd == fd && s.socket == inode))
+                        {
+                            s.dumped = true;
+                        }
+                        found.take(pid, &[(inode, pid)], &self.owners, &mut missing, &current);
+                    }
+                }
+                // Then only the slots that can hold a new socket, in every process whose
                 // table is known; then whole tables, until every new socket is found.
                 for &pid in &order {
                     if missing.is_empty() {
@@ -636,7 +685,8 @@ impl OwnerCache {
                         continue;
                     };
                     let mut pairs = Vec::new();
-                    cost.slots_read += read_new_slots(&root, pid, table, &current, &mut pairs);
+                    cost.slots_read +=
+                        read_new_slots(&root, pid, table, &current, &mut pairs, &mut self.undumped);
                     found.take(pid, &pairs, &self.owners, &mut missing, &current);
                 }
                 // Whole tables: processes started since their tables were read first (a new
@@ -661,8 +711,8 @@ impl OwnerCache {
                     {
                         continue;
                     }
-                    only_dumped(&mut table, &current);
-                    self.tables.insert(pid, table);
+                    let slots = slots_of(pid, table, &current, &mut self.undumped);
+                    self.tables.insert(pid, slots);
                     found.take(pid, &pairs, &self.owners, &mut missing, &current);
                 }
                 self.unowned.extend(missing);
@@ -689,6 +739,7 @@ impl OwnerCache {
         self.processes.retain(|p, _| live.contains(p));
         self.fds.retain(|p, _| live.contains(p));
         self.tables.retain(|p, _| live.contains(p));
+        self.undumped.retain(|_, (p, _)| live.contains(p));
     }
 
     /// Open-file counts: cheap on Linux 6.2+ (the fd directory's size), else kept from the

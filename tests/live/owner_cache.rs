@@ -93,9 +93,14 @@ fn sockets_on(port: u16) -> Vec<Socket> {
 
 /// Refreshes and checks that `pid` holds every socket on `port`; returns the cost.
 fn refresh(cache: &mut OwnerCache, port: u16, pid: u32, expect: usize) -> RefreshCost {
-    let scanner = ProcScanner::new(Path::new("/proc"));
     let sockets = sockets_on(port);
     assert_eq!(sockets.len(), expect);
+    refresh_with(cache, sockets, pid)
+}
+
+/// Refreshes with these sockets as the dump, and checks that `pid` holds each.
+fn refresh_with(cache: &mut OwnerCache, sockets: Vec<Socket>, pid: u32) -> RefreshCost {
+    let scanner = ProcScanner::new(Path::new("/proc"));
     let Refreshed { owners, cost, .. } = cache.refresh(&scanner, &sockets, 2, false).unwrap();
     for s in &sockets {
         assert_eq!(
@@ -138,11 +143,29 @@ fn a_sample_reads_only_the_fd_slots_that_can_hold_new_sockets() {
     let cost = refresh(&mut cache, port, pid, 14);
     assert_eq!((cost.processes_read, cost.slots_read), (0, 5));
 
-    // A file opened before a connection: its slot is read and remembered as "not a socket".
+    // Two connections opened, the dump taken after the first only: reading the slots of the
+    // first finds the second's too, though it is not in the dump yet.
+    holder.tell("open 2");
+    let mut all = sockets_on(port);
+    assert_eq!(all.len(), 18);
+    // The second connection's ends have the two highest inodes.
+    all.sort_by_key(|s| s.inode);
+    let early = all[..16].to_vec();
+    let cost = refresh_with(&mut cache, early, pid);
+    assert_eq!(cost.processes_read, 0);
+    // The next dump shows the second connection: its holder is known, nothing is read.
+    let cost = refresh_with(&mut cache, all, pid);
+    assert_eq!((cost.processes_read, cost.slots_read), (0, 0));
+    holder.tell("close 2");
+    refresh(&mut cache, port, pid, 14);
+
+    // A file opened before a connection, in the four slots the last two closed: read again
+    // as slots of sockets that left the dump (the file, two sockets, one still free), then
+    // the lowest free slot. The file's slot is remembered as "not a socket".
     holder.tell("file 1");
     holder.tell("open 1");
     let cost = refresh(&mut cache, port, pid, 16);
-    assert_eq!((cost.processes_read, cost.slots_read), (0, 4));
+    assert_eq!((cost.processes_read, cost.slots_read), (0, 5));
     // The file closed, a connection opened: one end lands in the file's slot, which the slots
     // read do not include, so whole tables are read: those of processes started since (other
     // tests run beside this one), then the helper's.
