@@ -152,9 +152,10 @@ pub struct Totals {
     pub unattributed: usize,
 }
 
-/// A whole `shimcheck ports` answer.
+/// A whole `shimcheck ports` answer. Its groups are a `Vec<Group>`, or `LazyGroups`, which
+/// spells each group out only as it is written (`aggregate_streamed`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Report {
+pub struct Report<G = Vec<Group>> {
     pub schema_version: u32,
     pub taken_at: String,
     pub hostname: String,
@@ -172,13 +173,13 @@ pub struct Report {
     /// `--baseline`: when the baseline snapshot was taken.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline_taken_at: Option<String>,
-    pub groups: Vec<Group>,
+    pub groups: G,
     /// What the detector concluded (filled in by the caller; `aggregate` leaves it empty).
     pub findings: Vec<Finding>,
     pub warnings: Vec<Warning>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Acc {
     count: u32,
     states: StateCounts,
@@ -204,18 +205,109 @@ pub struct GroupCounts(FxHashMap<RawKey, usize>);
 /// groups that survive `top` are spelled out: `--by port` on a busy node has a group per
 /// client port.
 pub fn aggregate(joined: &Joined<'_>, query: &Query) -> Report {
-    group(joined, query, false).0
+    let (report, _) = group(joined, query, false);
+    report.with_groups(LazyGroups::into_vec)
 }
 
 /// `aggregate`, plus the size of every group for `annotate_deltas`.
 pub fn aggregate_with_counts(joined: &Joined<'_>, query: &Query) -> (Report, GroupCounts) {
     let (report, counts) = group(joined, query, true);
-    (report, counts.unwrap_or_default())
+    (
+        report.with_groups(LazyGroups::into_vec),
+        counts.unwrap_or_default(),
+    )
+}
+
+/// `aggregate` for writing once: each group is spelled out (names, command lines, holders)
+/// as it is serialized and dropped right after, so a report of half a million groups (`--by
+/// pair` at a million sockets) costs the memory of one group, not of all of them.
+pub fn aggregate_streamed<'a>(joined: &'a Joined<'a>, query: &Query) -> Report<LazyGroups<'a>> {
+    group(joined, query, false).0
+}
+
+/// The groups of a report, ranked, each spelled out when it is needed.
+pub struct LazyGroups<'a> {
+    joined: &'a Joined<'a>,
+    places: Places,
+    /// The groups kept, in order.
+    kept: Vec<Kept>,
+}
+
+/// A group kept: its key, counts, and `(pid, sockets)` of its holders and of the holders of
+/// its other ends.
+type Kept = (RawKey, Acc, [Vec<(u32, usize)>; 2]);
+
+impl LazyGroups<'_> {
+    /// Every group, spelled out.
+    pub fn into_vec(self) -> Vec<Group> {
+        let LazyGroups {
+            joined,
+            places,
+            kept,
+        } = self;
+        kept.into_iter()
+            .map(|(key, acc, [own, peer])| make_group(joined, &places, key, acc, own, peer))
+            .collect()
+    }
+
+    /// The number of groups.
+    pub fn len(&self) -> usize {
+        self.kept.len()
+    }
+
+    /// True when no group is kept.
+    pub fn is_empty(&self) -> bool {
+        self.kept.is_empty()
+    }
+}
+
+impl Serialize for LazyGroups<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.kept.len()))?;
+        for (key, acc, [own, peer]) in &self.kept {
+            let group = make_group(
+                self.joined,
+                &self.places,
+                *key,
+                acc.clone(),
+                own.clone(),
+                peer.clone(),
+            );
+            seq.serialize_element(&group)?;
+        }
+        seq.end()
+    }
+}
+
+impl<G> Report<G> {
+    /// The same report with its groups turned into `H`.
+    pub fn with_groups<H>(self, f: impl FnOnce(G) -> H) -> Report<H> {
+        Report {
+            schema_version: self.schema_version,
+            taken_at: self.taken_at,
+            hostname: self.hostname,
+            group_by: self.group_by,
+            states: self.states,
+            totals: self.totals,
+            total_groups: self.total_groups,
+            sample: self.sample,
+            elapsed_s: self.elapsed_s,
+            baseline_taken_at: self.baseline_taken_at,
+            groups: f(self.groups),
+            findings: self.findings,
+            warnings: self.warnings,
+        }
+    }
 }
 
 /// Groups the sockets; with `counts`, also keeps every group's size (a map as large as the
 /// groups, which `--by pair` on a busy server makes one per client port).
-fn group(joined: &Joined<'_>, query: &Query, counts: bool) -> (Report, Option<GroupCounts>) {
+fn group<'a>(
+    joined: &'a Joined<'a>,
+    query: &Query,
+    counts: bool,
+) -> (Report<LazyGroups<'a>>, Option<GroupCounts>) {
     let sample = joined.sample;
     let mut totals = Totals::default();
     let mut slots: FxHashMap<RawKey, u32> = FxHashMap::default();
@@ -335,14 +427,19 @@ fn group(joined: &Joined<'_>, query: &Query, counts: bool) -> (Report, Option<Gr
         holder_counts[pos as usize][usize::from(peer)].push((pid, run.len()));
     }
     let mut accs: Vec<Option<(RawKey, Acc)>> = accs.into_iter().map(Some).collect();
-    let groups: Vec<Group> = ranked
+    let kept: Vec<Kept> = ranked
         .iter()
         .zip(holder_counts)
-        .filter_map(|(&slot, [own, peer])| {
+        .filter_map(|(&slot, holders)| {
             let (key, acc) = accs[slot as usize].take()?;
-            Some(make_group(joined, &places, key, acc, own, peer))
+            Some((key, acc, holders))
         })
         .collect();
+    let groups = LazyGroups {
+        joined,
+        places,
+        kept,
+    };
 
     let report = Report {
         schema_version: SCHEMA_VERSION,

@@ -967,3 +967,40 @@ fn json_states_and_counts_follow_kernel_order() {
         "{g}"
     );
 }
+
+/// `ports -o json` writes its groups as it spells them out; the document is the one the
+/// materialized report gives, for every grouping, with and without `--top`.
+#[test]
+fn a_streamed_report_is_the_materialized_report() {
+    use shimcheck::aggregate::{aggregate, aggregate_streamed};
+    use shimcheck::join::Joined;
+    let s = node();
+    let joined = Joined::new(&s);
+    for by in [
+        GroupBy::Port,
+        GroupBy::Process,
+        GroupBy::Peer,
+        GroupBy::Pair,
+        GroupBy::Pod,
+    ] {
+        for top in [None, Some(2)] {
+            let q = Query {
+                top,
+                ..query(by, &[Established, CloseWait, Listen, TimeWait])
+            };
+            let materialized = aggregate(&joined, &q);
+            let streamed = aggregate_streamed(&joined, &q);
+            assert_eq!(streamed.groups.len(), materialized.groups.len());
+            assert!(!streamed.groups.is_empty());
+            let mut a = Vec::new();
+            let mut b = Vec::new();
+            shimcheck::render::json::render(&materialized, &mut a).unwrap();
+            shimcheck::render::json::render(&streamed, &mut b).unwrap();
+            assert_eq!(
+                String::from_utf8(a).unwrap(),
+                String::from_utf8(b).unwrap(),
+                "--by {by:?} --top {top:?}"
+            );
+        }
+    }
+}
