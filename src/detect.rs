@@ -298,7 +298,7 @@ pub fn snapshot_findings(j: &Joined<'_>, cfg: &DetectConfig) -> Vec<Finding> {
         let members = &pairs[key];
         let mut idle: Vec<u64> = members
             .iter()
-            .filter_map(|&i| sockets[i].tcp_info.map(|t| u64::from(t.data_idle_ms())))
+            .filter_map(|&i| j.sample.data_idle_ms(&sockets[i]))
             .filter(|&ms| u128::from(ms) >= idle_ms)
             .collect();
         if idle.len() < cfg.idle_min_count || idle.is_empty() {
@@ -554,8 +554,22 @@ impl History {
             }
         }
         self.first_seen.retain(|_, seen| seen.1 == n);
+        self.push(t, counts);
+    }
+
+    /// Adds a sample whose sockets and owners are the last one's (a loop whose collector saw
+    /// nothing move): the same counts, no socket first seen now.
+    pub fn observe_same(&mut self, t: SystemTime) {
+        if let Some((_, last)) = self.samples.back() {
+            let counts = last.clone();
+            self.push(t, counts);
+        }
+    }
+
+    /// Appends a sample's counts and forgets what fell out of the window, keeping the newest
+    /// sample at or before the window's start: it is the baseline.
+    fn push(&mut self, t: SystemTime, counts: FxHashMap<PairKey, u32>) {
         self.samples.push_back((t, counts));
-        // Keep the newest sample at or before the window's start: it is the baseline.
         let start = t.checked_sub(self.window).unwrap_or(SystemTime::UNIX_EPOCH);
         while self.samples.len() > 2 && self.samples[1].0 <= start {
             self.samples.pop_front();
@@ -605,7 +619,8 @@ impl History {
                 .get(&identity(j, i))
                 .map_or(*t1, |seen| seen.0);
             let old = seen <= *t0;
-            let activity = (!old).then(|| self.activity(j.socket(i), *t1, seen, quiet_after));
+            let activity = (!old)
+                .then(|| self.activity(j.sample.data_idle_ms(j.socket(i)), *t1, seen, quiet_after));
             for k in &keys {
                 if old {
                     *kept.entry(*k).or_default() += 1;
@@ -738,15 +753,15 @@ impl History {
     /// `quiet_after` (a quarter of the time since the snapshot, at most) alone decides.
     fn activity(
         &self,
-        s: &crate::model::Socket,
+        idle_ms: Option<u64>,
         now: SystemTime,
         seen: SystemTime,
         quiet_after: Duration,
     ) -> Use {
-        let Some(info) = s.tcp_info else {
+        let Some(idle_ms) = idle_ms else {
             return Use::Unjudged;
         };
-        let idle = Duration::from_millis(u64::from(info.data_idle_ms()));
+        let idle = Duration::from_millis(idle_ms);
         let watched = now.duration_since(seen).unwrap_or_default();
         let bound = if self.baseline {
             quiet_after

@@ -233,6 +233,22 @@ pub struct Socket {
     pub cgroup_id: Option<u64>,
 }
 
+impl Socket {
+    /// True when its tcp_info clocks run: the kernel reports 0 for a listener's.
+    pub fn has_clocks(&self) -> bool {
+        self.state != TcpState::Listen
+    }
+
+    /// The same socket `ms` milliseconds later, nothing sent or received since.
+    pub fn age(&mut self, ms: u32) {
+        if self.has_clocks()
+            && let Some(info) = self.tcp_info.as_mut()
+        {
+            info.age(ms);
+        }
+    }
+}
+
 /// A network namespace as reports name it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NetnsRef {
@@ -407,6 +423,22 @@ pub struct Sample {
     /// Where the cgroups of sockets no visible process holds put them (pod or unit), by
     /// cgroup id: how those sockets are still named.
     pub cgroup_places: BTreeMap<u64, Place>,
+    /// How much older than dumped every socket's tcp_info clocks are: a loop's sample whose
+    /// sockets did not change keeps the last dump's, and nothing was sent or received since
+    /// (`collect::counters`), so each clock is older by exactly the time between the two.
+    pub tcp_info_age_ms: u64,
+}
+
+/// What moved in a loop's sample whose sockets did not (`sample::Look::Same`): the time, the
+/// processes' open files, and, when a holder exited, the owners.
+#[derive(Debug, Clone)]
+pub struct Moved {
+    pub taken_at: SystemTime,
+    pub fds: BTreeMap<u32, FdUse>,
+    pub scan: ScanStats,
+    pub warnings: Vec<Warning>,
+    /// The owners, when a process that held some of the sockets has exited since.
+    pub owners: Option<OwnerIndex>,
 }
 
 /// Where a process (or the cgroup that created a socket) lives, the way operators name it: its
@@ -522,6 +554,40 @@ impl Serialize for Warning {
 }
 
 impl Sample {
+    /// How long socket `s` has carried no data, as of `taken_at`; `None` without tcp_info.
+    pub fn data_idle_ms(&self, s: &Socket) -> Option<u64> {
+        let age = if s.has_clocks() {
+            self.tcp_info_age_ms
+        } else {
+            0
+        };
+        s.tcp_info
+            .map(|t| u64::from(t.data_idle_ms()).saturating_add(age))
+    }
+
+    /// Brings a loop's last sample to the moment of `moved`: same sockets, clocks older by the
+    /// time since. Returns true when the owners changed (a holder exited).
+    pub fn apply(&mut self, moved: Moved) -> bool {
+        let since = moved
+            .taken_at
+            .duration_since(self.taken_at)
+            .unwrap_or_default();
+        self.tcp_info_age_ms = self
+            .tcp_info_age_ms
+            .saturating_add(u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+        self.taken_at = moved.taken_at;
+        self.host.fds = moved.fds;
+        self.scan = moved.scan;
+        self.warnings = moved.warnings;
+        match moved.owners {
+            Some(owners) => {
+                self.owners = owners;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The namespace of a socket as reports show it.
     pub fn netns_ref(&self, inode: u64) -> NetnsRef {
         NetnsRef {

@@ -403,6 +403,17 @@ pub struct Refreshed {
     pub cost: RefreshCost,
 }
 
+/// The owner map after a refresh with the same sockets (`OwnerCache::refresh_same`).
+#[derive(Debug, Clone)]
+pub struct Still {
+    /// The owners, only when they changed (a holder exited, or the full scan ran).
+    pub owners: Option<OwnerIndex>,
+    /// The latest full scan's statistics.
+    pub stats: ScanStats,
+    /// Every live process's fd use.
+    pub fds: BTreeMap<u32, FdUse>,
+}
+
 /// What one incremental refresh cost, for the benchmark and the tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RefreshCost {
@@ -578,35 +589,74 @@ impl OwnerCache {
         OwnerCache::default()
     }
 
-    /// Brings the map up to date with `sockets`. `same_sockets`: they are the very sockets of
-    /// the last refresh (the collector saw nothing move), so only processes that exited are
-    /// forgotten and no fd table is read.
+    /// Brings the map up to date with `sockets`.
     pub fn refresh(
         &mut self,
         scanner: &ProcScanner,
         sockets: &[Socket],
         threads: usize,
-        same_sockets: bool,
     ) -> Result<Refreshed, std::io::Error> {
-        let mut cost = RefreshCost::default();
-        let mut live = scanner.pids()?;
-        live.sort_unstable();
-        let full_due = self.since_full.is_none_or(|n| n >= FULL_SCAN_EVERY);
-        if same_sockets && !full_due {
-            self.since_full = self.since_full.map(|n| n + 1);
-            if live != self.live {
-                let live_set: FxHashSet<u32> = live.iter().copied().collect();
-                self.forget_exited(&live_set);
-            }
-            self.count_fds(scanner, &live);
-            self.live = live;
-            return Ok(self.index(scanner, cost));
-        }
         let current: FxHashSet<u64> = sockets
             .iter()
             .map(|s| s.inode)
             .filter(|&i| i != 0)
             .collect();
+        self.refresh_current(scanner, current, threads)
+    }
+
+    /// Brings the map up to date when the sockets are those of the last refresh (the
+    /// collector saw nothing move): no fd table is read unless the periodic full scan is due;
+    /// processes that exited are forgotten, open-file counts read again. The owners come back
+    /// only when they changed.
+    pub fn refresh_same(
+        &mut self,
+        scanner: &ProcScanner,
+        threads: usize,
+    ) -> Result<Still, std::io::Error> {
+        if self.since_full.is_none_or(|n| n >= FULL_SCAN_EVERY) {
+            // The sockets of the last refresh are those it found a holder for, and the rest.
+            let current: FxHashSet<u64> = self
+                .owners
+                .iter()
+                .map(|&(inode, _)| inode)
+                .chain(self.unowned.iter().copied())
+                .collect();
+            let r = self.refresh_current(scanner, current, threads)?;
+            return Ok(Still {
+                owners: Some(r.owners),
+                stats: r.stats,
+                fds: r.fds,
+            });
+        }
+        self.since_full = self.since_full.map(|n| n + 1);
+        let mut live = scanner.pids()?;
+        live.sort_unstable();
+        let held = self.owners.len();
+        if live != self.live {
+            let live_set: FxHashSet<u32> = live.iter().copied().collect();
+            self.forget_exited(&live_set);
+        }
+        self.count_fds(scanner, &live);
+        self.live = live;
+        let owners =
+            (self.owners.len() != held).then(|| self.index(scanner, RefreshCost::default()).owners);
+        Ok(Still {
+            owners,
+            stats: self.stats.clone(),
+            fds: self.fds.iter().map(|(&p, &f)| (p, f)).collect(),
+        })
+    }
+
+    fn refresh_current(
+        &mut self,
+        scanner: &ProcScanner,
+        current: FxHashSet<u64>,
+        threads: usize,
+    ) -> Result<Refreshed, std::io::Error> {
+        let mut cost = RefreshCost::default();
+        let mut live = scanner.pids()?;
+        live.sort_unstable();
+        let full_due = self.since_full.is_none_or(|n| n >= FULL_SCAN_EVERY);
         let live_set: FxHashSet<u32> = live.iter().copied().collect();
         if full_due {
             let scan = scanner.socket_fds(threads, true)?;

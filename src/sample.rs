@@ -18,8 +18,8 @@ use crate::cli::NodeArgs;
 use crate::collect::{self, CollectError, Dump, SocketSource};
 use crate::join::Topology;
 use crate::model::{
-    FD_NAMED_SHARE, FdUse, HostFacts, OwnerIndex, Place, Sample, ScanStats, Socket, StateSet,
-    TcpState, Warning,
+    FD_NAMED_SHARE, FdUse, HostFacts, Moved, OwnerIndex, Place, Sample, ScanStats, Socket,
+    StateSet, TcpState, Warning,
 };
 use crate::procs::{OwnerCache, ProcScanner};
 
@@ -45,10 +45,15 @@ pub enum Mode {
 pub struct Taken {
     pub sample: Sample,
     pub topology: Topology,
-    /// Incremental mode: the collector saw nothing move since the last sample, so the sockets
-    /// (in the same order) and their owners are the last sample's; only clocks and fd counts
-    /// moved on.
-    pub unchanged: bool,
+}
+
+/// What a loop's look at the node found.
+pub enum Look {
+    /// A new sample.
+    New(Taken),
+    /// The collector saw nothing move since the last look: the sockets, in the same order,
+    /// and the topology are the last sample's; what moved is here (`Sample::apply`).
+    Same(Moved),
 }
 
 /// The socket source, the /proc scanner and (incremental mode) the owner cache.
@@ -60,8 +65,6 @@ pub struct Sampler {
     opened: Option<Warning>,
     sys_fs_cgroup: PathBuf,
     threads: usize,
-    /// Incremental mode: the last sample's topology, kept while its sockets stay the same.
-    topology: Option<Topology>,
 }
 
 impl Sampler {
@@ -97,7 +100,6 @@ impl Sampler {
             opened: None,
             sys_fs_cgroup: PathBuf::from(SYS_FS_CGROUP),
             threads: worker_threads(),
-            topology: None,
         }
     }
 
@@ -107,73 +109,100 @@ impl Sampler {
         self.opened.as_ref()
     }
 
-    /// Takes one sample of `states` (plus `DETECT_STATES`, always dumped).
+    /// Takes one whole sample of `states` (plus `DETECT_STATES`, always dumped).
     pub fn sample(&mut self, states: StateSet) -> anyhow::Result<Taken> {
         let taken_at = SystemTime::now();
         let dump_states = states.union(DETECT_STATES.into_iter().collect());
         let own = collect::netns::own(self.scanner.root()).unwrap_or(0);
+        if let Some(cache) = &mut self.cache {
+            let dump = tagged(
+                self.source.dump_full(dump_states).map_err(collect_failed)?,
+                own,
+            );
+            let (topology, found) = refreshed(cache, &self.scanner, self.threads, &dump)?;
+            return Ok(self.build(dump, topology, found, own, taken_at));
+        }
         let source = &mut self.source;
         let scanner = &self.scanner;
-        let (dump, topology, found, unchanged) = match &mut self.cache {
-            None => {
-                let (dumped, scan) = std::thread::scope(|s| {
-                    let dump = s.spawn(|| {
-                        dump_tagged(source.as_mut(), dump_states, own).map(|d| {
-                            let topology = Topology::new(&d.sockets);
-                            (d, topology)
-                        })
-                    });
-                    let scan = scanner.socket_fds(self.threads, false);
-                    (dump.join(), scan)
-                });
-                let (dump, topology) = dumped
-                    .map_err(|_| anyhow!("the socket collector thread panicked"))?
-                    .map_err(collect_failed)?;
-                let scan = scan.with_context(|| proc_failed(scanner.root()))?;
-                // Processes at half their fd limit or more get a name too: a finding or a
-                // metric may be about them.
-                let near_limit: Vec<u32> = scan
-                    .fds
-                    .iter()
-                    .filter(|(_, f)| f.at_least(FD_NAMED_SHARE))
-                    .map(|(pid, _)| *pid)
-                    .collect();
-                let owners = scanner.index(
-                    scan.pairs,
-                    dump.sockets.iter().map(|s| s.inode),
-                    near_limit.into_iter(),
-                );
-                let found = Found {
-                    owners,
-                    stats: scan.stats,
-                    fds: scan.fds.into_iter().collect(),
-                };
-                (dump, topology, found, false)
-            }
-            Some(cache) => {
-                let dump =
-                    dump_tagged(source.as_mut(), dump_states, own).map_err(collect_failed)?;
-                // Nothing moved: the same sockets in the same order, so the same topology.
-                let topology = match &self.topology {
-                    Some(t) if dump.unchanged => t.clone(),
-                    _ => Topology::new(&dump.sockets),
-                };
-                self.topology = Some(topology.clone());
-                let r = cache
-                    .refresh(scanner, &dump.sockets, self.threads, dump.unchanged)
-                    .with_context(|| proc_failed(scanner.root()))?;
-                let found = Found {
-                    owners: r.owners,
-                    stats: r.stats,
-                    fds: r.fds,
-                };
-                let unchanged = dump.unchanged;
-                (dump, topology, found, unchanged)
-            }
+        let (dumped, scan) = std::thread::scope(|s| {
+            let dump = s.spawn(|| {
+                source.dump_full(dump_states).map(|d| {
+                    let d = tagged(d, own);
+                    let topology = Topology::new(&d.sockets);
+                    (d, topology)
+                })
+            });
+            let scan = scanner.socket_fds(self.threads, false);
+            (dump.join(), scan)
+        });
+        let (dump, topology) = dumped
+            .map_err(|_| anyhow!("the socket collector thread panicked"))?
+            .map_err(collect_failed)?;
+        let scan = scan.with_context(|| proc_failed(scanner.root()))?;
+        // Processes at half their fd limit or more get a name too: a finding or a metric may
+        // be about them.
+        let near_limit: Vec<u32> = scan
+            .fds
+            .iter()
+            .filter(|(_, f)| f.at_least(FD_NAMED_SHARE))
+            .map(|(pid, _)| *pid)
+            .collect();
+        let owners = scanner.index(
+            scan.pairs,
+            dump.sockets.iter().map(|s| s.inode),
+            near_limit.into_iter(),
+        );
+        let found = Found {
+            owners,
+            stats: scan.stats,
+            fds: scan.fds.into_iter().collect(),
         };
+        Ok(self.build(dump, topology, found, own, taken_at))
+    }
+
+    /// A loop's look: like `sample`, except that when the collector sees nothing move since
+    /// the last look (incremental mode, `counters`), only what moved is read and returned.
+    pub fn look(&mut self, states: StateSet) -> anyhow::Result<Look> {
+        let Some(cache) = &mut self.cache else {
+            return self.sample(states).map(Look::New);
+        };
+        let taken_at = SystemTime::now();
+        let dump_states = states.union(DETECT_STATES.into_iter().collect());
+        let own = collect::netns::own(self.scanner.root()).unwrap_or(0);
+        let dump = self.source.dump(dump_states).map_err(collect_failed)?;
+        if !dump.unchanged {
+            let dump = tagged(dump, own);
+            let (topology, found) = refreshed(cache, &self.scanner, self.threads, &dump)?;
+            return Ok(Look::New(self.build(dump, topology, found, own, taken_at)));
+        }
+        let still = cache
+            .refresh_same(&self.scanner, self.threads)
+            .with_context(|| proc_failed(self.scanner.root()))?;
+        let mut warnings: Vec<Warning> = self.opened.iter().cloned().collect();
+        warnings.extend(dump.warnings);
+        Ok(Look::Same(Moved {
+            taken_at,
+            fds: still.fds,
+            scan: still.stats,
+            warnings,
+            owners: still.owners,
+        }))
+    }
+
+    /// The sample itself.
+    fn build(
+        &self,
+        dump: Dump,
+        topology: Topology,
+        found: Found,
+        own: u64,
+        taken_at: SystemTime,
+    ) -> Taken {
+        let scanner = &self.scanner;
         let mut warnings: Vec<Warning> = self.opened.iter().cloned().collect();
         warnings.extend(dump.warnings);
         let sample = Sample {
+            tcp_info_age_ms: 0,
             taken_at,
             hostname: hostname(),
             cgroup_places: cgroup_places(
@@ -193,11 +222,7 @@ impl Sampler {
             warnings,
             own_netns: own,
         };
-        Ok(Taken {
-            sample,
-            topology,
-            unchanged,
-        })
+        Taken { sample, topology }
     }
 }
 
@@ -208,17 +233,32 @@ struct Found {
     fds: BTreeMap<u32, FdUse>,
 }
 
-/// One dump, with the sockets of a single-namespace source tagged as shimcheck's own.
-fn dump_tagged(
-    source: &mut (dyn SocketSource + Send),
-    states: StateSet,
-    own: u64,
-) -> Result<Dump, CollectError> {
-    let mut dump = source.dump(states)?;
+/// Incremental mode: a new dump's topology, and its owners from the owner cache brought up
+/// to date.
+fn refreshed(
+    cache: &mut OwnerCache,
+    scanner: &ProcScanner,
+    threads: usize,
+    dump: &Dump,
+) -> anyhow::Result<(Topology, Found)> {
+    let topology = Topology::new(&dump.sockets);
+    let r = cache
+        .refresh(scanner, &dump.sockets, threads)
+        .with_context(|| proc_failed(scanner.root()))?;
+    let found = Found {
+        owners: r.owners,
+        stats: r.stats,
+        fds: r.fds,
+    };
+    Ok((topology, found))
+}
+
+/// A dump with the sockets of a single-namespace source tagged as shimcheck's own.
+fn tagged(mut dump: Dump, own: u64) -> Dump {
     for s in dump.sockets.iter_mut().filter(|s| s.netns == 0) {
         s.netns = own;
     }
-    Ok(dump)
+    dump
 }
 
 fn collect_failed(e: CollectError) -> anyhow::Error {

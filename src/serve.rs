@@ -24,13 +24,16 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 
+use crate::aggregate::Report;
 use crate::aggregate::{self, GroupBy, Query};
 use crate::cli::ServeArgs;
 use crate::detect::{self, History, MIN_RISES};
 use crate::join::Joined;
+use crate::join::Topology;
+use crate::model::Sample;
 use crate::model::{StateSet, TcpState};
 use crate::render::{self, metrics};
-use crate::sample::{Mode, Sampler, Taken};
+use crate::sample::{Look, Mode, Sampler, Taken};
 
 /// Failed samples in a row after which /healthz answers 503.
 pub const UNHEALTHY_AFTER: u32 = 3;
@@ -134,27 +137,55 @@ fn sample_loop(
     let mut report = Bytes::new();
     let mut failing = 0u32;
     let mut warned = render::WarnedOnce::default();
+    // The last new sample, its topology and report: what a look that saw nothing move reuses.
+    let mut kept: Option<(Sample, Topology, Report)> = None;
     while !stop.load(Ordering::SeqCst) {
         let tick = Instant::now();
-        match sampler.sample(states) {
-            Ok(Taken {
-                sample, topology, ..
-            }) => {
-                let joined = Joined::with_topology(&sample, topology);
-                history.observe(&joined);
-                let findings = detect::findings(&joined, Some(&history), &cfg);
-                families = metrics::families(&joined, &findings, &cfg, args.max_series);
-                let mut r = aggregate::aggregate(&joined, &query);
-                r.findings = findings;
-                if !args.report_cmdline {
-                    r.drop_cmdlines();
+        let looked = match sampler.look(states) {
+            Ok(Look::Same(moved)) => match kept.take() {
+                Some((mut sample, topology, last)) => {
+                    if sample.apply(moved) {
+                        // A holder exited: the same sockets, other owners; every stage again.
+                        Ok((sample, topology, None))
+                    } else {
+                        Ok((sample, topology, Some(last)))
+                    }
                 }
+                // No sample to reuse yet (the first look always dumps): take one.
+                None => sampler.sample(states).map(|t| (t.sample, t.topology, None)),
+            },
+            Ok(Look::New(Taken { sample, topology })) => Ok((sample, topology, None)),
+            Err(e) => Err(e),
+        };
+        match looked {
+            Ok((sample, topology, last)) => {
+                let joined = Joined::with_topology(&sample, topology.clone());
+                let mut r = match last {
+                    // Nothing moved but time: the groups stand, the findings are judged anew.
+                    Some(mut last) => {
+                        history.observe_same(sample.taken_at);
+                        last.taken_at = aggregate::rfc3339(sample.taken_at);
+                        last
+                    }
+                    None => {
+                        history.observe(&joined);
+                        let mut r = aggregate::aggregate(&joined, &query);
+                        if !args.report_cmdline {
+                            r.drop_cmdlines();
+                        }
+                        r
+                    }
+                };
+                r.findings = detect::findings(&joined, Some(&history), &cfg);
+                families = metrics::families(&joined, &r.findings, &cfg, args.max_series);
                 report = Bytes::from(serde_json::to_vec_pretty(&r)?);
                 // A closed stderr must not stop the agent: logging is best effort.
                 let _ = warned.print_new(err, &r.warnings);
                 health.samples += 1;
                 health.last_sample = Some((sample.taken_at, tick.elapsed()));
                 failing = 0;
+                drop(joined);
+                kept = Some((sample, topology, r));
             }
             Err(e) => {
                 health.errors += 1;

@@ -49,6 +49,23 @@ struct SnapSocket {
     owners: Vec<u32>,
 }
 
+/// Each socket's holders, by one walk of the sockets in inode order beside the owner pairs.
+fn holders(sample: &Sample) -> Vec<Vec<u32>> {
+    let mut order: Vec<(u64, usize)> = sample
+        .sockets
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.inode, i))
+        .collect();
+    order.sort_unstable();
+    let inodes: Vec<u64> = order.iter().map(|&(inode, _)| inode).collect();
+    let mut out = vec![Vec::new(); sample.sockets.len()];
+    sample.owners.walk_sorted(&inodes, |k, held| {
+        out[order[k].1] = held.iter().map(|&(_, pid)| pid).collect();
+    });
+    out
+}
+
 /// Writes `sample` as a snapshot document.
 pub fn write(sample: &Sample, out: &mut dyn Write) -> io::Result<()> {
     let taken_at_ms = sample
@@ -69,14 +86,12 @@ pub fn write(sample: &Sample, out: &mut dyn Write) -> io::Result<()> {
         sockets: sample
             .sockets
             .iter()
-            .map(|s| SnapSocket {
-                socket: s.clone(),
-                owners: sample
-                    .owners
-                    .owners(s.inode)
-                    .iter()
-                    .map(|&(_, pid)| pid)
-                    .collect(),
+            .zip(holders(sample))
+            .map(|(s, owners)| {
+                let mut socket = s.clone();
+                // The document's clocks are as of its `taken_at`.
+                socket.age(u32::try_from(sample.tcp_info_age_ms).unwrap_or(u32::MAX));
+                SnapSocket { socket, owners }
             })
             .collect(),
         scan: sample.scan.clone(),
@@ -119,6 +134,7 @@ pub fn read(path: &Path) -> anyhow::Result<Sample> {
     }
     let processes = doc.processes.into_iter().map(|p| (p.pid, p)).collect();
     Ok(Sample {
+        tcp_info_age_ms: 0,
         taken_at: SystemTime::UNIX_EPOCH + Duration::from_millis(doc.taken_at_ms),
         hostname: doc.hostname,
         sockets,

@@ -13,12 +13,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::aggregate::Query;
 use crate::aggregate::{self, GroupCounts, Report};
 use crate::cli::{Output, PortsArgs};
+use crate::detect::DetectConfig;
 use crate::detect::{self, History, MIN_RISES};
 use crate::join::Joined;
+use crate::join::Topology;
+use crate::model::{Moved, Sample};
 use crate::render;
-use crate::sample::{Mode, Sampler, Taken};
+use crate::sample::{Look, Mode, Sampler, Taken};
 
 /// How often the sleep between samples checks for Ctrl-C.
 const TICK: Duration = Duration::from_millis(50);
@@ -37,29 +41,29 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
         .context("cannot install the Ctrl-C handler")?;
 
     let mut sampler = Sampler::open(&args.node, Mode::Incremental);
-    let mut history = History::new(cfg.window, MIN_RISES);
+    let mut state = State {
+        history: History::new(cfg.window, MIN_RISES),
+        first: None,
+        previous: None,
+        kept: None,
+    };
     let redraw = args.output == Output::Table && std::io::stdout().is_terminal();
-    let mut first: Option<GroupCounts> = None;
-    let mut previous: Option<GroupCounts> = None;
     let mut warned = render::WarnedOnce::default();
     let started = Instant::now();
     let mut n = 0u64;
     let last = loop {
         n += 1;
         let tick = Instant::now();
-        let Taken {
-            sample, topology, ..
-        } = sampler.sample(query.states)?;
-        let joined = Joined::with_topology(&sample, topology);
-        history.observe(&joined);
-        let (mut report, counts) = aggregate::aggregate_with_counts(&joined, &query);
-        let base = first.get_or_insert_with(|| counts.clone());
-        // The first sample is its own baseline: every change is 0, and every field is there.
-        aggregate::annotate_deltas(&mut report, Some(previous.as_ref().unwrap_or(base)), base);
-        previous = Some(counts);
+        let mut report = match sampler.look(query.states)? {
+            Look::New(taken) => state.full(taken, &query, &cfg),
+            Look::Same(moved) => match state.kept.take() {
+                Some(kept) => state.same(kept, moved, &query, &cfg),
+                // No sample to reuse yet (the first look always dumps): take one.
+                None => state.full(sampler.sample(query.states)?, &query, &cfg),
+            },
+        };
         report.sample = Some(n);
         report.elapsed_s = Some((started.elapsed().as_secs_f64() * 10.0).round() / 10.0);
-        report.findings = detect::findings(&joined, Some(&history), &cfg);
         warned.print_new(err, &report.warnings)?;
         match args.output {
             Output::Json => {
@@ -102,6 +106,65 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
     };
     summary(&last, n, started.elapsed(), summary_to)?;
     Ok(last.findings.len())
+}
+
+/// What the loop remembers between samples.
+struct State {
+    history: History,
+    /// Every group's size in the first sample and in the previous one.
+    first: Option<GroupCounts>,
+    previous: Option<GroupCounts>,
+    /// The last new sample, its topology and report: what a look that saw nothing move reuses.
+    kept: Option<(Sample, Topology, Report)>,
+}
+
+impl State {
+    /// The report of a new sample, every stage run.
+    fn full(&mut self, taken: Taken, query: &Query, cfg: &DetectConfig) -> Report {
+        let Taken { sample, topology } = taken;
+        let joined = Joined::with_topology(&sample, topology.clone());
+        self.history.observe(&joined);
+        let (mut report, counts) = aggregate::aggregate_with_counts(&joined, query);
+        let base = self.first.get_or_insert_with(|| counts.clone());
+        // The first sample is its own baseline: every change is 0, and every field is there.
+        aggregate::annotate_deltas(
+            &mut report,
+            Some(self.previous.as_ref().unwrap_or(base)),
+            base,
+        );
+        self.previous = Some(counts);
+        report.findings = detect::findings(&joined, Some(&self.history), cfg);
+        drop(joined);
+        self.kept = Some((sample, topology, report.clone()));
+        report
+    }
+
+    /// The report when the collector saw nothing move: the last sample's groups, none changed
+    /// since, and the findings judged again at this time. If a holder exited, the owners
+    /// changed: every stage runs again on the same sockets.
+    fn same(
+        &mut self,
+        kept: (Sample, Topology, Report),
+        moved: Moved,
+        query: &Query,
+        cfg: &DetectConfig,
+    ) -> Report {
+        // The report's warnings stay: the collector's and the last full scan's are the same.
+        let (mut sample, topology, mut report) = kept;
+        if sample.apply(moved) {
+            return self.full(Taken { sample, topology }, query, cfg);
+        }
+        self.history.observe_same(sample.taken_at);
+        let joined = Joined::with_topology(&sample, topology.clone());
+        report.taken_at = aggregate::rfc3339(sample.taken_at);
+        for g in &mut report.groups {
+            g.delta = Some(0);
+        }
+        report.findings = detect::findings(&joined, Some(&self.history), cfg);
+        drop(joined);
+        self.kept = Some((sample, topology, report.clone()));
+        report
+    }
 }
 
 /// What grew between the first and the last sample, and the last sample's findings.

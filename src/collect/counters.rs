@@ -4,15 +4,15 @@
 //!
 //! Input: a namespace's `net` directory in procfs (`/proc/thread-self/net`, `/proc/PID/net`).
 //! Output: `Counters` (the `Tcp:` line of `snmp`, the `inuse` and `tw` of `sockstat{,6}`,
-//! 15–20 µs to read) and, in `LastDump`, the sockets of the last dump, reused while the counters
-//! stand still.
+//! 15–20 µs to read); `Stillness`, whether the last dump still holds; and, in `LastDump`, the
+//! sockets of the last dump, reused while the counters stand still.
 //!
 //! Why equal counters mean an equal dump: every change a dump shows needs a segment sent or
 //! received (InSegs, OutSegs: data, FIN, RST, keepalive), a connection opened or refused
 //! (ActiveOpens, PassiveOpens, AttemptFails), a socket hashed or unhashed (`inuse`: listen,
 //! close of a listener) or a TIME_WAIT ending (`tw`). With none of those, the only thing that
 //! moves is time: every tcp_info clock is older by exactly the time since the dump, which
-//! `LastDump` adds. What no counter sees (a receive queue drained by the application, a
+//! `LastDump` adds (and a loop's `Sample::tcp_info_age_ms` counts). What no counter sees (a receive queue drained by the application, a
 //! listener's accept backlog shrinking) is caught by the full dump every `RESYNC_EVERY`
 //! samples. Counters shared by the whole node (`alloc`, `orphan`, `mem`) are left out: they
 //! move with every namespace.
@@ -75,59 +75,76 @@ fn field(line: &str, name: &str) -> Option<u64> {
     words.next()?.parse().ok()
 }
 
-/// A namespace's last dump, and the counters read just before it.
+/// Whether a namespace's last dump still holds: the counters read just before it.
 #[derive(Debug, Default)]
-pub struct LastDump {
-    kept: Option<Kept>,
+pub struct Stillness {
+    /// The counters, the states dumped, and the samples answered since without a dump.
+    kept: Option<(Counters, StateSet, u32)>,
 }
 
-#[derive(Debug)]
-struct Kept {
-    counters: Counters,
-    states: StateSet,
+impl Stillness {
+    /// True when `counters` (read now) equal those read before the last dump, which was of
+    /// the same `states`, and a resync is not due; counts one more sample answered so.
+    pub fn still(&mut self, counters: &Counters, states: StateSet) -> bool {
+        let Some((kept, kept_states, reused)) = self.kept.as_mut() else {
+            return false;
+        };
+        if kept != counters || *kept_states != states || *reused + 1 >= RESYNC_EVERY {
+            return false;
+        }
+        *reused += 1;
+        true
+    }
+
+    /// Remembers the counters read just before a dump of `states`.
+    pub fn dumped(&mut self, counters: Counters, states: StateSet) {
+        self.kept = Some((counters, states, 0));
+    }
+
+    /// Forgets the last dump (the namespace could not be read).
+    pub fn forget(&mut self) {
+        self.kept = None;
+    }
+}
+
+/// A namespace's last dump itself, for a sweep of many namespaces that assembles every sample
+/// from the namespaces that moved and those that did not.
+#[derive(Debug, Default)]
+pub struct LastDump {
+    still: Stillness,
     sockets: Vec<Socket>,
-    at: Instant,
-    /// Samples answered from `sockets` since it was dumped.
-    reused: u32,
+    at: Option<Instant>,
 }
 
 impl LastDump {
-    /// The sockets of the last dump with their clocks brought to `now`, if `counters` (read
-    /// now) equal those read before it, it was of the same `states`, and a resync is not due.
+    /// The sockets of the last dump with their clocks brought to `now`, if it still holds
+    /// (`Stillness::still`).
     pub fn reuse(
         &mut self,
         counters: &Counters,
         states: StateSet,
         now: Instant,
     ) -> Option<Vec<Socket>> {
-        let kept = self.kept.as_mut()?;
-        if kept.counters != *counters || kept.states != states || kept.reused + 1 >= RESYNC_EVERY {
+        let at = self.at?;
+        if !self.still.still(counters, states) {
             return None;
         }
-        kept.reused += 1;
-        let ms =
-            u32::try_from(now.saturating_duration_since(kept.at).as_millis()).unwrap_or(u32::MAX);
-        let mut sockets = kept.sockets.clone();
-        for info in sockets.iter_mut().filter_map(|s| s.tcp_info.as_mut()) {
-            info.age(ms);
-        }
+        let ms = u32::try_from(now.saturating_duration_since(at).as_millis()).unwrap_or(u32::MAX);
+        let mut sockets = self.sockets.clone();
+        sockets.iter_mut().for_each(|s| s.age(ms));
         Some(sockets)
     }
 
-    /// Remembers a dump and the counters read just before it started.
+    /// Remembers a dump finished at `at` and the counters read just before it started.
     pub fn keep(&mut self, counters: Counters, states: StateSet, sockets: &[Socket], at: Instant) {
-        self.kept = Some(Kept {
-            counters,
-            states,
-            sockets: sockets.to_vec(),
-            at,
-            reused: 0,
-        });
+        self.still.dumped(counters, states);
+        self.sockets = sockets.to_vec();
+        self.at = Some(at);
     }
 
     /// Forgets the last dump (the namespace could not be read).
     pub fn forget(&mut self) {
-        self.kept = None;
+        *self = LastDump::default();
     }
 }
 
@@ -149,5 +166,59 @@ mod tests {
         assert_eq!(Counters::parse(SNMP, other, "TCP6: inuse 4\n"), Some(c));
         assert_eq!(Counters::parse("Tcp: only names\n", v4, ""), None);
         assert_eq!(Counters::parse(SNMP, "UDP: inuse 1\n", ""), None);
+    }
+
+    #[test]
+    fn a_kept_dump_comes_back_older_by_the_time_since_and_not_past_a_resync() {
+        use crate::model::{Socket, TcpInfo, TcpState};
+        let info = TcpInfo {
+            last_data_sent_ms: 1000,
+            last_data_recv_ms: 2000,
+            last_ack_recv_ms: 500,
+            bytes_acked: Some(7),
+            bytes_received: None,
+        };
+        let socket = Socket {
+            state: TcpState::Established,
+            local: "127.0.0.1:40000".parse().unwrap(),
+            remote: "127.0.0.1:5000".parse().unwrap(),
+            inode: 9,
+            cookie: Some(1),
+            uid: 0,
+            recv_q: 0,
+            send_q: 0,
+            tcp_info: Some(info),
+            netns: 0,
+            cgroup_id: None,
+        };
+        let c = Counters::parse(SNMP, "TCP: inuse 2 orphan 0 tw 0\n", "").unwrap();
+        let states: StateSet = [TcpState::Established].into_iter().collect();
+        let at = Instant::now();
+        let mut last = LastDump::default();
+        assert_eq!(last.reuse(&c, states, at), None, "nothing kept yet");
+        last.keep(c.clone(), states, std::slice::from_ref(&socket), at);
+        let later = at + std::time::Duration::from_millis(1500);
+        let again = last.reuse(&c, states, later).unwrap();
+        let aged = again[0].tcp_info.unwrap();
+        assert_eq!(
+            (
+                aged.last_data_sent_ms,
+                aged.last_data_recv_ms,
+                aged.last_ack_recv_ms
+            ),
+            (2500, 3500, 2000)
+        );
+        assert_eq!(aged.bytes_acked, Some(7));
+        let moved = Counters::parse(SNMP, "TCP: inuse 3 orphan 0 tw 0\n", "").unwrap();
+        assert_eq!(
+            last.reuse(&moved, states, later),
+            None,
+            "a socket more: a dump"
+        );
+        last.keep(c.clone(), states, &[], at);
+        let reused = (0..RESYNC_EVERY)
+            .filter(|_| last.reuse(&c, states, later).is_some())
+            .count();
+        assert_eq!(reused as u32, RESYNC_EVERY - 1, "then a resync");
     }
 }

@@ -66,8 +66,8 @@ pub struct Dump {
     pub namespaces: Vec<netns::Target>,
     /// What the operator must know about this dump (namespaces that could not be entered).
     pub warnings: Vec<Warning>,
-    /// Nothing moved since the last dump: every namespace's sockets are its last dump's, with
-    /// their clocks brought forward (`counters::LastDump`), in the same order.
+    /// Nothing moved since the last dump (`counters::Stillness`): `sockets` is empty and the
+    /// last dump's still hold, their clocks older by the time since.
     pub unchanged: bool,
 }
 
@@ -80,11 +80,17 @@ pub trait SocketSource {
     /// Every TCP socket (IPv4 and IPv6) in one of `states`.
     fn sockets(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError>;
     /// The sockets with what else the dump learned; a single-namespace source has only sockets.
+    /// A source that reuses unchanged dumps may answer `unchanged` with no sockets: the caller
+    /// has the last ones.
     fn dump(&mut self, states: StateSet) -> Result<Dump, CollectError> {
         Ok(Dump {
             sockets: self.sockets(states)?,
             ..Dump::default()
         })
+    }
+    /// `dump`, never answered `unchanged`: every socket, whatever the counters say.
+    fn dump_full(&mut self, states: StateSet) -> Result<Dump, CollectError> {
+        self.dump(states)
     }
 }
 
@@ -98,14 +104,13 @@ pub fn open(
     threads: usize,
     reuse: bool,
 ) -> (Box<dyn SocketSource + Send>, Option<Warning>) {
-    let netlink = netlink::NetlinkSource::open().map(|src| {
-        if reuse {
-            src.reusing_unchanged_dumps()
-        } else {
-            src
-        }
-    });
-    choose_source(netlink, proc_root, all_netns, threads)
+    choose_source(
+        netlink::NetlinkSource::open(),
+        proc_root,
+        all_netns,
+        threads,
+        reuse,
+    )
 }
 
 fn choose_source(
@@ -113,12 +118,14 @@ fn choose_source(
     proc_root: &Path,
     all_netns: bool,
     threads: usize,
+    reuse: bool,
 ) -> (Box<dyn SocketSource + Send>, Option<Warning>) {
     match netlink {
         Ok(src) if all_netns => (
-            Box::new(netns::AllNetns::new(src, proc_root, threads)),
+            Box::new(netns::AllNetns::new(src, proc_root, threads, reuse)),
             None,
         ),
+        Ok(src) if reuse => (Box::new(src.reusing_unchanged_dumps()), None),
         Ok(src) => (Box::new(src), None),
         Err(e) => (
             Box::new(procnet::ProcNetSource::new(proc_root)),
@@ -140,7 +147,7 @@ mod tests {
         let denied = Err(CollectError::Open(io::Error::from_raw_os_error(
             libc_eacces(),
         )));
-        let (src, warning) = choose_source(denied, Path::new("/proc"), false, 1);
+        let (src, warning) = choose_source(denied, Path::new("/proc"), false, 1, false);
         assert_eq!(src.name(), "/proc/net/tcp");
         let warning = warning.unwrap().to_string();
         assert!(
@@ -158,7 +165,7 @@ mod tests {
         let denied = Err(CollectError::Open(io::Error::from_raw_os_error(
             libc_eacces(),
         )));
-        let (src, warning) = choose_source(denied, Path::new("/proc"), true, 1);
+        let (src, warning) = choose_source(denied, Path::new("/proc"), true, 1, false);
         assert_eq!(src.name(), "/proc/net/tcp");
         let warning = warning.unwrap().to_string();
         assert!(

@@ -10,7 +10,7 @@
 //! what a complete reply is; this file only moves bytes. Like `ss -tan`, unprivileged.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
@@ -20,7 +20,7 @@ use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
 use netlink_sys::{Socket as NlSocket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
 
-use super::counters::{Counters, LastDump};
+use super::counters::{Counters, Stillness};
 use super::decode::{DumpDecoder, Feed, TCPDIAG_GETSOCK};
 use super::{CollectError, Dump, SocketSource};
 use crate::model::{Socket, StateSet};
@@ -42,8 +42,8 @@ pub struct NetlinkSource {
     last_len: usize,
     /// The kernel refused the compat request once: dump each family on its own.
     per_family: bool,
-    /// Loops: the last dump, answered again while this namespace's counters stand still.
-    last: Option<LastDump>,
+    /// Loops: whether the last dump still holds, by this namespace's counters.
+    still: Option<Stillness>,
 }
 
 /// What a dump asks for.
@@ -75,45 +75,33 @@ impl NetlinkSource {
             seq: 0,
             last_len: 0,
             per_family: false,
-            last: None,
+            still: None,
         })
     }
 
-    /// From now on, a dump whose namespace's counters did not move since the last one
-    /// returns the last one's sockets instead (`counters::LastDump`).
+    /// From now on, `dump` answers `unchanged`, with no sockets, when this namespace's
+    /// counters did not move since the last dump (`counters::Stillness`): the caller still
+    /// has that dump's sockets.
     pub fn reusing_unchanged_dumps(mut self) -> NetlinkSource {
-        self.last = Some(LastDump::default());
+        self.still = Some(Stillness::default());
         self
     }
 
-    /// True when unchanged dumps are reused.
-    pub fn reuses(&self) -> bool {
-        self.last.is_some()
-    }
-
-    /// The sockets, and whether they are the last dump's (nothing moved). The counters are
-    /// those of the namespace the calling thread is in.
-    pub fn sockets_or_last(
-        &mut self,
-        states: StateSet,
-    ) -> Result<(Vec<Socket>, bool), CollectError> {
-        let Some(last) = self.last.as_mut() else {
-            return Ok((self.fresh(states)?, false));
-        };
-        let counters = Counters::read(Path::new(THREAD_NET));
-        if let Some(c) = &counters
-            && let Some(sockets) = last.reuse(c, states, Instant::now())
-        {
-            return Ok((sockets, true));
-        }
+    /// A new dump, recording the counters read just before it for the next `dump`.
+    fn recorded(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError> {
+        let counters = self
+            .still
+            .is_some()
+            .then(|| Counters::read(Path::new(THREAD_NET)))
+            .flatten();
         let sockets = self.fresh(states);
-        if let Some(last) = self.last.as_mut() {
+        if let Some(still) = self.still.as_mut() {
             match (&sockets, counters) {
-                (Ok(s), Some(c)) => last.keep(c, states, s, Instant::now()),
-                _ => last.forget(),
+                (Ok(_), Some(c)) => still.dumped(c, states),
+                _ => still.forget(),
             }
         }
-        Ok((sockets?, false))
+        sockets
     }
 
     /// Runs one dump, handing each datagram to `sink` as it arrives (the capture tool records
@@ -240,14 +228,28 @@ impl SocketSource for NetlinkSource {
     }
 
     fn sockets(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError> {
-        self.sockets_or_last(states).map(|(sockets, _)| sockets)
+        self.recorded(states)
     }
 
     fn dump(&mut self, states: StateSet) -> Result<Dump, CollectError> {
-        let (sockets, unchanged) = self.sockets_or_last(states)?;
+        if let Some(still) = self.still.as_mut()
+            && let Some(c) = Counters::read(Path::new(THREAD_NET))
+            && still.still(&c, states)
+        {
+            return Ok(Dump {
+                unchanged: true,
+                ..Dump::default()
+            });
+        }
         Ok(Dump {
-            sockets,
-            unchanged,
+            sockets: self.recorded(states)?,
+            ..Dump::default()
+        })
+    }
+
+    fn dump_full(&mut self, states: StateSet) -> Result<Dump, CollectError> {
+        Ok(Dump {
+            sockets: self.recorded(states)?,
             ..Dump::default()
         })
     }

@@ -104,10 +104,10 @@ pub struct AllNetns {
 
 impl AllNetns {
     /// Dumps the namespaces of the processes under `proc_root` and those `ip netns` names,
-    /// on up to `threads` worker threads; `own` is a sock_diag socket of this namespace. When
-    /// `own` reuses unchanged dumps, so does every other namespace.
-    pub fn new(own: NetlinkSource, proc_root: &Path, threads: usize) -> AllNetns {
-        let last = own.reuses().then(FxHashMap::default);
+    /// on up to `threads` worker threads; `own` is a sock_diag socket of this namespace. With
+    /// `reuse` (loops), a namespace whose counters did not move is answered from its last dump.
+    pub fn new(own: NetlinkSource, proc_root: &Path, threads: usize, reuse: bool) -> AllNetns {
+        let last = reuse.then(FxHashMap::default);
         AllNetns {
             own,
             proc_root: proc_root.to_path_buf(),
@@ -148,8 +148,9 @@ impl SocketSource for AllNetns {
         if denied > 0 {
             warnings.push(Warning::NetnsHidden { processes: denied });
         }
+        // Unchanged: the caller has the sockets already.
         Ok(Dump {
-            sockets,
+            sockets: if unchanged { Vec::new() } else { sockets },
             namespaces: targets,
             warnings,
             unchanged,
@@ -215,22 +216,33 @@ impl Sweep<'_> {
             targets.iter().partition(|t| t.inode == own_inode);
         let mut all = Vec::new();
         let mut unchanged = true;
-        for t in own {
-            match own_source.sockets_or_last(self.states) {
-                Ok((sockets, same)) => {
-                    unchanged &= same;
-                    all.extend(tag(sockets, t.inode));
-                }
-                Err(e) => fail(t.inode, e.to_string()),
-            }
-        }
-        // Each worker owns the last dumps of the namespaces it takes; a namespace gone since
-        // the last sweep is forgotten.
+        // Each namespace's last dump is taken out for whoever dumps it, and put back after; a
+        // namespace gone since the last sweep is forgotten.
         let mut last = last;
         let mut kept = last
             .as_mut()
             .map(|l| std::mem::take(*l))
             .unwrap_or_default();
+        let mut own_last = Vec::new();
+        for t in own {
+            // This thread is in shimcheck's own namespace: its counters are the thread's.
+            let mut slot = kept.remove(&t.inode).unwrap_or_default();
+            let counters = Counters::read(Path::new(THREAD_NET));
+            let got = self.one_with(counters, &mut slot, || {
+                own_source.sockets(self.states).map_err(|e| e.to_string())
+            });
+            match got {
+                Ok(got) => {
+                    unchanged &= got.unchanged;
+                    all.extend(tag(got.sockets, t.inode));
+                }
+                Err(e) => {
+                    slot.forget();
+                    fail(t.inode, e);
+                }
+            }
+            own_last.push((t.inode, slot));
+        }
         let slots: Vec<Mutex<LastDump>> = others
             .iter()
             .map(|t| Mutex::new(kept.remove(&t.inode).unwrap_or_default()))
@@ -284,6 +296,7 @@ impl Sweep<'_> {
                 .iter()
                 .zip(slots)
                 .filter_map(|(t, slot)| Some((t.inode, slot.into_inner().ok()?)))
+                .chain(own_last)
                 .collect();
         }
         let failures = failures.into_inner().unwrap_or_default();
@@ -302,7 +315,6 @@ impl Sweep<'_> {
 
     /// One namespace other than shimcheck's own, on a worker thread.
     fn one(&self, t: &Target, last: &mut LastDump) -> Result<Got, String> {
-        let now = Instant::now();
         // Through a process living in it, the counters need no `setns`; the process must
         // still be there (its pid not reused by one in another namespace).
         let seen_from_pid = t.pid.and_then(|pid| {
@@ -318,16 +330,29 @@ impl Sweep<'_> {
                 Counters::read(Path::new(THREAD_NET))
             }
         };
+        self.one_with(counters, last, || {
+            if !entered {
+                enter(t)?;
+            }
+            let mut source = NetlinkSource::open().map_err(|e| e.to_string())?;
+            source.sockets(self.states).map_err(|e| e.to_string())
+        })
+    }
+
+    /// One namespace, given its counters (read just now) and how to dump it.
+    fn one_with(
+        &self,
+        counters: Option<Counters>,
+        last: &mut LastDump,
+        dump: impl FnOnce() -> Result<Vec<Socket>, String>,
+    ) -> Result<Got, String> {
+        let now = Instant::now();
         if let Some(c) = &counters
             && let Some(got) = self.without_dump(c, last, now)
         {
             return Ok(got);
         }
-        if !entered {
-            enter(t)?;
-        }
-        let mut source = NetlinkSource::open().map_err(|e| e.to_string())?;
-        let sockets = source.sockets(self.states).map_err(|e| e.to_string())?;
+        let sockets = dump()?;
         match counters {
             Some(c) if self.reuse => last.keep(c, self.states, &sockets, Instant::now()),
             _ => last.forget(),

@@ -212,8 +212,9 @@ pub fn families(
         };
         let endpoint = endpoint.to_string();
         if s.state == TcpState::Established
-            && s.tcp_info
-                .is_some_and(|t| u128::from(t.data_idle_ms()) >= idle_ms)
+            && sample
+                .data_idle_ms(s)
+                .is_some_and(|ms| u128::from(ms) >= idle_ms)
         {
             *idle
                 .entry(vec![

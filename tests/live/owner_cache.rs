@@ -101,7 +101,7 @@ fn refresh(cache: &mut OwnerCache, port: u16, pid: u32, expect: usize) -> Refres
 /// Refreshes with these sockets as the dump, and checks that `pid` holds each.
 fn refresh_with(cache: &mut OwnerCache, sockets: Vec<Socket>, pid: u32) -> RefreshCost {
     let scanner = ProcScanner::new(Path::new("/proc"));
-    let Refreshed { owners, cost, .. } = cache.refresh(&scanner, &sockets, 2, false).unwrap();
+    let Refreshed { owners, cost, .. } = cache.refresh(&scanner, &sockets, 2).unwrap();
     for s in &sockets {
         assert_eq!(
             owners.owners(s.inode),

@@ -294,6 +294,7 @@ impl SampleBuilder {
             .map(|s| if s.netns == 0 { s.netns(own) } else { s })
             .collect();
         Sample {
+            tcp_info_age_ms: 0,
             taken_at: self.taken_at.unwrap_or(SystemTime::UNIX_EPOCH),
             hostname: self.hostname.unwrap_or_else(|| "master1".into()),
             sockets,
