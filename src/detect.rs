@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::culprits;
 use crate::join::Joined;
-use crate::model::{NetnsRef, TcpState};
+use crate::model::{NetnsRef, Sample, Socket, TcpState};
 
 /// Thresholds, as the `--min-growth`, `--window`, `--idle-*` and `--close-wait-min` options
 /// set them.
@@ -189,8 +189,7 @@ fn pair_keys(j: &Joined<'_>, i: usize, out: &mut Vec<PairKey>) {
 
 /// A socket's identity across samples: its cookie, or (from /proc/net, which has none) its
 /// 4-tuple folded into a number.
-fn identity(j: &Joined<'_>, i: usize) -> u64 {
-    let s = j.socket(i);
+fn identity(s: &Socket) -> u64 {
     s.cookie.unwrap_or_else(|| {
         use std::hash::{Hash, Hasher};
         let mut h = rustc_hash::FxHasher::default();
@@ -199,8 +198,8 @@ fn identity(j: &Joined<'_>, i: usize) -> u64 {
     })
 }
 
-fn comm_of(j: &Joined<'_>, pid: u32) -> String {
-    j.sample
+fn comm_of(sample: &Sample, pid: u32) -> String {
+    sample
         .owners
         .processes
         .get(&pid)
@@ -225,18 +224,17 @@ fn mirror_note(j: &Joined<'_>, sockets: &[usize]) -> String {
     };
     format!(
         "; the other ends are held by {}({pid}) on this node",
-        comm_of(j, pid)
+        comm_of(j.sample, pid)
     )
 }
 
 /// The `remote` field and the words for where the connections go, naming the network
 /// namespace when it is not shimcheck's own.
-fn describe_target(j: &Joined<'_>, netns: u64, t: &Target) -> (Option<String>, String) {
+fn describe_target(sample: &Sample, netns: u64, t: &Target) -> (Option<String>, String) {
     let (remote, words) = match t {
         Target::Remote(r) => (Some(r.to_string()), format!("to {r}")),
         Target::Clients { local, from } => (None, format!("from clients at {from} on {local}")),
     };
-    let sample = j.sample;
     if netns == 0 || netns == sample.own_netns {
         return (remote, words);
     }
@@ -270,115 +268,234 @@ fn finish(mut f: Finding, generic_fix: Option<&str>) -> Finding {
     f
 }
 
+/// What the detector needs of one sample's sockets, computed in one pass when its sockets are
+/// new: each (process, namespace, destination) pair with its members, their data-idle clocks
+/// (sorted) and the note naming the other ends' holders; the CLOSE_WAIT and port findings,
+/// which only the sockets decide. Judging it again at a later time, as a loop does when its
+/// collector saw nothing move, costs a search per pair instead of a pass over every socket:
+/// the clocks all moved on by the sample's `tcp_info_age_ms`.
+#[derive(Debug, Clone, Default)]
+pub struct Digest {
+    /// Sorted by key.
+    pairs: Vec<PairFacts>,
+    close_wait: Vec<CloseWaitFacts>,
+    ports: Vec<Finding>,
+}
+
+#[derive(Debug, Clone)]
+struct PairFacts {
+    key: PairKey,
+    /// The pair's sockets, by index.
+    members: Vec<u32>,
+    /// The data-idle clocks of the members that have one, ascending, as dumped.
+    idle_ms: Vec<u64>,
+    /// ", the other ends are held by ..." or nothing.
+    mirror: String,
+}
+
+impl Digest {
+    /// One pass over a joined sample's sockets.
+    pub fn new(j: &Joined<'_>) -> Digest {
+        let sockets = &j.sample.sockets;
+        let mut pairs: FxHashMap<PairKey, Vec<u32>> = FxHashMap::default();
+        let mut close_wait: FxHashMap<u32, Vec<usize>> = FxHashMap::default();
+        let mut keys = Vec::new();
+        for (i, s) in sockets.iter().enumerate() {
+            if s.state == TcpState::CloseWait {
+                for pid in j.owners(i) {
+                    close_wait.entry(pid).or_default().push(i);
+                }
+            }
+            pair_keys(j, i, &mut keys);
+            let Ok(index) = u32::try_from(i) else {
+                continue;
+            };
+            for k in &keys {
+                pairs.entry(*k).or_default().push(index);
+            }
+        }
+        let mut pairs: Vec<PairFacts> = pairs
+            .into_iter()
+            .map(|(key, members)| {
+                let mut idle_ms: Vec<u64> = members
+                    .iter()
+                    .filter_map(|&i| sockets[i as usize].tcp_info)
+                    .map(|t| u64::from(t.data_idle_ms()))
+                    .collect();
+                idle_ms.sort_unstable();
+                let as_usize: Vec<usize> = members.iter().map(|&i| i as usize).collect();
+                PairFacts {
+                    key,
+                    mirror: mirror_note(j, &as_usize),
+                    members,
+                    idle_ms,
+                }
+            })
+            .collect();
+        pairs.sort_by_key(|p| p.key);
+        Digest {
+            pairs,
+            close_wait: close_wait_facts(j.sample, close_wait),
+            ports: port_exhaustion(j),
+        }
+    }
+
+    fn pair(&self, key: &PairKey) -> Option<&PairFacts> {
+        self.pairs
+            .binary_search_by(|p| p.key.cmp(key))
+            .ok()
+            .map(|i| &self.pairs[i])
+    }
+
+    /// Every finding for `sample` (the digest's, brought forward or not): growth from the
+    /// history when there is one, then what the sample shows by itself, most severe first.
+    pub fn findings(
+        &self,
+        sample: &Sample,
+        history: Option<&History>,
+        cfg: &DetectConfig,
+    ) -> Vec<Finding> {
+        let mut out = history
+            .map(|h| h.judge(self, sample, cfg))
+            .unwrap_or_default();
+        out.extend(self.snapshot(sample, cfg));
+        out.sort_by(|a, b| {
+            b.severity
+                .cmp(&a.severity)
+                .then(a.kind.cmp(&b.kind))
+                .then(b.count.cmp(&a.count))
+                .then(a.pid.cmp(&b.pid))
+        });
+        out
+    }
+
+    /// Findings the sample shows by itself: idle pile-ups, CLOSE_WAIT, ephemeral ports and fd
+    /// limits running out.
+    fn snapshot(&self, sample: &Sample, cfg: &DetectConfig) -> Vec<Finding> {
+        let mut out = Vec::new();
+        // Idle: many connections from one process to one place, none carrying data for a
+        // while. A member's clock now is its clock as dumped plus the sample's age.
+        let idle_ms = u64::try_from(cfg.idle_after.as_millis()).unwrap_or(u64::MAX);
+        let age = sample.tcp_info_age_ms;
+        for p in &self.pairs {
+            let from = p
+                .idle_ms
+                .partition_point(|&ms| ms.saturating_add(age) < idle_ms);
+            let idle = &p.idle_ms[from..];
+            if idle.len() < cfg.idle_min_count || idle.is_empty() {
+                continue;
+            }
+            let (pid, netns, target) = p.key;
+            let comm = comm_of(sample, pid);
+            let (remote, where_) = describe_target(sample, netns, &target);
+            let min_s = idle[0].saturating_add(age) / 1000;
+            let median_s = idle[idle.len() / 2].saturating_add(age) / 1000;
+            out.push(finish(
+                Finding {
+                    kind: Kind::Idle,
+                    severity: severity(idle.len() >= 1000),
+                    pid: Some(pid),
+                    message: format!(
+                        "{comm}({pid}) holds {} connections {where_} that carried no data for \
+                         at least {} (median {}){}",
+                        idle.len(),
+                        human(min_s),
+                        human(median_s),
+                        p.mirror
+                    ),
+                    comm,
+                    remote,
+                    service: service_of(&target),
+                    count: idle.len(),
+                    remediation: None,
+                    netns: Some(sample.netns_ref(netns)),
+                    detail: Detail::Idle {
+                        idle_s_min: min_s,
+                        idle_s_median: median_s,
+                    },
+                },
+                Some(IDLE_FIX),
+            ));
+        }
+        out.extend(
+            self.close_wait
+                .iter()
+                .filter(|f| f.count >= cfg.close_wait_min)
+                .map(|f| close_wait_finding(sample, f, cfg)),
+        );
+        out.extend(self.ports.iter().cloned());
+        out.extend(fd_limits(sample));
+        out
+    }
+}
+
 /// Findings one sample shows by itself: idle pile-ups, CLOSE_WAIT, ephemeral ports and fd
 /// limits running out.
 pub fn snapshot_findings(j: &Joined<'_>, cfg: &DetectConfig) -> Vec<Finding> {
-    let mut out = Vec::new();
-    let sockets = &j.sample.sockets;
-    let mut pairs: FxHashMap<PairKey, Vec<usize>> = FxHashMap::default();
-    let mut close_wait: FxHashMap<u32, Vec<usize>> = FxHashMap::default();
-    let mut keys = Vec::new();
-    for (i, s) in sockets.iter().enumerate() {
-        if s.state == TcpState::CloseWait {
-            for pid in j.owners(i) {
-                close_wait.entry(pid).or_default().push(i);
-            }
-        }
-        pair_keys(j, i, &mut keys);
-        for k in &keys {
-            pairs.entry(*k).or_default().push(i);
-        }
-    }
+    Digest::new(j).snapshot(j.sample, cfg)
+}
 
-    // Idle: many connections from one process to one place, none carrying data for a while.
-    let idle_ms = cfg.idle_after.as_millis();
-    let mut idle_keys: Vec<&PairKey> = pairs.keys().collect();
-    idle_keys.sort();
-    for key in idle_keys {
-        let members = &pairs[key];
-        let mut idle: Vec<u64> = members
-            .iter()
-            .filter_map(|&i| j.sample.data_idle_ms(&sockets[i]))
-            .filter(|&ms| u128::from(ms) >= idle_ms)
-            .collect();
-        if idle.len() < cfg.idle_min_count || idle.is_empty() {
-            continue;
-        }
-        idle.sort_unstable();
-        let (pid, netns, target) = *key;
-        let comm = comm_of(j, pid);
-        let (remote, where_) = describe_target(j, netns, &target);
-        let min_s = idle[0] / 1000;
-        let median_s = idle[idle.len() / 2] / 1000;
-        out.push(finish(
-            Finding {
-                kind: Kind::Idle,
-                severity: severity(idle.len() >= 1000),
-                pid: Some(pid),
-                message: format!(
-                    "{comm}({pid}) holds {} connections {where_} that carried no data for at \
-                     least {} (median {}){}",
-                    idle.len(),
-                    human(min_s),
-                    human(median_s),
-                    mirror_note(j, members)
-                ),
-                comm,
-                remote,
-                service: service_of(&target),
-                count: idle.len(),
-                remediation: None,
-                netns: Some(j.sample.netns_ref(netns)),
-                detail: Detail::Idle {
-                    idle_s_min: min_s,
-                    idle_s_median: median_s,
-                },
-            },
-            Some(IDLE_FIX),
-        ));
-    }
+/// One process's CLOSE_WAIT sockets: how many, where to (when one place), in which namespace
+/// (when one).
+#[derive(Debug, Clone)]
+struct CloseWaitFacts {
+    pid: u32,
+    count: usize,
+    remote: Option<String>,
+    netns: Option<NetnsRef>,
+}
 
-    // CLOSE_WAIT: the peer hung up and the application never called close().
-    let mut cw: Vec<(&u32, &Vec<usize>)> = close_wait.iter().collect();
-    cw.sort();
-    for (&pid, members) in cw {
-        if members.len() < cfg.close_wait_min {
-            continue;
-        }
-        let remotes: FxHashSet<SocketAddr> = members.iter().map(|&i| sockets[i].remote).collect();
-        let spaces: FxHashSet<u64> = members.iter().map(|&i| sockets[i].netns).collect();
-        let netns = (spaces.len() == 1).then(|| j.sample.netns_ref(sockets[members[0]].netns));
-        let remote = (remotes.len() == 1).then(|| sockets[members[0]].remote.to_string());
-        let comm = comm_of(j, pid);
-        out.push(finish(
-            Finding {
-                kind: Kind::CloseWait,
-                severity: severity(members.len() >= cfg.close_wait_min * 10),
-                pid: Some(pid),
-                message: format!(
-                    "{comm}({pid}) holds {} CLOSE_WAIT sockets{}: their peers closed and the \
-                     application never called close()",
-                    members.len(),
-                    remote
-                        .as_deref()
-                        .map(|r| format!(" to {r}"))
-                        .unwrap_or_default()
-                ),
-                comm,
-                remote,
-                service: None,
+fn close_wait_facts(
+    sample: &Sample,
+    close_wait: FxHashMap<u32, Vec<usize>>,
+) -> Vec<CloseWaitFacts> {
+    let sockets = &sample.sockets;
+    let mut out: Vec<CloseWaitFacts> = close_wait
+        .into_iter()
+        .map(|(pid, members)| {
+            let remotes: FxHashSet<SocketAddr> =
+                members.iter().map(|&i| sockets[i].remote).collect();
+            let spaces: FxHashSet<u64> = members.iter().map(|&i| sockets[i].netns).collect();
+            CloseWaitFacts {
+                pid,
                 count: members.len(),
-                remediation: None,
-                netns,
-                detail: Detail::CloseWait {},
-            },
-            Some(CLOSE_WAIT_FIX),
-        ));
-    }
-
-    out.extend(port_exhaustion(j));
-    out.extend(fd_limits(j));
+                remote: (remotes.len() == 1).then(|| sockets[members[0]].remote.to_string()),
+                netns: (spaces.len() == 1).then(|| sample.netns_ref(sockets[members[0]].netns)),
+            }
+        })
+        .collect();
+    out.sort_by_key(|f| f.pid);
     out
+}
+
+/// CLOSE_WAIT: the peer hung up and the application never called close().
+fn close_wait_finding(sample: &Sample, f: &CloseWaitFacts, cfg: &DetectConfig) -> Finding {
+    let pid = f.pid;
+    let comm = comm_of(sample, pid);
+    finish(
+        Finding {
+            kind: Kind::CloseWait,
+            severity: severity(f.count >= cfg.close_wait_min * 10),
+            pid: Some(pid),
+            message: format!(
+                "{comm}({pid}) holds {} CLOSE_WAIT sockets{}: their peers closed and the \
+                 application never called close()",
+                f.count,
+                f.remote
+                    .as_deref()
+                    .map(|r| format!(" to {r}"))
+                    .unwrap_or_default()
+            ),
+            comm,
+            remote: f.remote.clone(),
+            service: None,
+            count: f.count,
+            remediation: None,
+            netns: f.netns.clone(),
+            detail: Detail::CloseWait {},
+        },
+        Some(CLOSE_WAIT_FIX),
+    )
 }
 
 /// The local ports one (source address, destination) pair occupies, and who holds them.
@@ -421,7 +538,7 @@ fn port_exhaustion(j: &Joined<'_>) -> Vec<Finding> {
             .map(|(p, _)| *p);
         let (comm, held_by) = match pid {
             Some(pid) => {
-                let comm = comm_of(j, pid);
+                let comm = comm_of(j.sample, pid);
                 let held_by = format!("most held by {comm}({pid})");
                 (comm, held_by)
             }
@@ -453,13 +570,13 @@ fn port_exhaustion(j: &Joined<'_>) -> Vec<Finding> {
 }
 
 /// Processes holding most of their RLIMIT_NOFILE.
-fn fd_limits(j: &Joined<'_>) -> Vec<Finding> {
+fn fd_limits(sample: &Sample) -> Vec<Finding> {
     let mut out = Vec::new();
-    for (&pid, fds) in &j.sample.host.fds {
+    for (&pid, fds) in &sample.host.fds {
         let Some(limit) = fds.limit.filter(|_| fds.near_limit()) else {
             continue;
         };
-        let comm = comm_of(j, pid);
+        let comm = comm_of(sample, pid);
         out.push(finish(
             Finding {
                 kind: Kind::FdLimit,
@@ -548,7 +665,10 @@ impl History {
             if keys.is_empty() {
                 continue;
             }
-            self.first_seen.entry(identity(j, i)).or_insert((t, n)).1 = n;
+            self.first_seen
+                .entry(identity(j.socket(i)))
+                .or_insert((t, n))
+                .1 = n;
             for k in &keys {
                 *counts.entry(*k).or_default() += 1;
             }
@@ -588,6 +708,12 @@ impl History {
 
     /// Growth findings for the newest sample, which must be the one last observed.
     pub fn growth(&self, j: &Joined<'_>, cfg: &DetectConfig) -> Vec<Finding> {
+        self.judge(&Digest::new(j), j.sample, cfg)
+    }
+
+    /// Growth findings for the newest sample observed, whose sockets `digest` describes. Only
+    /// the pairs that rose enough are looked at socket by socket.
+    fn judge(&self, digest: &Digest, sample: &Sample, cfg: &DetectConfig) -> Vec<Finding> {
         let (Some((t0, base)), Some((t1, now))) = (self.samples.front(), self.samples.back())
         else {
             return Vec::new();
@@ -603,34 +729,12 @@ impl History {
         } else {
             cfg.window / QUIET_DIVISOR
         };
-        // Per pair: sockets open now that were already open at the window's start, and how
-        // the ones opened since behave.
-        let mut kept: FxHashMap<PairKey, u32> = FxHashMap::default();
-        let mut fresh: FxHashMap<PairKey, Activity> = FxHashMap::default();
-        let mut members: FxHashMap<PairKey, Vec<usize>> = FxHashMap::default();
-        let mut keys = Vec::new();
-        for i in 0..j.sample.sockets.len() {
-            pair_keys(j, i, &mut keys);
-            if keys.is_empty() {
-                continue;
-            }
-            let seen = self
-                .first_seen
-                .get(&identity(j, i))
-                .map_or(*t1, |seen| seen.0);
-            let old = seen <= *t0;
-            let activity = (!old)
-                .then(|| self.activity(j.sample.data_idle_ms(j.socket(i)), *t1, seen, quiet_after));
-            for k in &keys {
-                if old {
-                    *kept.entry(*k).or_default() += 1;
-                }
-                if let Some(a) = activity {
-                    fresh.entry(*k).or_default().add(a);
-                }
-                members.entry(*k).or_default().push(i);
-            }
-        }
+        let no_members = PairFacts {
+            key: (0, 0, Target::Remote(SocketAddr::from(([0, 0, 0, 0], 0)))),
+            members: Vec::new(),
+            idle_ms: Vec::new(),
+            mirror: String::new(),
+        };
         let mut out = Vec::new();
         let mut grown: Vec<(&PairKey, &u32)> = now.iter().collect();
         grown.sort();
@@ -640,10 +744,24 @@ impl History {
             if rise < cfg.min_growth {
                 continue;
             }
+            // The pair's sockets open now that were already open at the window's start, and
+            // how the ones opened since behave.
+            let pair = digest.pair(key).unwrap_or(&no_members);
+            let mut kept = 0u32;
+            let mut a = Activity::default();
+            for &i in &pair.members {
+                let s = &sample.sockets[i as usize];
+                let seen = self.first_seen.get(&identity(s)).map_or(*t1, |seen| seen.0);
+                if seen <= *t0 {
+                    kept += 1;
+                } else {
+                    a.add(self.activity(sample.data_idle_ms(s), *t1, seen, quiet_after));
+                }
+            }
             let retained = if start == 0 {
                 1.0
             } else {
-                f64::from(kept.get(key).copied().unwrap_or(0)) / f64::from(start)
+                f64::from(kept) / f64::from(start)
             };
             if retained < MIN_RETAINED {
                 continue;
@@ -661,15 +779,13 @@ impl History {
             }
             // A pool growing under load keeps using its new connections; a leak's go quiet.
             // Where the kernel gave no tcp_info (/proc/net/tcp), activity is not judged.
-            let a = fresh.get(key).copied().unwrap_or_default();
             if a.judged() > 0 && a.quiet + a.unjudged < cfg.min_growth {
                 continue;
             }
             let (pid, netns, target) = *key;
-            let comm = comm_of(j, pid);
-            let (remote, where_) = describe_target(j, netns, &target);
+            let comm = comm_of(sample, pid);
+            let (remote, where_) = describe_target(sample, netns, &target);
             let rate = rise as f64 / minutes;
-            let no_members = Vec::new();
             let activity = if a.judged() == 0 {
                 " (whether they carry data could not be judged: no tcp_info)".to_string()
             } else {
@@ -689,14 +805,14 @@ impl History {
                          ({rate:.1}/min) and kept {:.0}% of those it had{activity}{}",
                         human(elapsed.as_secs()),
                         retained * 100.0,
-                        mirror_note(j, members.get(key).unwrap_or(&no_members))
+                        pair.mirror
                     ),
                     comm,
                     remote,
                     service: service_of(&target),
                     count: count as usize,
                     remediation: None,
-                    netns: Some(j.sample.netns_ref(netns)),
+                    netns: Some(sample.netns_ref(netns)),
                     detail: Detail::Growth {
                         rate_per_min: (rate * 10.0).round() / 10.0,
                         retained: (retained * 1000.0).round() / 1000.0,
@@ -779,14 +895,5 @@ impl History {
 /// Every finding for the newest sample: growth from the history (when there is one) and what
 /// the sample shows by itself, most severe first.
 pub fn findings(j: &Joined<'_>, history: Option<&History>, cfg: &DetectConfig) -> Vec<Finding> {
-    let mut out = history.map(|h| h.growth(j, cfg)).unwrap_or_default();
-    out.extend(snapshot_findings(j, cfg));
-    out.sort_by(|a, b| {
-        b.severity
-            .cmp(&a.severity)
-            .then(a.kind.cmp(&b.kind))
-            .then(b.count.cmp(&a.count))
-            .then(a.pid.cmp(&b.pid))
-    });
-    out
+    Digest::new(j).findings(j.sample, history, cfg)
 }

@@ -363,8 +363,10 @@ mod tests {
 }
 
 /// Samples between two full fd scans in watch mode: a socket that changes hands (inherited by
-/// a new child, passed over a unix socket) keeps its old owners until the next full scan.
+/// a new child, passed over a unix socket) keeps its old owners until the next full scan...
 pub const FULL_SCAN_EVERY: u32 = 60;
+/// ... and not more often than this (a watch every 100 ms scans every 2 minutes, not 6 s).
+pub const FULL_SCAN_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The inode → owner map kept between watch samples, so that a sample looks only for the
 /// sockets it has not seen: first in the processes that gained sockets before, then in the
@@ -382,6 +384,8 @@ pub struct OwnerCache {
     fds: FxHashMap<u32, FdUse>,
     stats: ScanStats,
     since_full: Option<u32>,
+    /// When the last full scan ran.
+    last_full: Option<std::time::Instant>,
     /// The pids alive at the last refresh, ascending.
     live: Vec<u32>,
     /// Each process's fd table as last read, so that a search reads only its new slots.
@@ -613,7 +617,7 @@ impl OwnerCache {
         scanner: &ProcScanner,
         threads: usize,
     ) -> Result<Still, std::io::Error> {
-        if self.since_full.is_none_or(|n| n >= FULL_SCAN_EVERY) {
+        if self.full_due() {
             // The sockets of the last refresh are those it found a holder for, and the rest.
             let current: FxHashSet<u64> = self
                 .owners
@@ -656,7 +660,7 @@ impl OwnerCache {
         let mut cost = RefreshCost::default();
         let mut live = scanner.pids()?;
         live.sort_unstable();
-        let full_due = self.since_full.is_none_or(|n| n >= FULL_SCAN_EVERY);
+        let full_due = self.full_due();
         let live_set: FxHashSet<u32> = live.iter().copied().collect();
         if full_due {
             let scan = scanner.socket_fds(threads, true)?;
@@ -687,6 +691,7 @@ impl OwnerCache {
             self.stats = scan.stats;
             self.processes.clear();
             self.since_full = Some(1);
+            self.last_full = Some(std::time::Instant::now());
         } else {
             self.since_full = self.since_full.map(|n| n + 1);
             // Forget the dead and what closed.
@@ -780,6 +785,15 @@ impl OwnerCache {
         }
         self.live = live;
         Ok(self.index(scanner, cost))
+    }
+
+    /// True when the next refresh must scan every fd table: the first, or `FULL_SCAN_EVERY`
+    /// samples and `FULL_SCAN_AFTER` since the last full scan.
+    fn full_due(&self) -> bool {
+        match (self.since_full, self.last_full) {
+            (Some(n), Some(at)) => n >= FULL_SCAN_EVERY && at.elapsed() >= FULL_SCAN_AFTER,
+            _ => true,
+        }
     }
 
     /// Drops every process not in `live`, and what it held.

@@ -27,7 +27,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use crate::aggregate::Report;
 use crate::aggregate::{self, GroupBy, Query};
 use crate::cli::ServeArgs;
-use crate::detect::{self, History, MIN_RISES};
+use crate::detect::{Digest, History, MIN_RISES};
 use crate::join::Joined;
 use crate::join::Topology;
 use crate::model::Sample;
@@ -137,18 +137,19 @@ fn sample_loop(
     let mut report = Bytes::new();
     let mut failing = 0u32;
     let mut warned = render::WarnedOnce::default();
-    // The last new sample, its topology and report: what a look that saw nothing move reuses.
-    let mut kept: Option<(Sample, Topology, Report)> = None;
+    // The last new sample, its topology, the detector's digest of it and its report: what a
+    // look that saw nothing move reuses.
+    let mut kept: Option<(Sample, Topology, Digest, Report)> = None;
     while !stop.load(Ordering::SeqCst) {
         let tick = Instant::now();
         let looked = match sampler.look(states) {
             Ok(Look::Same(moved)) => match kept.take() {
-                Some((mut sample, topology, last)) => {
+                Some((mut sample, topology, digest, last)) => {
                     if sample.apply(moved) {
                         // A holder exited: the same sockets, other owners; every stage again.
                         Ok((sample, topology, None))
                     } else {
-                        Ok((sample, topology, Some(last)))
+                        Ok((sample, topology, Some((digest, last))))
                     }
                 }
                 // No sample to reuse yet (the first look always dumps): take one.
@@ -160,12 +161,12 @@ fn sample_loop(
         match looked {
             Ok((sample, topology, last)) => {
                 let joined = Joined::with_topology(&sample, topology.clone());
-                let mut r = match last {
+                let (digest, mut r) = match last {
                     // Nothing moved but time: the groups stand, the findings are judged anew.
-                    Some(mut last) => {
+                    Some((digest, mut last)) => {
                         history.observe_same(sample.taken_at);
                         last.taken_at = aggregate::rfc3339(sample.taken_at);
-                        last
+                        (digest, last)
                     }
                     None => {
                         history.observe(&joined);
@@ -173,10 +174,10 @@ fn sample_loop(
                         if !args.report_cmdline {
                             r.drop_cmdlines();
                         }
-                        r
+                        (Digest::new(&joined), r)
                     }
                 };
-                r.findings = detect::findings(&joined, Some(&history), &cfg);
+                r.findings = digest.findings(&sample, Some(&history), &cfg);
                 families = metrics::families(&joined, &r.findings, &cfg, args.max_series);
                 report = Bytes::from(serde_json::to_vec_pretty(&r)?);
                 // A closed stderr must not stop the agent: logging is best effort.
@@ -185,7 +186,7 @@ fn sample_loop(
                 health.last_sample = Some((sample.taken_at, tick.elapsed()));
                 failing = 0;
                 drop(joined);
-                kept = Some((sample, topology, r));
+                kept = Some((sample, topology, digest, r));
             }
             Err(e) => {
                 health.errors += 1;

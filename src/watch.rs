@@ -16,8 +16,8 @@ use anyhow::{Context, bail};
 use crate::aggregate::Query;
 use crate::aggregate::{self, GroupCounts, Report};
 use crate::cli::{Output, PortsArgs};
-use crate::detect::DetectConfig;
-use crate::detect::{self, History, MIN_RISES};
+use crate::detect::{DetectConfig, Digest};
+use crate::detect::{History, MIN_RISES};
 use crate::join::Joined;
 use crate::join::Topology;
 use crate::model::{Moved, Sample};
@@ -114,8 +114,16 @@ struct State {
     /// Every group's size in the first sample and in the previous one.
     first: Option<GroupCounts>,
     previous: Option<GroupCounts>,
-    /// The last new sample, its topology and report: what a look that saw nothing move reuses.
-    kept: Option<(Sample, Topology, Report)>,
+    /// The last new sample: what a look that saw nothing move reuses.
+    kept: Option<Kept>,
+}
+
+/// A new sample, its topology, what the detector digested of it, and its report.
+struct Kept {
+    sample: Sample,
+    topology: Topology,
+    digest: Digest,
+    report: Report,
 }
 
 impl State {
@@ -133,36 +141,45 @@ impl State {
             base,
         );
         self.previous = Some(counts);
-        report.findings = detect::findings(&joined, Some(&self.history), cfg);
+        let digest = Digest::new(&joined);
+        report.findings = digest.findings(&sample, Some(&self.history), cfg);
         drop(joined);
-        self.kept = Some((sample, topology, report.clone()));
+        self.kept = Some(Kept {
+            sample,
+            topology,
+            digest,
+            report: report.clone(),
+        });
         report
     }
 
     /// The report when the collector saw nothing move: the last sample's groups, none changed
-    /// since, and the findings judged again at this time. If a holder exited, the owners
-    /// changed: every stage runs again on the same sockets.
-    fn same(
-        &mut self,
-        kept: (Sample, Topology, Report),
-        moved: Moved,
-        query: &Query,
-        cfg: &DetectConfig,
-    ) -> Report {
+    /// since, and the findings judged again at this time from the detector's digest, without
+    /// a pass over the sockets. If a holder exited, the owners changed: every stage runs
+    /// again on the same sockets.
+    fn same(&mut self, kept: Kept, moved: Moved, query: &Query, cfg: &DetectConfig) -> Report {
         // The report's warnings stay: the collector's and the last full scan's are the same.
-        let (mut sample, topology, mut report) = kept;
+        let Kept {
+            mut sample,
+            topology,
+            digest,
+            mut report,
+        } = kept;
         if sample.apply(moved) {
             return self.full(Taken { sample, topology }, query, cfg);
         }
         self.history.observe_same(sample.taken_at);
-        let joined = Joined::with_topology(&sample, topology.clone());
         report.taken_at = aggregate::rfc3339(sample.taken_at);
         for g in &mut report.groups {
             g.delta = Some(0);
         }
-        report.findings = detect::findings(&joined, Some(&self.history), cfg);
-        drop(joined);
-        self.kept = Some((sample, topology, report.clone()));
+        report.findings = digest.findings(&sample, Some(&self.history), cfg);
+        self.kept = Some(Kept {
+            sample,
+            topology,
+            digest,
+            report: report.clone(),
+        });
         report
     }
 }

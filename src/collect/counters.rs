@@ -12,18 +12,21 @@
 //! (ActiveOpens, PassiveOpens, AttemptFails), a socket hashed or unhashed (`inuse`: listen,
 //! close of a listener) or a TIME_WAIT ending (`tw`). With none of those, the only thing that
 //! moves is time: every tcp_info clock is older by exactly the time since the dump, which
-//! `LastDump` adds (and a loop's `Sample::tcp_info_age_ms` counts). What no counter sees (a receive queue drained by the application, a
-//! listener's accept backlog shrinking) is caught by the full dump every `RESYNC_EVERY`
-//! samples. Counters shared by the whole node (`alloc`, `orphan`, `mem`) are left out: they
-//! move with every namespace.
+//! `LastDump` adds (and a loop's `Sample::tcp_info_age_ms` counts). What no counter sees (a
+//! receive queue drained by the application, a listener's accept backlog shrinking) is caught
+//! by the full dump every `RESYNC_EVERY` samples (and at most once a minute). Counters shared
+//! by the whole node (`alloc`, `orphan`, `mem`) are left out: they move with every namespace.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::model::{Socket, StateSet};
 
-/// Samples between two dumps of a namespace whose counters never move.
+/// Samples between two dumps of a namespace whose counters never move...
 pub const RESYNC_EVERY: u32 = 20;
+/// ... and not more often than this: a watch every 100 ms resyncs once a minute, not every
+/// 2 s; `serve` every 15 s resyncs every 5 minutes.
+pub const RESYNC_AFTER: Duration = Duration::from_secs(60);
 
 /// The per-namespace TCP counters that move whenever a dump could differ.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -78,27 +81,31 @@ fn field(line: &str, name: &str) -> Option<u64> {
 /// Whether a namespace's last dump still holds: the counters read just before it.
 #[derive(Debug, Default)]
 pub struct Stillness {
-    /// The counters, the states dumped, and the samples answered since without a dump.
-    kept: Option<(Counters, StateSet, u32)>,
+    /// The counters, the states dumped, the samples answered since without a dump, and when
+    /// the counters were read.
+    kept: Option<(Counters, StateSet, u32, Instant)>,
 }
 
 impl Stillness {
-    /// True when `counters` (read now) equal those read before the last dump, which was of
-    /// the same `states`, and a resync is not due; counts one more sample answered so.
-    pub fn still(&mut self, counters: &Counters, states: StateSet) -> bool {
-        let Some((kept, kept_states, reused)) = self.kept.as_mut() else {
+    /// True when `counters` (read `now`) equal those read before the last dump, which was of
+    /// the same `states`, and a resync is not due (`RESYNC_EVERY` samples and `RESYNC_AFTER`
+    /// since); counts one more sample answered so.
+    pub fn still(&mut self, counters: &Counters, states: StateSet, now: Instant) -> bool {
+        let Some((kept, kept_states, reused, at)) = self.kept.as_mut() else {
             return false;
         };
-        if kept != counters || *kept_states != states || *reused + 1 >= RESYNC_EVERY {
+        let resync =
+            *reused + 1 >= RESYNC_EVERY && now.saturating_duration_since(*at) >= RESYNC_AFTER;
+        if kept != counters || *kept_states != states || resync {
             return false;
         }
         *reused += 1;
         true
     }
 
-    /// Remembers the counters read just before a dump of `states`.
-    pub fn dumped(&mut self, counters: Counters, states: StateSet) {
-        self.kept = Some((counters, states, 0));
+    /// Remembers the counters read at `at`, just before a dump of `states`.
+    pub fn dumped(&mut self, counters: Counters, states: StateSet, at: Instant) {
+        self.kept = Some((counters, states, 0, at));
     }
 
     /// Forgets the last dump (the namespace could not be read).
@@ -126,7 +133,7 @@ impl LastDump {
         now: Instant,
     ) -> Option<Vec<Socket>> {
         let at = self.at?;
-        if !self.still.still(counters, states) {
+        if !self.still.still(counters, states, now) {
             return None;
         }
         let ms = u32::try_from(now.saturating_duration_since(at).as_millis()).unwrap_or(u32::MAX);
@@ -137,7 +144,7 @@ impl LastDump {
 
     /// Remembers a dump finished at `at` and the counters read just before it started.
     pub fn keep(&mut self, counters: Counters, states: StateSet, sockets: &[Socket], at: Instant) {
-        self.still.dumped(counters, states);
+        self.still.dumped(counters, states, at);
         self.sockets = sockets.to_vec();
         self.at = Some(at);
     }
@@ -219,6 +226,12 @@ mod tests {
         let reused = (0..RESYNC_EVERY)
             .filter(|_| last.reuse(&c, states, later).is_some())
             .count();
-        assert_eq!(reused as u32, RESYNC_EVERY - 1, "then a resync");
+        assert_eq!(reused as u32, RESYNC_EVERY, "within a minute, no resync");
+        let much_later = at + RESYNC_AFTER;
+        assert_eq!(
+            last.reuse(&c, states, much_later),
+            None,
+            "{RESYNC_EVERY} samples and a minute: a resync"
+        );
     }
 }

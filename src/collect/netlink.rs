@@ -10,7 +10,7 @@
 //! what a complete reply is; this file only moves bytes. Like `ss -tan`, unprivileged.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
@@ -94,10 +94,11 @@ impl NetlinkSource {
             .is_some()
             .then(|| Counters::read(Path::new(THREAD_NET)))
             .flatten();
+        let read_at = Instant::now();
         let sockets = self.fresh(states);
         if let Some(still) = self.still.as_mut() {
             match (&sockets, counters) {
-                (Ok(_), Some(c)) => still.dumped(c, states),
+                (Ok(_), Some(c)) => still.dumped(c, states, read_at),
                 _ => still.forget(),
             }
         }
@@ -234,7 +235,7 @@ impl SocketSource for NetlinkSource {
     fn dump(&mut self, states: StateSet) -> Result<Dump, CollectError> {
         if let Some(still) = self.still.as_mut()
             && let Some(c) = Counters::read(Path::new(THREAD_NET))
-            && still.still(&c, states)
+            && still.still(&c, states, Instant::now())
         {
             return Ok(Dump {
                 unchanged: true,

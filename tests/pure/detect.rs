@@ -602,3 +602,61 @@ fn without_tcp_info_growth_is_judged_as_before_and_says_so() {
         Detail::Growth { unjudged: 14, .. }
     ));
 }
+
+/// A loop whose collector saw nothing move judges the last sample again from the detector's
+/// digest, its clocks moved on by the time since: the findings must be those of a fresh look at
+/// the same sockets at that time, growth and idle alike, including an idle pile-up that only
+/// crosses its threshold in between.
+#[test]
+fn a_digest_judged_later_gives_the_findings_of_a_fresh_look_then() {
+    use shimcheck::detect::Digest;
+    use shimcheck::model::Moved;
+    let c = cfg(600);
+    let mut h_digest = History::new(c.window, MIN_RISES);
+    let mut h_fresh = History::new(c.window, MIN_RISES);
+    let mut opened = HashMap::new();
+    let mut prev = None;
+    let mut last = None;
+    for (t, leak) in [(0, 10), (10, 25), (20, 40), (30, 55), (40, 70)] {
+        let s = Pop::new()
+            .clients(100, 0, leak, QUIET)
+            .clients(300, 10_000, 60, 290_000)
+            .aged(t, prev, &mut opened)
+            .sample(t);
+        prev = Some(t);
+        let j = Joined::new(&s);
+        h_digest.observe(&j);
+        h_fresh.observe(&j);
+        last = Some(s);
+    }
+    let mut sample = last.unwrap();
+    let digest = Digest::new(&Joined::new(&sample));
+    let before = digest.findings(&sample, Some(&h_digest), &c);
+    assert!(before.iter().any(|f| f.kind == Kind::Growth), "{before:#?}");
+    assert!(!before.iter().any(|f| f.kind == Kind::Idle), "{before:#?}");
+
+    // 20 s later, nothing moved.
+    let later = sample.taken_at + Duration::from_secs(20);
+    let changed = sample.apply(Moved {
+        taken_at: later,
+        fds: sample.host.fds.clone(),
+        scan: sample.scan.clone(),
+        warnings: sample.warnings.clone(),
+        owners: None,
+    });
+    assert!(!changed);
+    assert_eq!(sample.tcp_info_age_ms, 20_000);
+    h_digest.observe_same(later);
+    let judged = digest.findings(&sample, Some(&h_digest), &c);
+
+    let fresh_sample = Pop::new()
+        .clients(100, 0, 70, QUIET)
+        .clients(300, 10_000, 60, 310_000)
+        .aged(60, Some(40), &mut opened)
+        .sample(60);
+    let j = Joined::new(&fresh_sample);
+    h_fresh.observe(&j);
+    let fresh = detect::findings(&j, Some(&h_fresh), &c);
+    assert!(fresh.iter().any(|f| f.kind == Kind::Idle), "{fresh:#?}");
+    assert_eq!(judged, fresh);
+}
