@@ -115,10 +115,7 @@ impl Sampler {
         let dump_states = states.union(DETECT_STATES.into_iter().collect());
         let own = collect::netns::own(self.scanner.root()).unwrap_or(0);
         if let Some(cache) = &mut self.cache {
-            let dump = tagged(
-                self.source.dump_full(dump_states).map_err(collect_failed)?,
-                own,
-            );
+            let dump = tagged(self.source.dump(dump_states).map_err(collect_failed)?, own);
             let (topology, found) = refreshed(cache, &self.scanner, self.threads, &dump)?;
             return Ok(self.build(dump, topology, found, own, taken_at));
         }
@@ -126,7 +123,7 @@ impl Sampler {
         let scanner = &self.scanner;
         let (dumped, scan) = std::thread::scope(|s| {
             let dump = s.spawn(|| {
-                source.dump_full(dump_states).map(|d| {
+                source.dump(dump_states).map(|d| {
                     let d = tagged(d, own);
                     let topology = Topology::new(&d.sockets);
                     (d, topology)
@@ -161,30 +158,28 @@ impl Sampler {
     }
 
     /// A loop's look: like `sample`, except that when the collector sees nothing move since
-    /// the last look (incremental mode, `counters`), only what moved is read and returned.
-    pub fn look(&mut self, states: StateSet) -> anyhow::Result<Look> {
+    /// the last look (incremental mode, `collect::counters`), only what moved is read and
+    /// returned. `before_new` runs just before a new sample is taken: the loop drops its last
+    /// one there, so that two samples are never held at once.
+    pub fn look(&mut self, states: StateSet, before_new: impl FnOnce()) -> anyhow::Result<Look> {
+        let dump_states = states.union(DETECT_STATES.into_iter().collect());
         let Some(cache) = &mut self.cache else {
+            before_new();
             return self.sample(states).map(Look::New);
         };
-        let taken_at = SystemTime::now();
-        let dump_states = states.union(DETECT_STATES.into_iter().collect());
-        let own = collect::netns::own(self.scanner.root()).unwrap_or(0);
-        let dump = self.source.dump(dump_states).map_err(collect_failed)?;
-        if !dump.unchanged {
-            let dump = tagged(dump, own);
-            let (topology, found) = refreshed(cache, &self.scanner, self.threads, &dump)?;
-            return Ok(Look::New(self.build(dump, topology, found, own, taken_at)));
+        if !self.source.still(dump_states) {
+            before_new();
+            return self.sample(states).map(Look::New);
         }
+        let taken_at = SystemTime::now();
         let still = cache
             .refresh_same(&self.scanner, self.threads)
             .with_context(|| proc_failed(self.scanner.root()))?;
-        let mut warnings: Vec<Warning> = self.opened.iter().cloned().collect();
-        warnings.extend(dump.warnings);
         Ok(Look::Same(Moved {
             taken_at,
             fds: still.fds,
             scan: still.stats,
-            warnings,
+            warnings: self.opened.iter().cloned().collect(),
             owners: still.owners,
         }))
     }

@@ -142,7 +142,8 @@ fn sample_loop(
     let mut kept: Option<(Sample, Topology, Digest, Report)> = None;
     while !stop.load(Ordering::SeqCst) {
         let tick = Instant::now();
-        let looked = match sampler.look(states) {
+        // A new sample replaces the last: drop it first, never hold two.
+        let looked = match sampler.look(states, || kept = None) {
             Ok(Look::Same(moved)) => match kept.take() {
                 Some((mut sample, topology, digest, last)) => {
                     if sample.apply(moved) {

@@ -54,7 +54,9 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
     let last = loop {
         n += 1;
         let tick = Instant::now();
-        let mut report = match sampler.look(query.states)? {
+        // A new sample replaces the last: drop it first, never hold two.
+        let look = sampler.look(query.states, || state.kept = None)?;
+        let mut report = match look {
             Look::New(taken) => state.full(taken, &query, &cfg),
             Look::Same(moved) => match state.kept.take() {
                 Some(kept) => state.same(kept, moved, &query, &cfg),

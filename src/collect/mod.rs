@@ -66,9 +66,6 @@ pub struct Dump {
     pub namespaces: Vec<netns::Target>,
     /// What the operator must know about this dump (namespaces that could not be entered).
     pub warnings: Vec<Warning>,
-    /// Nothing moved since the last dump (`counters::Stillness`): `sockets` is empty and the
-    /// last dump's still hold, their clocks older by the time since.
-    pub unchanged: bool,
 }
 
 /// Where sockets come from. Implementations: the kernel (`netlink::NetlinkSource`), the
@@ -80,17 +77,17 @@ pub trait SocketSource {
     /// Every TCP socket (IPv4 and IPv6) in one of `states`.
     fn sockets(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError>;
     /// The sockets with what else the dump learned; a single-namespace source has only sockets.
-    /// A source that reuses unchanged dumps may answer `unchanged` with no sockets: the caller
-    /// has the last ones.
     fn dump(&mut self, states: StateSet) -> Result<Dump, CollectError> {
         Ok(Dump {
             sockets: self.sockets(states)?,
             ..Dump::default()
         })
     }
-    /// `dump`, never answered `unchanged`: every socket, whatever the counters say.
-    fn dump_full(&mut self, states: StateSet) -> Result<Dump, CollectError> {
-        self.dump(states)
+    /// True when nothing moved since the last dump of `states`, by counters that cost far less
+    /// than a dump (`counters::Stillness`): that dump's sockets still hold, their clocks older
+    /// by the time since. A source that keeps no such counters answers false.
+    fn still(&mut self, _states: StateSet) -> bool {
+        false
     }
 }
 

@@ -22,7 +22,7 @@ use netlink_sys::{Socket as NlSocket, SocketAddr as NlAddr, protocols::NETLINK_S
 
 use super::counters::{Counters, Stillness};
 use super::decode::{DumpDecoder, Feed, TCPDIAG_GETSOCK};
-use super::{CollectError, Dump, SocketSource};
+use super::{CollectError, SocketSource};
 use crate::model::{Socket, StateSet};
 
 /// The kernel hands out dump datagrams of at most 32 KiB; twice that means a full buffer can
@@ -79,9 +79,8 @@ impl NetlinkSource {
         })
     }
 
-    /// From now on, `dump` answers `unchanged`, with no sockets, when this namespace's
-    /// counters did not move since the last dump (`counters::Stillness`): the caller still
-    /// has that dump's sockets.
+    /// From now on, `still` reads this namespace's counters and compares them with those read
+    /// before the last dump (`counters::Stillness`).
     pub fn reusing_unchanged_dumps(mut self) -> NetlinkSource {
         self.still = Some(Stillness::default());
         self
@@ -232,27 +231,12 @@ impl SocketSource for NetlinkSource {
         self.recorded(states)
     }
 
-    fn dump(&mut self, states: StateSet) -> Result<Dump, CollectError> {
-        if let Some(still) = self.still.as_mut()
-            && let Some(c) = Counters::read(Path::new(THREAD_NET))
-            && still.still(&c, states, Instant::now())
-        {
-            return Ok(Dump {
-                unchanged: true,
-                ..Dump::default()
-            });
-        }
-        Ok(Dump {
-            sockets: self.recorded(states)?,
-            ..Dump::default()
-        })
-    }
-
-    fn dump_full(&mut self, states: StateSet) -> Result<Dump, CollectError> {
-        Ok(Dump {
-            sockets: self.recorded(states)?,
-            ..Dump::default()
-        })
+    fn still(&mut self, states: StateSet) -> bool {
+        let Some(still) = self.still.as_mut() else {
+            return false;
+        };
+        Counters::read(Path::new(THREAD_NET))
+            .is_some_and(|c| still.still(&c, states, Instant::now()))
     }
 }
 

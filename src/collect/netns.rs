@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use rustix::fs::{Mode, OFlags};
@@ -137,7 +137,7 @@ impl SocketSource for AllNetns {
             states,
             reuse: last.is_some(),
         };
-        let (sockets, mut warnings, unchanged) = sweep.run(
+        let (sockets, mut warnings) = sweep.run(
             &mut self.own,
             &targets,
             own_inode,
@@ -148,12 +148,10 @@ impl SocketSource for AllNetns {
         if denied > 0 {
             warnings.push(Warning::NetnsHidden { processes: denied });
         }
-        // Unchanged: the caller has the sockets already.
         Ok(Dump {
-            sockets: if unchanged { Vec::new() } else { sockets },
+            sockets,
             namespaces: targets,
             warnings,
-            unchanged,
         })
     }
 }
@@ -178,13 +176,6 @@ struct Sweep<'a> {
     reuse: bool,
 }
 
-/// What one namespace gave.
-struct Got {
-    sockets: Vec<Socket>,
-    /// The last dump's sockets (nothing moved), or none at all in a namespace that had none.
-    unchanged: bool,
-}
-
 impl Sweep<'_> {
     /// The sockets of every target, tagged with their namespace's inode. Shimcheck's own
     /// namespace (`own_inode`) is dumped on the calling thread through `own_source`, without
@@ -193,7 +184,7 @@ impl Sweep<'_> {
     /// foreign namespace). A namespace whose counters say it holds no TCP socket is not
     /// entered at all; with `last`, one whose counters did not move is answered from its last
     /// dump. A namespace that cannot be entered (not root, or gone) is counted in the returned
-    /// warning and left out. The flag is true when every namespace was unchanged.
+    /// warning and left out.
     fn run(
         &self,
         own_source: &mut NetlinkSource,
@@ -201,7 +192,7 @@ impl Sweep<'_> {
         own_inode: u64,
         last: Option<&mut FxHashMap<u64, LastDump>>,
         threads: usize,
-    ) -> (Vec<Socket>, Vec<Warning>, bool) {
+    ) -> (Vec<Socket>, Vec<Warning>) {
         let failures: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
         let fail = |inode: u64, e: String| {
             if let Ok(mut f) = failures.lock() {
@@ -215,7 +206,6 @@ impl Sweep<'_> {
         let (own, others): (Vec<&Target>, Vec<&Target>) =
             targets.iter().partition(|t| t.inode == own_inode);
         let mut all = Vec::new();
-        let mut unchanged = true;
         // Each namespace's last dump is taken out for whoever dumps it, and put back after; a
         // namespace gone since the last sweep is forgotten.
         let mut last = last;
@@ -232,10 +222,7 @@ impl Sweep<'_> {
                 own_source.sockets(self.states).map_err(|e| e.to_string())
             });
             match got {
-                Ok(got) => {
-                    unchanged &= got.unchanged;
-                    all.extend(tag(got.sockets, t.inode));
-                }
+                Ok(sockets) => all.extend(tag(sockets, t.inode)),
                 Err(e) => {
                     slot.forget();
                     fail(t.inode, e);
@@ -248,7 +235,6 @@ impl Sweep<'_> {
             .map(|t| Mutex::new(kept.remove(&t.inode).unwrap_or_default()))
             .collect();
         let next = AtomicUsize::new(0);
-        let same_everywhere = AtomicBool::new(true);
         let work = || {
             let mut out = Vec::new();
             loop {
@@ -264,12 +250,7 @@ impl Sweep<'_> {
                     continue;
                 };
                 match self.one(t, &mut last) {
-                    Ok(got) => {
-                        if !got.unchanged {
-                            same_everywhere.store(false, Ordering::Relaxed);
-                        }
-                        out.extend(tag(got.sockets, t.inode));
-                    }
+                    Ok(sockets) => out.extend(tag(sockets, t.inode)),
                     Err(e) => {
                         last.forget();
                         fail(t.inode, e);
@@ -289,8 +270,6 @@ impl Sweep<'_> {
                 }
             }
         });
-        // A namespace gone since the last sweep took its sockets with it: that is a change.
-        let mut unchanged = unchanged && kept.is_empty();
         if let Some(last) = last {
             *last = others
                 .iter()
@@ -309,12 +288,11 @@ impl Sweep<'_> {
                 first_error: first.clone(),
             });
         }
-        unchanged &= failures.is_empty() && same_everywhere.into_inner();
-        (all, warnings, unchanged)
+        (all, warnings)
     }
 
     /// One namespace other than shimcheck's own, on a worker thread.
-    fn one(&self, t: &Target, last: &mut LastDump) -> Result<Got, String> {
+    fn one(&self, t: &Target, last: &mut LastDump) -> Result<Vec<Socket>, String> {
         // Through a process living in it, the counters need no `setns`; the process must
         // still be there (its pid not reused by one in another namespace).
         let seen_from_pid = t.pid.and_then(|pid| {
@@ -345,32 +323,26 @@ impl Sweep<'_> {
         counters: Option<Counters>,
         last: &mut LastDump,
         dump: impl FnOnce() -> Result<Vec<Socket>, String>,
-    ) -> Result<Got, String> {
+    ) -> Result<Vec<Socket>, String> {
         let now = Instant::now();
         if let Some(c) = &counters
-            && let Some(got) = self.without_dump(c, last, now)
+            && let Some(sockets) = self.without_dump(c, last, now)
         {
-            return Ok(got);
+            return Ok(sockets);
         }
         let sockets = dump()?;
         match counters {
             Some(c) if self.reuse => last.keep(c, self.states, &sockets, Instant::now()),
             _ => last.forget(),
         }
-        Ok(Got {
-            sockets,
-            unchanged: false,
-        })
+        Ok(sockets)
     }
 
     /// The namespace's sockets without a dump: its last dump's when its counters did not
     /// move, none when it holds no TCP socket.
-    fn without_dump(&self, c: &Counters, last: &mut LastDump, now: Instant) -> Option<Got> {
+    fn without_dump(&self, c: &Counters, last: &mut LastDump, now: Instant) -> Option<Vec<Socket>> {
         if let Some(sockets) = last.reuse(c, self.states, now) {
-            return Some(Got {
-                sockets,
-                unchanged: true,
-            });
+            return Some(sockets);
         }
         if c.sockets() > 0 {
             return None;
@@ -378,10 +350,7 @@ impl Sweep<'_> {
         if self.reuse {
             last.keep(c.clone(), self.states, &[], now);
         }
-        Some(Got {
-            sockets: Vec::new(),
-            unchanged: false,
-        })
+        Some(Vec::new())
     }
 }
 

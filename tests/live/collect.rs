@@ -6,9 +6,9 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::time::Duration;
 
 use serde_json::json;
+use shimcheck::collect::SocketSource;
 use shimcheck::collect::counters::RESYNC_EVERY;
 use shimcheck::collect::netlink::NetlinkSource;
-use shimcheck::collect::{Dump, SocketSource};
 use shimcheck::model::{Socket, StateSet, TcpState};
 
 use crate::support::{Population, in_netns};
@@ -58,17 +58,22 @@ fn one_walk_finds_what_the_two_per_family_dumps_find() {
     assert_eq!(both.iter().filter(|s| s.local.is_ipv6()).count(), 41);
 }
 
-/// Dumps through a loop's source, waiting first for loopback to settle.
-fn dump(nl: &mut NetlinkSource) -> Dump {
-    std::thread::sleep(Duration::from_millis(100));
-    let states = [TcpState::Established, TcpState::CloseWait, TcpState::Listen]
+/// The states a loop dumps.
+fn loop_states() -> StateSet {
+    [TcpState::Established, TcpState::CloseWait, TcpState::Listen]
         .into_iter()
-        .collect();
-    nl.dump(states).unwrap()
+        .collect()
+}
+
+/// A loop's look through its source, after loopback settled: `None` when the source says
+/// nothing moved, else a new dump.
+fn look(nl: &mut NetlinkSource) -> Option<Vec<Socket>> {
+    std::thread::sleep(Duration::from_millis(100));
+    (!nl.still(loop_states())).then(|| nl.sockets(loop_states()).unwrap())
 }
 
 #[test]
-fn a_dump_is_unchanged_until_a_segment_moves() {
+fn nothing_moved_until_a_segment_moves() {
     skip_unless_live!();
     let pop = Population::start(&json!({
         "servers": [{"name": "registry", "addr": "127.0.0.1", "port": 5000}],
@@ -76,33 +81,23 @@ fn a_dump_is_unchanged_until_a_segment_moves() {
     }));
     in_netns(pop.ns_pid, || {
         let mut nl = NetlinkSource::open().unwrap().reusing_unchanged_dumps();
-        let first = dump(&mut nl);
-        assert!(!first.unchanged, "the first dump is a dump");
-        assert_eq!(first.sockets.len(), 21);
-
-        let again = dump(&mut nl);
-        assert!(again.unchanged, "nothing moved: the last dump still holds");
-        assert!(
-            again.sockets.is_empty(),
-            "the caller has the sockets already"
-        );
+        let first = look(&mut nl).expect("the first look dumps");
+        assert_eq!(first.len(), 21);
+        assert_eq!(look(&mut nl), None, "nothing moved");
 
         // A connection opened: a dump, with its two ends and its listener.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (mut server, _) = listener.accept().unwrap();
-        let opened = dump(&mut nl);
-        assert!(!opened.unchanged);
-        assert_eq!(opened.sockets.len(), 24);
-        assert!(dump(&mut nl).unchanged);
+        let opened = look(&mut nl).expect("a connection opened");
+        assert_eq!(opened.len(), 24);
+        assert_eq!(look(&mut nl), None);
 
         // Data sent on it: the clocks the detector reads were reset, so a dump.
         client.write_all(b"GET /v2/ HTTP/1.1\r\n\r\n").unwrap();
-        let sent = dump(&mut nl);
-        assert!(!sent.unchanged);
+        let sent = look(&mut nl).expect("data sent");
         let port = client.local_addr().unwrap().port();
         let mine = sent
-            .sockets
             .iter()
             .find(|s| s.local.port() == port)
             .and_then(|s| s.tcp_info)
@@ -115,26 +110,20 @@ fn a_dump_is_unchanged_until_a_segment_moves() {
         server.read_exact(&mut request).unwrap();
         server.shutdown(Shutdown::Both).unwrap();
         drop(server);
-        let closed = dump(&mut nl);
-        assert!(!closed.unchanged);
+        let closed = look(&mut nl).expect("a FIN received");
         assert!(
             closed
-                .sockets
                 .iter()
                 .any(|s| s.local.port() == port && s.state == TcpState::CloseWait)
         );
 
-        // While the counters stand still, no dump: the resync comes after RESYNC_EVERY samples
-        // and a minute (`counters` unit tests), well past these.
-        let reused = (0..=RESYNC_EVERY)
-            .map(|_| {
-                nl.dump([TcpState::Established].into_iter().collect())
-                    .unwrap()
-                    .unchanged
-            })
-            .collect::<Vec<_>>();
-        let dumped: Vec<usize> = (0..reused.len()).filter(|&i| !reused[i]).collect();
-        assert_eq!(dumped, [0], "a dump for the new states only: {reused:?}");
+        // Other states asked for: a dump; then none while the counters stand still (the resync
+        // comes after RESYNC_EVERY samples and a minute: `counters` unit tests).
+        let established: StateSet = [TcpState::Established].into_iter().collect();
+        let dumped: Vec<u32> = (0..=RESYNC_EVERY)
+            .filter(|_| !nl.still(established) && nl.sockets(established).is_ok())
+            .collect();
+        assert_eq!(dumped, [0], "a dump for the new states only");
         drop(client);
     });
 }

@@ -131,7 +131,7 @@ fn every_incremental_sample_equals_a_full_sample_of_the_same_moment() {
                 _ => {}
             }
             std::thread::sleep(Duration::from_millis(200));
-            let inc = match loop_sampler.look(states).unwrap() {
+            let inc = match loop_sampler.look(states, || {}).unwrap() {
                 Look::New(Taken { sample, .. }) => sample,
                 Look::Same(moved) => {
                     unchanged_at.push(step);
