@@ -21,23 +21,9 @@ done
 cargo build --release --quiet --example decode_cost
 bin=$PWD/target/release/examples/decode_cost
 
-pop_pid=
-cleanup() {
-  if [ -n "$pop_pid" ]; then kill -- "-$pop_pid" 2>/dev/null || true; wait "$pop_pid" 2>/dev/null || true; fi
-}
-trap cleanup EXIT INT TERM
-
-spec=$(python3 benches/spec.py "$sockets" "$(ulimit -Hn)")
-fifo=$(mktemp -u)
-mkfifo "$fifo"
-set -m
-(sleep infinity | unshare -n python3 tests/support/population.py "$spec" >"$fifo") &
-pop_pid=$!
-set +m
-read -r line <"$fifo"
-rm -f "$fifo"
-case "$line" in READY*) ;; *) echo "population failed: $line" >&2; exit 1 ;; esac
-ns_pid=$(sed 's/.*"netns_pid": \([0-9]*\).*/\1/' <<<"$line")
+. benches/population.sh
+trap stop_population EXIT INT TERM
+start_population "$sockets"
 for _ in 1 2 3; do
   nsenter -t "$ns_pid" -n "$bin" "$rounds"
 done

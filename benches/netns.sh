@@ -29,26 +29,14 @@ cargo build --release --quiet --bin shimcheck --example bare_dump
 shim=$PWD/target/release/shimcheck
 bare=$PWD/target/release/examples/bare_dump
 
-pop_pid=
+. benches/population.sh
 made=()
 cleanup() {
   for ns in "${made[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
-  # The population runs in its own process group: end all of it.
-  if [ -n "$pop_pid" ]; then kill -- "-$pop_pid" 2>/dev/null || true; wait "$pop_pid" 2>/dev/null || true; fi
+  stop_population
 }
 trap cleanup EXIT INT TERM
-
-spec=$(python3 benches/spec.py "$sockets" "$(ulimit -Hn)")
-fifo=$(mktemp -u)
-mkfifo "$fifo"
-set -m
-(sleep infinity | unshare -n python3 tests/support/population.py "$spec" >"$fifo") &
-pop_pid=$!
-set +m
-read -r line <"$fifo"
-rm -f "$fifo"
-case "$line" in READY*) ;; *) echo "population failed: $line" >&2; exit 1 ;; esac
-ns_pid=$(sed 's/.*"netns_pid": \([0-9]*\).*/\1/' <<<"$line")
+start_population "$sockets"
 
 measure() { # label command...: mean "wall cpu" (seconds) over $runs runs, CPU from getrusage
   local label=$1; shift

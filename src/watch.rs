@@ -144,15 +144,8 @@ impl State {
         );
         self.previous = Some(counts);
         let digest = Digest::new(&joined);
-        report.findings = digest.findings(&sample, Some(&self.history), cfg);
         drop(joined);
-        self.kept = Some(Kept {
-            sample,
-            topology,
-            digest,
-            report: report.clone(),
-        });
-        report
+        self.judge(sample, topology, digest, report, cfg)
     }
 
     /// The report when the collector saw nothing move: the last sample's groups, none changed
@@ -175,6 +168,18 @@ impl State {
         for g in &mut report.groups {
             g.delta = Some(0);
         }
+        self.judge(sample, topology, digest, report, cfg)
+    }
+
+    /// Fills in the findings and keeps the sample for the next look.
+    fn judge(
+        &mut self,
+        sample: Sample,
+        topology: Topology,
+        digest: Digest,
+        mut report: Report,
+        cfg: &DetectConfig,
+    ) -> Report {
         report.findings = digest.findings(&sample, Some(&self.history), cfg);
         self.kept = Some(Kept {
             sample,
