@@ -46,6 +46,22 @@ pub enum Command {
     /// Sample the node every --interval and serve Prometheus metrics, the latest report and a
     /// health check over HTTP, and/or write the metrics for node_exporter's textfile collector.
     Serve(ServeArgs),
+    /// Print a completion script for SHELL (bash, zsh, fish): e.g. `shimcheck completion bash
+    /// > /etc/bash_completion.d/shimcheck`.
+    Completion {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Print the manual page (roff): `shimcheck man > /usr/local/share/man/man1/shimcheck.1`.
+    Man,
+}
+
+/// The shells `shimcheck completion` writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 /// Where to look on the node: shared by every command that collects.

@@ -119,6 +119,94 @@ pub fn run_snapshot(
     Ok(0)
 }
 
+/// Runs `shimcheck completion SHELL`: the completion script, generated from the command line
+/// definition itself (clap_complete), so it never lags behind the options.
+pub fn run_completion(shell: cli::CompletionShell, out: &mut dyn Write) -> anyhow::Result<usize> {
+    use clap::CommandFactory;
+    let mut cmd = cli::Cli::command();
+    let shell = match shell {
+        cli::CompletionShell::Bash => clap_complete::Shell::Bash,
+        cli::CompletionShell::Zsh => clap_complete::Shell::Zsh,
+        cli::CompletionShell::Fish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut cmd, "shimcheck", out);
+    out.flush()?;
+    Ok(0)
+}
+
+/// Runs `shimcheck man`: the manual page in roff, with a page section per subcommand's options
+/// (clap_mangen), plus exit status and files.
+pub fn run_man(out: &mut dyn Write) -> anyhow::Result<usize> {
+    use clap::CommandFactory;
+    let cmd = cli::Cli::command();
+    let man = clap_mangen::Man::new(cmd.clone());
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+        writeln!(page, ".SH \"SHIMCHECK {}\"", sub.get_name().to_uppercase())?;
+        if let Some(about) = sub.get_about() {
+            writeln!(page, "{}", roff_text(&about.to_string()))?;
+        }
+        clap_mangen::Man::new(sub.clone()).render_options_section(&mut page)?;
+    }
+    page.extend_from_slice(MAN_TAIL.as_bytes());
+    man.render_version_section(&mut page)?;
+    out.write_all(ascii_roff(&String::from_utf8_lossy(&page)).as_bytes())?;
+    out.flush()?;
+    Ok(0)
+}
+
+/// Roff without raw UTF-8, which `man` reads as Latin-1 garbage: each other character as its
+/// `\[uXXXX]` escape (the help's arrows, the bullets clap_mangen writes).
+fn ascii_roff(page: &str) -> String {
+    let mut out = String::with_capacity(page.len());
+    for c in page.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            out.push_str(&format!("\\[u{:04X}]", u32::from(c)));
+        }
+    }
+    out
+}
+
+/// The man page's hand-written sections.
+const MAN_TAIL: &str = r#".SH "EXIT STATUS"
+.TP
+.B 0
+success, no finding (also when the output pipe closes early, as with head)
+.TP
+.B 1
+success, at least one finding (in watch mode: in the last sample)
+.TP
+.B 2
+usage or runtime error; the message says what happened and what to do
+.SH FILES
+.TP
+.I /proc
+sockets' holders (/proc/PID/fd), the namespaces' TCP counters (/proc/PID/net)
+.TP
+.I /var/log/pods
+pod names, read by --pods-dir
+.SH "SEE ALSO"
+.BR ss (8),
+.BR netstat (8),
+.BR lsof (8)
+"#;
+
+/// Text safe to put on a roff line: a leading dot or quote would be read as a request.
+fn roff_text(text: &str) -> String {
+    let escaped = text.replace('\\', "\\e");
+    if escaped.starts_with(['.', '\'']) {
+        format!("\\&{escaped}")
+    } else {
+        escaped
+    }
+}
+
 /// The terminal's width when stdout is one; `None` when piped.
 pub(crate) fn terminal_width() -> Option<u16> {
     let stdout = std::io::stdout();

@@ -18,6 +18,8 @@ fn main() -> ExitCode {
         Command::Ports(args) => shimcheck::run_ports(args, &mut out, &mut err),
         Command::Snapshot(args) => shimcheck::run_snapshot(args, &mut out, &mut err),
         Command::Serve(args) => shimcheck::serve::run(args, &mut err),
+        Command::Completion { shell } => shimcheck::run_completion(*shell, &mut out),
+        Command::Man => shimcheck::run_man(&mut out),
     };
     match result {
         Ok(0) => ExitCode::SUCCESS,

@@ -4,8 +4,11 @@
 //! systemd unit checked by systemd-analyze, and every flag they pass checked against
 //! `shimcheck serve --help`.
 //!
+//! What ships beside the binary is checked too: `shimcheck completion` (bash completes with it)
+//! and `shimcheck man` (man renders it without a warning).
+//!
 //! External tools: promtool (Debian package `prometheus`), kubernetes-validate (pip), python3
-//! with PyYAML (to read YAML), systemd-analyze (package `systemd`). When one is missing the
+//! with PyYAML (to read YAML), systemd-analyze (package `systemd`), man (package `man-db`). When one is missing the
 //! test says "skipped: ..." on stderr and passes, unless the environment variable CI is set:
 //! then it fails and names what to install.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -1076,4 +1079,96 @@ fn deployment_files_use_only_existing_serve_options() {
             "{file} passes {option} to `shimcheck serve`, which has no such option"
         );
     }
+}
+
+fn shimcheck(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_shimcheck"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "shimcheck {args:?}: {}",
+        text_of(&out)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// What bash's completion offers for the words typed so far, the last one being completed.
+fn bash_completes(words: &[&str]) -> Vec<String> {
+    let script = shimcheck(&["completion", "bash"]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shimcheck.bash");
+    std::fs::write(&path, script).unwrap();
+    let line = words.join(" ");
+    let probe = format!(
+        "source {}; COMP_WORDS=({line}); COMP_CWORD={}; COMP_LINE='{line}'; \
+         COMP_POINT={}; _shimcheck shimcheck '{}' '{}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        path.display(),
+        words.len() - 1,
+        line.len(),
+        words[words.len() - 1],
+        words[words.len() - 2],
+    );
+    let out = run("bash", &["-c", &probe]);
+    assert!(out.status.success(), "bash: {}", text_of(&out));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn bash_completes_subcommands_and_option_values() {
+    assert_eq!(bash_completes(&["shimcheck", "po"]), ["ports"]);
+    let by = bash_completes(&["shimcheck", "ports", "--by", "p"]);
+    assert_eq!(
+        by.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        BTreeSet::from(["pair", "peer", "pod", "port", "process"])
+    );
+}
+
+#[test]
+fn zsh_and_fish_completions_name_every_subcommand() {
+    for shell in ["zsh", "fish"] {
+        let script = shimcheck(&["completion", shell]);
+        for word in ["ports", "snapshot", "serve", "all-netns", "interval"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+}
+
+#[test]
+fn the_man_page_renders_without_warnings() {
+    if !available(on_path("man"), "man", "apt-get install man-db") {
+        return;
+    }
+    let page = shimcheck(&["man"]);
+    assert!(page.is_ascii(), "raw UTF-8 in roff reads as garbage");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shimcheck.1");
+    std::fs::write(&path, page).unwrap();
+    let out = Command::new("man")
+        .args(["--warnings", "-l"])
+        .arg(&path)
+        .env("MANWIDTH", "80")
+        .env("LC_ALL", "C.UTF-8")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.is_empty(), "man: {stderr}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for section in [
+        "SHIMCHECK PORTS",
+        "--all-netns",
+        "SHIMCHECK SERVE",
+        "EXIT STATUS",
+    ] {
+        assert!(text.contains(section), "the page lacks {section}");
+    }
+    assert!(
+        text.lines().all(|l| l.chars().count() <= 80),
+        "wider than MANWIDTH"
+    );
 }
