@@ -56,6 +56,26 @@ pub enum Command {
     Man,
 }
 
+/// When the table is coloured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorWhen {
+    Auto,
+    Always,
+    Never,
+}
+
+impl ColorWhen {
+    /// Whether to colour output going to a terminal (`terminal`), given the value of
+    /// `NO_COLOR` (no-color.org: set and not empty means no colour unless asked for).
+    pub fn colored(self, terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+        match self {
+            ColorWhen::Always => true,
+            ColorWhen::Never => false,
+            ColorWhen::Auto => terminal && no_color.is_none_or(|v| v.is_empty()),
+        }
+    }
+}
+
 /// The shells `shimcheck completion` writes for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CompletionShell {
@@ -128,6 +148,11 @@ pub struct PortsArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub output: Output,
+
+    /// Colour severities and growth in the table: auto (on a terminal, unless the NO_COLOR
+    /// environment variable is set), always, never. JSON is never coloured.
+    #[arg(long, value_enum, default_value = "auto", value_name = "WHEN")]
+    pub color: ColorWhen,
 
     #[command(flatten)]
     pub node: NodeArgs,

@@ -95,7 +95,7 @@ pub fn run_ports(
     render::print_warnings(err, &report.warnings)?;
     match args.output {
         Output::Json => render::json::render(&report, out)?,
-        Output::Table => render::table::render(&report, out, terminal_width())?,
+        Output::Table => render::table::render(&report, out, table_style(args))?,
     }
     out.flush()?;
     Ok(report.findings.len())
@@ -204,6 +204,17 @@ fn roff_text(text: &str) -> String {
         format!("\\&{escaped}")
     } else {
         escaped
+    }
+}
+
+/// How `ports`' tables are drawn: fitted to the terminal stdout is, coloured per `--color`.
+pub(crate) fn table_style(args: &PortsArgs) -> render::table::Style {
+    let terminal = std::io::stdout().is_terminal();
+    render::table::Style {
+        width: terminal_width(),
+        color: args
+            .color
+            .colored(terminal, std::env::var_os("NO_COLOR").as_deref()),
     }
 }
 

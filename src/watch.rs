@@ -48,6 +48,7 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
         kept: None,
     };
     let redraw = args.output == Output::Table && std::io::stdout().is_terminal();
+    let style = crate::table_style(args);
     let mut warned = render::WarnedOnce::default();
     let started = Instant::now();
     let mut n = 0u64;
@@ -83,7 +84,7 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
                     human_secs(report.elapsed_s.unwrap_or(0.0)),
                     humantime::format_duration(interval)
                 )?;
-                render::table::render(&report, out, crate::terminal_width())?;
+                render::table::render(&report, out, style)?;
                 if !redraw {
                     writeln!(out)?;
                 }
@@ -106,7 +107,13 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
     } else {
         out
     };
-    summary(&last, n, started.elapsed(), summary_to)?;
+    // JSON Lines: the summary goes to stderr, plain.
+    let summary_style = if args.output == Output::Json {
+        render::table::Style::default()
+    } else {
+        style
+    };
+    summary(&last, n, started.elapsed(), summary_to, summary_style)?;
     Ok(last.findings.len())
 }
 
@@ -197,6 +204,7 @@ fn summary(
     samples: u64,
     elapsed: Duration,
     out: &mut dyn Write,
+    style: render::table::Style,
 ) -> std::io::Result<()> {
     writeln!(
         out,
@@ -224,7 +232,7 @@ fn summary(
     if report.findings.is_empty() {
         writeln!(out, "  no finding in the last sample")?;
     } else {
-        render::table::render_findings(&report.findings, out)?;
+        render::table::render_findings(&report.findings, out, style)?;
     }
     Ok(())
 }

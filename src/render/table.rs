@@ -13,9 +13,45 @@ use crate::model::TcpState;
 /// How many owners a cell names before it says "+N more".
 const OWNERS_SHOWN: usize = 3;
 
-/// Writes the table, then the footer (warnings are the caller's, for stderr). `width` wraps the
-/// table to a terminal of that many columns; `None` (a pipe) never wraps.
-pub fn render(report: &Report, out: &mut dyn Write, width: Option<u16>) -> io::Result<()> {
+/// How a table is drawn for where it goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Style {
+    /// The terminal's columns: the table and the findings are fitted to them. `None` (a pipe)
+    /// never wraps.
+    pub width: Option<u16>,
+    /// Severities and growth in colour (a terminal, and no `NO_COLOR`; `--color`).
+    pub color: bool,
+}
+
+impl From<Option<u16>> for Style {
+    /// Fitted to `width`, in no colour.
+    fn from(width: Option<u16>) -> Style {
+        Style {
+            width,
+            color: false,
+        }
+    }
+}
+
+/// SGR sequences: bold red, yellow, and back to normal.
+const RED: &str = "\x1b[1;31m";
+const YELLOW: &str = "\x1b[33m";
+const RESET: &str = "\x1b[0m";
+
+/// `text` in `sgr` when `color`.
+fn paint(text: &str, sgr: &str, color: bool) -> String {
+    if color {
+        format!("{sgr}{text}{RESET}")
+    } else {
+        text.to_string()
+    }
+}
+
+/// Writes the table, then the footer (warnings are the caller's, for stderr), drawn for
+/// `style`: fitted to its width, in colour or not.
+pub fn render(report: &Report, out: &mut dyn Write, style: impl Into<Style>) -> io::Result<()> {
+    let style = style.into();
+    let width = style.width;
     let states = if report.states.len() == TcpState::ALL.len() {
         "all states".to_string()
     } else {
@@ -26,7 +62,7 @@ pub fn render(report: &Report, out: &mut dyn Write, width: Option<u16>) -> io::R
         writeln!(out, "no TCP sockets match ({states})")?;
     } else {
         // comfy-table pads every cell; trailing blanks only get in the way of grep and diff.
-        for line in build(report, width).lines() {
+        for line in build(report, width, style.color).lines() {
             writeln!(out, "{}", line.trim_end())?;
         }
     }
@@ -49,11 +85,17 @@ pub fn render(report: &Report, out: &mut dyn Write, width: Option<u16>) -> io::R
     if let Some(t) = &report.baseline_taken_at {
         writeln!(out, "changes are since the baseline snapshot taken at {t}")?;
     }
-    render_findings(&report.findings, out)
+    render_findings(&report.findings, out, style)
 }
 
-/// The detector's conclusions, most severe first, each with what to do.
-pub fn render_findings(findings: &[Finding], out: &mut dyn Write) -> io::Result<()> {
+/// The detector's conclusions, most severe first, each with what to do: on a terminal wrapped
+/// at word boundaries with a hanging indent, severities in colour.
+pub fn render_findings(
+    findings: &[Finding],
+    out: &mut dyn Write,
+    style: impl Into<Style>,
+) -> io::Result<()> {
+    let style = style.into();
     if findings.is_empty() {
         return Ok(());
     }
@@ -61,20 +103,46 @@ pub fn render_findings(findings: &[Finding], out: &mut dyn Write) -> io::Result<
     writeln!(out, "\n{n} finding{}:", if n == 1 { "" } else { "s" })?;
     for f in findings {
         let severity = match f.severity {
-            Severity::Critical => "CRITICAL",
-            Severity::Warning => "WARNING",
+            Severity::Critical => paint("CRITICAL", RED, style.color),
+            Severity::Warning => paint("WARNING", YELLOW, style.color),
         };
         let kind = serde_json::to_value(f.kind).ok();
         let kind = kind.as_ref().and_then(|k| k.as_str()).unwrap_or("?");
-        writeln!(out, "  {severity} {kind}: {}", escape_control(&f.message))?;
+        let message = format!("{severity} {kind}: {}", escape_control(&f.message));
+        write_wrapped(out, &message, "  ", "    ", style.width)?;
         if let Some(fix) = &f.remediation {
-            writeln!(out, "    fix: {}", escape_control(fix))?;
+            let fix = format!("fix: {}", escape_control(fix));
+            write_wrapped(out, &fix, "    ", "      ", style.width)?;
         }
     }
     Ok(())
 }
 
-fn build(report: &Report, width: Option<u16>) -> Table {
+/// One paragraph, wrapped to `width` at word boundaries (a word longer than a line, such as a
+/// long address, is broken only then), or on one line when piped.
+fn write_wrapped(
+    out: &mut dyn Write,
+    text: &str,
+    first: &str,
+    rest: &str,
+    width: Option<u16>,
+) -> io::Result<()> {
+    let Some(width) = width else {
+        return writeln!(out, "{first}{text}");
+    };
+    // Spaces only: `image-cri-shim` and `10.0.0.101:5000` are never cut at a hyphen or dot.
+    let options = textwrap::Options::new(usize::from(width).max(20))
+        .initial_indent(first)
+        .subsequent_indent(rest)
+        .word_separator(textwrap::WordSeparator::AsciiSpace)
+        .word_splitter(textwrap::WordSplitter::NoHyphenation);
+    for line in textwrap::wrap(text, options) {
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+fn build(report: &Report, width: Option<u16>, color: bool) -> Table {
     let multi_state = report.states.len() > 1;
     let mut header: Vec<&str> = match report.group_by {
         GroupBy::Port => vec!["LOCAL ADDRESS:PORT", "SIDE", "CONNS"],
@@ -126,7 +194,7 @@ fn build(report: &Report, width: Option<u16>) -> Table {
         }
     }
     for g in &report.groups {
-        let mut cells = row(g, changes, multi_state);
+        let mut cells = row(g, changes, multi_state, color);
         if placed {
             let other = cells.pop().unwrap_or_default();
             cells.push(placements(&g.processes));
@@ -218,15 +286,16 @@ impl Changes {
     }
 }
 
-fn signed(d: Option<i64>) -> String {
+/// A change: growth `+N` (in yellow with `color`: what a leak looks like), a fall, or `-`.
+fn signed(d: Option<i64>, color: bool) -> String {
     match d {
-        Some(d) if d > 0 => format!("+{d}"),
+        Some(d) if d > 0 => paint(&format!("+{d}"), YELLOW, color),
         Some(d) => d.to_string(),
         None => "-".to_string(),
     }
 }
 
-fn row(g: &Group, changes: Changes, multi_state: bool) -> Vec<String> {
+fn row(g: &Group, changes: Changes, multi_state: bool, color: bool) -> Vec<String> {
     let mut cells = match &g.what {
         GroupKey::Port { listening, .. } => vec![
             escape_control(&g.key).into_owned(),
@@ -265,8 +334,8 @@ fn row(g: &Group, changes: Changes, multi_state: bool) -> Vec<String> {
     };
     match changes {
         Changes::None => {}
-        Changes::SinceBaseline => cells.push(signed(g.delta_total)),
-        Changes::Watch => cells.extend([signed(g.delta), signed(g.delta_total)]),
+        Changes::SinceBaseline => cells.push(signed(g.delta_total, color)),
+        Changes::Watch => cells.extend([signed(g.delta, color), signed(g.delta_total, color)]),
     }
     if multi_state {
         let st: Vec<String> = g.states.iter().map(|(s, n)| format!("{s} {n}")).collect();

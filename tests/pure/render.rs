@@ -507,3 +507,78 @@ fn an_endpoint_in_another_namespace_says_which() {
     assert_eq!(endpoints(&pairs), remote, "{pairs}");
     insta::assert_snapshot!(pairs);
 }
+
+/// `--color always`: severities and growth in colour; plain otherwise; and at 80 columns every
+/// line fits, findings wrapped at spaces with a hanging indent, no name cut.
+#[test]
+fn colour_only_when_asked_and_findings_fit_the_terminal() {
+    use shimcheck::render::table::Style;
+    let s = sample();
+    let q = query(GroupBy::Port, &[TcpState::Established]);
+    let j = Joined::new(&s);
+    let mut report = shimcheck::aggregate::aggregate(&j, &q);
+    report.findings = detect::findings(&j, None, &DetectConfig::default());
+    report.sample = Some(2);
+    for g in &mut report.groups {
+        g.delta = Some(3);
+        g.delta_total = Some(0);
+    }
+    let draw = |style: Style| {
+        let mut out = Vec::new();
+        render::table::render(&report, &mut out, style).unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    let coloured = draw(Style {
+        width: Some(80),
+        color: true,
+    });
+    assert!(
+        coloured.contains("\x1b[1;31mCRITICAL\x1b[0m idle:"),
+        "{coloured}"
+    );
+    assert!(coloured.contains("\x1b[33m+3\x1b[0m"), "{coloured}");
+    let plain = draw(Style {
+        width: Some(80),
+        color: false,
+    });
+    assert!(!plain.contains('\x1b'), "{plain}");
+    assert_eq!(
+        plain,
+        coloured
+            .replace("\x1b[1;31m", "")
+            .replace("\x1b[33m", "")
+            .replace("\x1b[0m", "")
+    );
+    for line in plain.lines() {
+        assert!(line.chars().count() <= 80, "wider than 80: {line}");
+    }
+    let findings = &plain[plain.find("finding:").unwrap()..];
+    assert!(findings.contains("\n    "), "a hanging indent: {findings}");
+    for name in ["image-cri-shim(4242)", "10.0.0.101:5000", "registry(2811)"] {
+        assert!(
+            findings.contains(name),
+            "{name} cut across lines: {findings}"
+        );
+    }
+    // Piped: one line per finding, whatever its length.
+    let piped = draw(Style::default());
+    assert!(piped.lines().any(|l| l.chars().count() > 80));
+}
+
+#[test]
+fn no_color_and_pipes_turn_colour_off_and_always_turns_it_on() {
+    use shimcheck::cli::ColorWhen;
+    use std::ffi::OsStr;
+    assert!(ColorWhen::Auto.colored(true, None));
+    assert!(!ColorWhen::Auto.colored(false, None), "piped");
+    assert!(
+        !ColorWhen::Auto.colored(true, Some(OsStr::new("1"))),
+        "NO_COLOR"
+    );
+    assert!(
+        ColorWhen::Auto.colored(true, Some(OsStr::new(""))),
+        "an empty NO_COLOR is unset"
+    );
+    assert!(ColorWhen::Always.colored(false, Some(OsStr::new("1"))));
+    assert!(!ColorWhen::Never.colored(true, None));
+}
