@@ -5,7 +5,7 @@
 //! the serde model the renderers print (its JSON is the documented schema, docs/json.md).
 //! Pure: no I/O, no clock.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use rustc_hash::FxHashMap;
 use serde::{Serialize, Serializer};
@@ -46,6 +46,9 @@ pub struct Query {
     pub process: Option<String>,
     /// Keep the largest N groups; `None` or `Some(0)` keeps all.
     pub top: Option<usize>,
+    /// `--by port`: the client ends on ephemeral (not listening) local ports become one group
+    /// per (local address, holder, remote endpoint) instead of a group per port.
+    pub fold: bool,
 }
 
 /// A process and how many of the group's sockets it holds.
@@ -69,6 +72,13 @@ pub enum GroupKey {
         local_port: u16,
         /// A listener accepts on this endpoint: these are the server ends.
         listening: bool,
+    },
+    /// Client ends from one local address to one remote endpoint, each on an ephemeral port
+    /// of its own (`--fold`): one port per socket, so `count` ports.
+    Folded {
+        local_addr: String,
+        remote_addr: String,
+        remote_port: u16,
     },
     Process {
         pid: Option<u32>,
@@ -192,6 +202,8 @@ pub(crate) enum RawKey {
     /// An index into the pods and units seen (`--by pod`); `None`: unattributed.
     Place(Option<u32>),
     Port(u64, SocketAddr),
+    /// Holder (the lowest pid), namespace, local address, remote endpoint.
+    Fold(Option<u32>, u64, IpAddr, SocketAddr),
     Process(Option<u32>),
     Peer(u64, SocketAddr),
     Pair(Option<u32>, u64, SocketAddr),
@@ -363,6 +375,10 @@ fn group<'a>(
             holders.extend(peers.iter().map(|&pid| (slot, pid, true)));
         };
         match query.group_by {
+            // A client end on an ephemeral port: one per socket, so folded by where it goes.
+            GroupBy::Port if query.fold && !joined.listening(s.netns, s.local) => add(
+                RawKey::Fold(owners.first().copied(), s.netns, s.local.ip(), s.remote),
+            ),
             GroupBy::Port => add(RawKey::Port(s.netns, s.local)),
             GroupBy::Peer => add(RawKey::Peer(s.netns, s.remote)),
             GroupBy::Process if owners.is_empty() => add(RawKey::Process(None)),
@@ -584,9 +600,10 @@ fn make_group(
     };
     let sample = joined.sample;
     let netns = match key {
-        RawKey::Port(ns, _) | RawKey::Peer(ns, _) | RawKey::Pair(_, ns, _) => {
-            Some(sample.netns_ref(ns))
-        }
+        RawKey::Port(ns, _)
+        | RawKey::Fold(_, ns, _, _)
+        | RawKey::Peer(ns, _)
+        | RawKey::Pair(_, ns, _) => Some(sample.netns_ref(ns)),
         RawKey::Process(_) | RawKey::Place(_) => None,
     };
     let (key_text, what) = match key {
@@ -598,6 +615,20 @@ fn make_group(
                 listening: joined.listening(ns, a),
             },
         ),
+        RawKey::Fold(_, ns, ip, remote) => {
+            let local = match ip {
+                IpAddr::V4(v4) => format!("{v4}:*"),
+                IpAddr::V6(v6) => format!("[{v6}]:*"),
+            };
+            (
+                format!("{local} -> {}", sample.endpoint_key(ns, &remote)),
+                GroupKey::Folded {
+                    local_addr: ip.to_string(),
+                    remote_addr: remote.ip().to_string(),
+                    remote_port: remote.port(),
+                },
+            )
+        }
         RawKey::Peer(ns, a) => (
             sample.endpoint_key(ns, &a),
             GroupKey::Peer {

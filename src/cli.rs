@@ -149,6 +149,17 @@ pub struct PortsArgs {
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub output: Output,
 
+    /// `--by port`, table: show every ephemeral client port as a row of its own, as netstat's
+    /// `$4` does, instead of one row per (local address, holder, remote endpoint).
+    #[arg(long, conflicts_with = "fold")]
+    pub no_fold: bool,
+
+    /// `--by port`, JSON: fold the client ends on ephemeral ports into one group per (local
+    /// address, holder, remote endpoint), as the table does. Without it, JSON keeps a group
+    /// per local address:port.
+    #[arg(long)]
+    pub fold: bool,
+
     /// Colour severities and growth in the table: auto (on a terminal, unless the NO_COLOR
     /// environment variable is set), always, never. JSON is never coloured.
     #[arg(long, value_enum, default_value = "auto", value_name = "WHEN")]
@@ -241,6 +252,11 @@ impl PortsArgs {
                 (Some(n), _) => Some(n),
                 (None, Output::Table) => Some(DEFAULT_TABLE_TOP),
                 (None, Output::Json) => None,
+            },
+            // People read folded client ports; scripts get netstat's $4 unless they ask.
+            fold: match self.output {
+                Output::Table => !self.no_fold,
+                Output::Json => self.fold,
             },
         })
     }

@@ -124,6 +124,7 @@ fn sample_loop(
         pid: None,
         process: None,
         top: Some(REPORT_TOP),
+        fold: false,
     };
     let mut sampler = Sampler::open(&args.node, Mode::Incremental);
     let mut history = History::new(cfg.window, MIN_RISES);

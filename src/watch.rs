@@ -24,6 +24,9 @@ use crate::model::{Moved, Sample};
 use crate::render;
 use crate::sample::{Look, Mode, Sampler, Taken};
 
+/// Groups the end-of-watch summary names, those that grew most.
+const SUMMARY_GROWERS: usize = 10;
+
 /// How often the sleep between samples checks for Ctrl-C.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -211,7 +214,7 @@ fn summary(
         "\nwatched {samples} samples over {}:",
         human_secs(elapsed.as_secs_f64())
     )?;
-    let grew: Vec<_> = report
+    let mut grew: Vec<_> = report
         .groups
         .iter()
         .filter(|g| g.delta_total.is_some_and(|d| d > 0))
@@ -219,7 +222,10 @@ fn summary(
     if grew.is_empty() {
         writeln!(out, "  no group shown grew")?;
     }
-    for g in grew {
+    // The top growers (client ports come folded, as in the table).
+    grew.sort_by_key(|g| std::cmp::Reverse(g.delta_total));
+    let more = grew.len().saturating_sub(SUMMARY_GROWERS);
+    for g in grew.into_iter().take(SUMMARY_GROWERS) {
         let d = g.delta_total.unwrap_or(0);
         let start = g.count as i64 - d;
         writeln!(
@@ -228,6 +234,9 @@ fn summary(
             render::escape_control(&g.key),
             g.count
         )?;
+    }
+    if more > 0 {
+        writeln!(out, "  ... and {more} more groups grew")?;
     }
     if report.findings.is_empty() {
         writeln!(out, "  no finding in the last sample")?;

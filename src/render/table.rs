@@ -302,6 +302,12 @@ fn row(g: &Group, changes: Changes, multi_state: bool, color: bool) -> Vec<Strin
             if *listening { "server" } else { "client" }.to_string(),
             g.count.to_string(),
         ],
+        // `127.0.0.1:* -> 127.0.0.1:5000`: one ephemeral port per socket, so CONNS ports.
+        GroupKey::Folded { .. } => vec![
+            escape_control(&g.key).into_owned(),
+            "client".to_string(),
+            g.count.to_string(),
+        ],
         GroupKey::Process { pid, comm, .. } => {
             vec![proc_name(*pid, comm.as_deref()), g.count.to_string()]
         }

@@ -50,6 +50,7 @@ fn report(s: &Sample, by: GroupBy) -> Value {
         pid: None,
         process: None,
         top: None,
+        fold: false,
     };
     let mut v = serde_json::to_value(shimcheck::ports_report(s, &query)).unwrap();
     v.as_object_mut().unwrap().remove("taken_at");

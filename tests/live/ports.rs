@@ -261,3 +261,53 @@ fn a_snapshot_that_cannot_be_written_leaves_the_previous_one_intact() {
         "{stderr}"
     );
 }
+
+/// The table folds the client ends on ephemeral ports into one row per destination; `--no-fold`
+/// shows each port as netstat's `$4` does; JSON keeps a group per port unless `--fold`.
+#[test]
+fn ephemeral_client_ports_fold_in_the_table_and_not_in_json() {
+    skip_unless_live!();
+    let pop = Population::start(&json!({
+        "servers": [{"name": "registry", "addr": "127.0.0.1", "port": 5000}],
+        "clients": [{"name": "image-cri-shim", "connect": "127.0.0.1:5000", "count": 30}]
+    }));
+    let table = |args: &[&str]| {
+        let out = pop.shimcheck(args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let folded = table(&["ports"]);
+    let row = folded
+        .lines()
+        .find(|l| l.contains("127.0.0.1:* -> 127.0.0.1:5000"))
+        .unwrap_or_else(|| panic!("no folded row: {folded}"));
+    assert!(
+        row.contains(" 30 ") && row.contains("image-cri-shim("),
+        "{row}"
+    );
+    assert!(
+        folded.contains("2 sockets") || folded.contains("60 sockets"),
+        "{folded}"
+    );
+    assert_eq!(
+        folded.lines().filter(|l| l.contains("client")).count(),
+        1,
+        "{folded}"
+    );
+    let unfolded = table(&["ports", "--no-fold", "--top", "0"]);
+    assert_eq!(
+        unfolded.lines().filter(|l| l.contains(" client ")).count(),
+        30
+    );
+    let groups = |args: &[&str]| pop.report(args)["groups"].as_array().unwrap().len();
+    assert_eq!(groups(&[]), 31, "JSON: a group per port");
+    assert_eq!(
+        groups(&["--fold"]),
+        2,
+        "JSON --fold: the server port and the folded clients"
+    );
+}

@@ -1004,3 +1004,51 @@ fn a_streamed_report_is_the_materialized_report() {
         }
     }
 }
+
+/// `--fold` (the table's default): the client ends on ephemeral ports become one group per
+/// (local address, holder, remote endpoint); server ports stay one group each; the totals and
+/// every socket's count are the same as unfolded.
+#[test]
+fn ephemeral_client_ports_fold_into_one_row_per_destination() {
+    let s = node();
+    let joined = shimcheck::join::Joined::new(&s);
+    let unfolded = shimcheck::aggregate::aggregate(&joined, &query(GroupBy::Port, &[Established]));
+    let folded = shimcheck::aggregate::aggregate(
+        &joined,
+        &Query {
+            fold: true,
+            ..query(GroupBy::Port, &[Established])
+        },
+    );
+    assert_eq!(folded.totals, unfolded.totals);
+    let count = |r: &Report| r.groups.iter().map(|g| g.count).sum::<usize>();
+    assert_eq!(count(&folded), count(&unfolded));
+    let keys: std::collections::BTreeMap<&str, usize> = folded
+        .groups
+        .iter()
+        .map(|g| (g.key.as_str(), g.count))
+        .collect();
+    // image-cri-shim's three client ports to the registry: one row.
+    assert_eq!(keys["10.0.0.101:* -> 10.0.0.101:5000"], 3);
+    assert_eq!(keys["[::1]:* -> [::1]:6443"], 2);
+    // The server ends are listening ports: not folded.
+    assert_eq!(
+        keys["10.0.0.101:5000"], 4,
+        "three from the shim, one from another node"
+    );
+    assert!(
+        !keys.keys().any(|k| k.starts_with("10.0.0.101:4000")),
+        "{keys:?}"
+    );
+    let g = folded
+        .groups
+        .iter()
+        .find(|g| g.key == "10.0.0.101:* -> 10.0.0.101:5000")
+        .unwrap();
+    assert_eq!(g.processes[0].pid, SHIM);
+    assert_eq!(g.peer_processes[0].pid, REGISTRY);
+    let json = serde_json::to_value(g).unwrap();
+    assert_eq!(json["local_addr"], "10.0.0.101");
+    assert_eq!(json["remote_port"], 5000);
+    assert!(json.get("local_port").is_none());
+}

@@ -318,6 +318,7 @@ pub fn query(by: GroupBy, states: &[TcpState]) -> Query {
         pid: None,
         process: None,
         top: None,
+        fold: false,
     }
 }
 
