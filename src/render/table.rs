@@ -3,7 +3,7 @@
 
 use std::io::{self, Write};
 
-use comfy_table::{CellAlignment, ColumnConstraint, ContentArrangement, Table, Width, presets};
+use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
 
 use super::escape_control;
 use crate::aggregate::{Group, GroupBy, GroupKey, OwnerCount, Report};
@@ -178,91 +178,182 @@ fn build(report: &Report, width: Option<u16>, color: bool) -> Table {
     }
     header.push("OTHER END ON THIS HOST");
 
-    let command_col = header.iter().position(|&h| h == "COMMAND");
-    let mut widest_word: Vec<usize> = header.iter().map(|h| longest_word(h)).collect();
-    let mut widest_cell: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    let mut table = Table::new();
-    table.load_style(presets::NOTHING).set_header(header);
-    match width {
-        Some(w) => {
-            table
-                .set_content_arrangement(ContentArrangement::Dynamic)
-                .set_width(w);
-        }
-        None => {
-            table.set_content_arrangement(ContentArrangement::Disabled);
-        }
+    let mut rows: Vec<Vec<String>> = report
+        .groups
+        .iter()
+        .map(|g| {
+            let mut cells = row(g, changes, multi_state, color);
+            if placed {
+                let other = cells.pop().unwrap_or_default();
+                cells.push(placements(&g.processes));
+                cells.push(other);
+            }
+            cells
+        })
+        .collect();
+    let mut header: Vec<String> = header.into_iter().map(str::to_string).collect();
+    if let Some(w) = width {
+        fit(&mut header, &mut rows, usize::from(w));
     }
-    for g in &report.groups {
-        let mut cells = row(g, changes, multi_state, color);
-        if placed {
-            let other = cells.pop().unwrap_or_default();
-            cells.push(placements(&g.processes));
-            cells.push(other);
-        }
-        for ((word, whole), cell) in widest_word.iter_mut().zip(&mut widest_cell).zip(&cells) {
-            *word = (*word).max(longest_word(cell));
-            *whole = (*whole).max(cell.chars().count());
-        }
+    let count_col = header.iter().position(|h| h == "CONNS");
+    let mut table = Table::new();
+    // Never wrapped: a cell split across lines is what made the table unreadable; `fit` made
+    // it narrow enough instead.
+    table
+        .load_style(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header);
+    for cells in rows {
         table.add_row(cells);
     }
-    let count_col = match report.group_by {
-        GroupBy::Port => 2,
-        GroupBy::Pair => 2,
-        _ => 1,
-    };
-    if let Some(col) = table.column_mut(count_col) {
+    if let Some(col) = count_col.and_then(|c| table.column_mut(c)) {
         col.set_cell_alignment(CellAlignment::Right);
-    }
-    // A narrow terminal split `10.0.0.101:33101` into `10.0.0.101:3310` and `1`, and
-    // `registry(2811)` into `registry(28` and `11)`: the group's identity and numbers are never
-    // wrapped, and where the width allows, the lists after them wrap between words only. Only
-    // a command line, any length, may always break a word.
-    let changes_cols = match changes {
-        Changes::None => 0,
-        Changes::SinceBaseline => 1,
-        Changes::Watch => 2,
-    };
-    let fixed = |i: usize| i <= count_col + changes_cols;
-    let pad = |i: usize| {
-        table
-            .column(i)
-            .map_or(0, |c| usize::from(c.padding_width()))
-    };
-    let needed: usize = (0..widest_word.len())
-        .map(|i| {
-            pad(i)
-                + match i {
-                    i if fixed(i) => widest_cell[i],
-                    i if Some(i) == command_col => 0,
-                    i => widest_word[i],
-                }
-        })
-        .sum();
-    // render() trims the last column's right padding.
-    let whole_words = width.is_some_and(|w| needed.saturating_sub(1) <= usize::from(w));
-    for (i, w) in widest_word.into_iter().enumerate() {
-        let Some(col) = table.column_mut(i) else {
-            continue;
-        };
-        if fixed(i) {
-            col.set_constraint(ColumnConstraint::ContentWidth);
-        } else if whole_words && Some(i) != command_col {
-            // A boundary counts the cell's padding too.
-            let w = u16::try_from(w).unwrap_or(u16::MAX);
-            let w = w.saturating_add(col.padding_width());
-            col.set_constraint(ColumnConstraint::LowerBoundary(Width::Fixed(w)));
-        }
     }
     table
 }
 
-/// The length of the longest whitespace-separated word in a cell, in characters.
-fn longest_word(text: &str) -> usize {
-    text.split_whitespace()
-        .map(|w| w.chars().count())
-        .max()
-        .unwrap_or(0)
+/// Columns left out first when a terminal is too narrow, least needed first.
+const DROPPABLE: [&str; 5] = [
+    "POD / UNIT",
+    "STATES",
+    "SINCE START",
+    "COMMAND",
+    "OTHER END ON THIS HOST",
+];
+/// Columns whose cells may be shortened (with `…`, keeping the pid) to fit.
+const SHORTENABLE: [&str; 6] = [
+    "HELD BY",
+    "OTHER END ON THIS HOST",
+    "COMMAND",
+    "PROCESS",
+    "POD / UNIT",
+    "REMOTE ADDRESS:PORT",
+];
+/// The narrowest a shortened column gets.
+const MIN_SHORTENED: usize = 12;
+/// How narrow lists get before any column is left out.
+const SOFT_SHORTENED: usize = 32;
+
+/// The width a cell takes on screen (colour codes take none).
+fn cell_width(cell: &str) -> usize {
+    textwrap::core::display_width(cell)
+}
+
+/// Makes the table at most `width` columns wide, one line per row: first leaves out the least
+/// needed columns, then shortens the names in the widest shortenable ones.
+fn fit(header: &mut Vec<String>, rows: &mut [Vec<String>], width: usize) {
+    let widths = |header: &[String], rows: &[Vec<String>]| -> Vec<usize> {
+        (0..header.len())
+            .map(|i| {
+                rows.iter()
+                    .filter_map(|r| r.get(i))
+                    .map(|c| cell_width(c))
+                    .chain([header[i].chars().count()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    // Each cell has a blank either side; the last one's right blank is trimmed.
+    let total = |w: &[usize]| w.iter().map(|w| w + 2).sum::<usize>().saturating_sub(1);
+    // Long lists shortened to a readable width first, then the least needed columns left out,
+    // then the lists shortened down to their narrowest.
+    shrink(header, rows, width, SOFT_SHORTENED, &widths, &total);
+    for name in DROPPABLE {
+        if total(&widths(header, rows)) <= width {
+            return;
+        }
+        if let Some(i) = header.iter().position(|h| h == name) {
+            header.remove(i);
+            for r in rows.iter_mut() {
+                if i < r.len() {
+                    r.remove(i);
+                }
+            }
+        }
+    }
+    shrink(header, rows, width, MIN_SHORTENED, &widths, &total);
+}
+
+type Widths<'a> = dyn Fn(&[String], &[Vec<String>]) -> Vec<usize> + 'a;
+
+/// Shortens the widest shortenable column, again and again, until the table fits `width` or
+/// none is wider than `floor`.
+fn shrink(
+    header: &[String],
+    rows: &mut [Vec<String>],
+    width: usize,
+    floor: usize,
+    widths: &Widths<'_>,
+    total: &dyn Fn(&[usize]) -> usize,
+) {
+    let mut w = widths(header, rows);
+    while total(&w) > width {
+        let widest = (0..header.len())
+            .filter(|&i| SHORTENABLE.contains(&header[i].as_str()) && w[i] > floor)
+            .max_by_key(|&i| w[i]);
+        let Some(i) = widest else {
+            // Nothing left to shorten: the identity and the counts stay whole.
+            return;
+        };
+        let target = w[i]
+            .saturating_sub(total(&w) - width)
+            .max(floor)
+            .max(header[i].chars().count());
+        if target >= w[i] {
+            return;
+        }
+        // A command line's parentheses are not a pid.
+        let names = header[i] != "COMMAND";
+        for r in rows.iter_mut() {
+            if let Some(cell) = r.get_mut(i) {
+                *cell = shorten(cell, target, names);
+            }
+        }
+        w = widths(header, rows);
+    }
+}
+
+/// A cell cut to `max` columns with `…`: a list keeps the whole items that fit (`registry(2811)
+/// 40, …`); with `names`, a single `name(pid)` keeps its pid (`image-cri-s…(27720)`).
+fn shorten(cell: &str, max: usize, names: bool) -> String {
+    if cell_width(cell) <= max {
+        return cell.to_string();
+    }
+    // Whole list items first.
+    let items: Vec<&str> = cell.split(", ").collect();
+    let mut kept = String::new();
+    for item in &items {
+        let next = if kept.is_empty() {
+            item.to_string()
+        } else {
+            format!("{kept}, {item}")
+        };
+        if cell_width(&next) + ", …".len() > max {
+            break;
+        }
+        kept = next;
+    }
+    if !kept.is_empty() {
+        return format!("{kept}, …");
+    }
+    // One name: shorten it, keeping `(pid)` and what follows (a count).
+    let first = items.first().copied().unwrap_or(cell);
+    let is_pid = |tail: &str| {
+        tail.strip_prefix('(')
+            .and_then(|t| t.split_once(')'))
+            .is_some_and(|(pid, _)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+    };
+    if let Some(open) = first.rfind('(').filter(|&o| names && is_pid(&first[o..])) {
+        let tail = &first[open..];
+        let room = max.saturating_sub(cell_width(tail) + 1);
+        if room > 0 {
+            let head: String = first[..open].chars().take(room).collect();
+            return format!("{head}…{tail}");
+        }
+    }
+    let head: String = cell.chars().take(max.saturating_sub(1)).collect();
+    format!("{head}…")
 }
 
 /// Which change columns a report has: none, its change since a baseline, or (watch) since
@@ -413,4 +504,28 @@ fn owners(list: &[OwnerCount], group_count: usize) -> String {
         parts.push(format!("+{} more", list.len() - OWNERS_SHOWN));
     }
     parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shorten;
+
+    #[test]
+    fn shortening_keeps_whole_names_and_the_pid() {
+        assert_eq!(shorten("registry(2811)", 20, true), "registry(2811)");
+        assert_eq!(
+            shorten("image-cri-shim(2811249)", 16, true),
+            "image-…(2811249)"
+        );
+        assert_eq!(
+            shorten("image-cri-shim(2811249) 12", 19, true),
+            "image-…(2811249) 12"
+        );
+        assert_eq!(
+            shorten("gunicorn(300), gunicorn(301), gunicorn(302)", 20, true),
+            "gunicorn(300), …"
+        );
+        // A command line's parentheses are not a pid.
+        assert_eq!(shorten("python3 -c print(1)", 12, false), "python3 -c …");
+    }
 }
