@@ -218,6 +218,18 @@ pub(crate) fn table_style(args: &PortsArgs) -> render::table::Style {
     }
 }
 
+/// The terminal's rows when stdout is one; `None` when piped.
+pub(crate) fn terminal_height() -> Option<u16> {
+    let stdout = std::io::stdout();
+    if !stdout.is_terminal() {
+        return None;
+    }
+    rustix::termios::tcgetwinsize(&stdout)
+        .ok()
+        .map(|w| w.ws_row)
+        .filter(|&r| r > 0)
+}
+
 /// The terminal's width when stdout is one; `None` when piped.
 pub(crate) fn terminal_width() -> Option<u16> {
     let stdout = std::io::stdout();

@@ -52,6 +52,13 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
     };
     let redraw = args.output == Output::Table && std::io::stdout().is_terminal();
     let style = crate::table_style(args);
+    // Like top: the terminal's alternate screen, redrawn in place; the summary goes to the
+    // normal screen once it is left.
+    let screen = if redraw {
+        Some(Screen::enter(out)?)
+    } else {
+        None
+    };
     let mut warned = render::WarnedOnce::default();
     let started = Instant::now();
     let mut n = 0u64;
@@ -77,18 +84,21 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
                 out.write_all(b"\n")?;
             }
             Output::Table => {
-                if redraw {
-                    // Home and clear: the screen shows the latest sample only, like `watch`.
-                    out.write_all(b"\x1b[H\x1b[2J")?;
-                }
-                writeln!(
-                    out,
+                let title = format!(
                     "shimcheck ports --watch: sample {n}, {} after the first, every {}",
                     human_secs(report.elapsed_s.unwrap_or(0.0)),
                     humantime::format_duration(interval)
-                )?;
-                render::table::render(&report, out, style)?;
-                if !redraw {
+                );
+                if screen.is_some() {
+                    let frame = frame(&report, &title, style, crate::terminal_height())?;
+                    // Home, each line over the last frame's (cleared to its end), then the rest
+                    // of the screen cleared: no blank flash between frames.
+                    out.write_all(b"\x1b[H")?;
+                    out.write_all(frame.join("\x1b[K\n").as_bytes())?;
+                    out.write_all(b"\x1b[K\x1b[J")?;
+                } else {
+                    writeln!(out, "{title}")?;
+                    render::table::render(&report, out, style)?;
                     writeln!(out)?;
                 }
             }
@@ -104,6 +114,8 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
             break report;
         }
     };
+    out.flush()?;
+    drop(screen);
     // The summary is for people; JSON Lines stay one object per sample.
     let summary_to: &mut dyn Write = if args.output == Output::Json {
         err
@@ -118,6 +130,59 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
     };
     summary(&last, n, started.elapsed(), summary_to, summary_style)?;
     Ok(last.findings.len())
+}
+
+/// The terminal's alternate screen, entered for the loop and left when dropped (at the end,
+/// on an error, or on Ctrl-C), with the cursor shown again.
+struct Screen;
+
+impl Screen {
+    fn enter(out: &mut dyn Write) -> std::io::Result<Screen> {
+        out.write_all(b"\x1b[?1049h\x1b[?25l")?;
+        out.flush()?;
+        Ok(Screen)
+    }
+}
+
+impl Drop for Screen {
+    fn drop(&mut self) {
+        let mut stdout = std::io::stdout();
+        let _ = stdout.write_all(b"\x1b[?25h\x1b[?1049l");
+        let _ = stdout.flush();
+    }
+}
+
+/// One screen of the watch view, `height` lines at most: the title and the table's header at
+/// the top, as many of the largest groups as fit, the totals and the findings at the bottom.
+fn frame(
+    report: &Report,
+    title: &str,
+    style: render::table::Style,
+    height: Option<u16>,
+) -> std::io::Result<Vec<String>> {
+    let mut shown = report.clone();
+    if let Some(h) = height {
+        let mut findings = Vec::new();
+        render::table::render_findings(&report.findings, &mut findings, style)?;
+        let findings = String::from_utf8_lossy(&findings).lines().count();
+        // The title, the table's header, "... more groups", the totals, then the findings.
+        let fixed = 4 + findings;
+        shown
+            .groups
+            .truncate(usize::from(h).saturating_sub(fixed).max(1));
+    }
+    let mut text = Vec::new();
+    writeln!(text, "{title}")?;
+    render::table::render(&shown, &mut text, style)?;
+    let mut lines: Vec<String> = String::from_utf8_lossy(&text)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    // More findings than the screen holds: what does not fit is left out, never scrolled.
+    if let Some(h) = height {
+        lines.truncate(usize::from(h));
+    }
+    Ok(lines)
 }
 
 /// What the loop remembers between samples.

@@ -200,3 +200,109 @@ fn ctrl_c_ends_a_watch_with_a_summary_of_what_grew() {
         "{summary}"
     );
 }
+
+/// Runs `shimcheck ports --watch` in a tmux window of `cols` x `rows` inside the leak's
+/// namespace and returns the screen after a few samples, then the normal screen after Ctrl-C.
+fn watch_in_tmux(pop: &Population, cols: u16, rows: u16) -> (String, String) {
+    let session = format!("shimcheck-{}-{cols}", std::process::id());
+    let tmux = |args: &[&str]| {
+        let out = std::process::Command::new("tmux")
+            .args(args)
+            .output()
+            .expect("run tmux");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let command = format!(
+        "nsenter -t {} -n {} ports --watch --interval 1s; sleep 30",
+        pop.ns_pid,
+        crate::support::shimcheck_bin().display()
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        &cols.to_string(),
+        "-y",
+        &rows.to_string(),
+        &command,
+    ]);
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let screen = tmux(&["capture-pane", "-p", "-t", &session]);
+    tmux(&["send-keys", "-t", &session, "C-c"]);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let after = tmux(&["capture-pane", "-p", "-t", &session]);
+    tmux(&["kill-session", "-t", &session]);
+    (screen, after)
+}
+
+/// In a real terminal during the leak, at 80x24 and at 200x50: nothing wider than the
+/// terminal, one line per row, the header and the registry's row on screen, the shim's
+/// ephemeral ports folded into one row, the findings at the bottom; after Ctrl-C the summary
+/// is on the normal screen.
+#[test]
+fn the_watch_view_fits_the_terminal_during_the_leak() {
+    skip_unless_live!();
+    if std::process::Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "tmux is missing: install Debian's tmux (.ci/run does)"
+        );
+        eprintln!("skipped: tmux is not installed (apt-get install tmux)");
+        return;
+    }
+    let pop = Population::leak_reproducer();
+    for (cols, rows) in [(80u16, 24u16), (200, 50)] {
+        let (screen, after) = watch_in_tmux(&pop, cols, rows);
+        let lines: Vec<&str> = screen.lines().collect();
+        assert!(lines.len() <= usize::from(rows), "{cols}x{rows}:\n{screen}");
+        for l in &lines {
+            assert!(
+                l.chars().count() <= usize::from(cols),
+                "{cols}x{rows}: {l}\n{screen}"
+            );
+        }
+        assert!(
+            lines[0].starts_with("shimcheck ports --watch: sample"),
+            "{screen}"
+        );
+        assert!(lines[1].contains("LOCAL ADDRESS:PORT"), "{screen}");
+        let registry = lines
+            .iter()
+            .find(|l| l.trim_start().starts_with("127.0.0.1:5000 "))
+            .unwrap_or_else(|| panic!("{cols}x{rows}: no registry row\n{screen}"));
+        assert!(registry.contains("server"), "{registry}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("127.0.0.1:* -> 127.0.0.1:5000") && l.contains("image-cri")),
+            "{cols}x{rows}: the shim's ports are not folded\n{screen}"
+        );
+        // Each row on one line: no continuation line (starting with blanks) in the table.
+        let totals = lines
+            .iter()
+            .position(|l| l.contains(" sockets (") || l.starts_with("... "))
+            .unwrap_or(lines.len());
+        for l in &lines[2..totals] {
+            assert_ne!(
+                l.chars().nth(1),
+                Some(' '),
+                "a row split across lines: {l}\n{screen}"
+            );
+        }
+        assert!(
+            after.contains("watched ") && after.contains("samples over"),
+            "{cols}x{rows}: no summary after Ctrl-C\n{after}"
+        );
+    }
+}
