@@ -150,6 +150,10 @@ pub struct Group {
     /// Change since the first sample (`--watch`) or the baseline (`--baseline`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delta_total: Option<i64>,
+    /// `--watch` on a terminal: the group's size over the last samples, as a sparkline. Not
+    /// part of the JSON document (JSON Lines carry every sample's count already).
+    #[serde(skip)]
+    pub trend: Option<String>,
     #[serde(skip)]
     raw: RawKey,
 }
@@ -678,6 +682,7 @@ fn make_group(
         netns,
         delta: None,
         delta_total: None,
+        trend: None,
         raw: key,
     }
 }

@@ -6,15 +6,17 @@
 //! a screen redrawn in place on a terminal, one block per sample when piped, JSON Lines with
 //! `-o json`. Ends after `--count` samples or on Ctrl-C, with a summary of what grew.
 
+use std::collections::VecDeque;
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use rustc_hash::FxHashMap;
 
 use crate::aggregate::Query;
-use crate::aggregate::{self, GroupCounts, Report};
+use crate::aggregate::{self, GroupCounts, GroupKey, Report};
 use crate::cli::{Output, PortsArgs};
 use crate::detect::{DetectConfig, Digest};
 use crate::detect::{History, MIN_RISES};
@@ -60,6 +62,7 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
         None
     };
     let mut warned = render::WarnedOnce::default();
+    let mut trends = Trends::new(utf8_locale());
     let started = Instant::now();
     let mut n = 0u64;
     let last = loop {
@@ -76,6 +79,9 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
             },
         };
         report.sample = Some(n);
+        if args.output == Output::Table {
+            trends.update(&mut report);
+        }
         report.elapsed_s = Some((started.elapsed().as_secs_f64() * 10.0).round() / 10.0);
         warned.print_new(err, &report.warnings)?;
         match args.output {
@@ -130,6 +136,75 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
     };
     summary(&last, n, started.elapsed(), summary_to, summary_style)?;
     Ok(last.findings.len())
+}
+
+/// Samples a group's sparkline spans.
+const TREND_SAMPLES: usize = 8;
+
+/// Each shown group's size over the last samples, drawn as a sparkline on a terminal.
+struct Trends {
+    counts: FxHashMap<String, VecDeque<usize>>,
+    bars: &'static [char],
+}
+
+impl Trends {
+    fn new(utf8: bool) -> Trends {
+        Trends {
+            counts: FxHashMap::default(),
+            bars: if utf8 {
+                &['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█']
+            } else {
+                &['_', '.', '-', '~', '=', '+', '*', '#']
+            },
+        }
+    }
+
+    /// Adds this sample's counts and gives each group its sparkline; groups no longer shown
+    /// are forgotten, so memory follows the screen.
+    fn update(&mut self, report: &mut Report) {
+        let mut next = FxHashMap::default();
+        for g in &mut report.groups {
+            let mut series = self.counts.remove(&g.key).unwrap_or_default();
+            series.push_back(g.count);
+            while series.len() > TREND_SAMPLES {
+                series.pop_front();
+            }
+            g.trend = Some(spark(&series, self.bars));
+            next.insert(g.key.clone(), series);
+        }
+        self.counts = next;
+    }
+}
+
+/// The values as bars scaled between their minimum and maximum; a flat series is the lowest
+/// bar throughout.
+fn spark(values: &VecDeque<usize>, bars: &[char]) -> String {
+    let lo = values.iter().copied().min().unwrap_or(0);
+    let hi = values.iter().copied().max().unwrap_or(0);
+    let top = bars.len() - 1;
+    values
+        .iter()
+        .map(|&v| {
+            let level = if hi == lo {
+                0
+            } else {
+                (v - lo) * top / (hi - lo)
+            };
+            bars[level.min(top)]
+        })
+        .collect()
+}
+
+/// True when the locale's character set is UTF-8 (`LC_ALL`, else `LC_CTYPE`, else `LANG`).
+fn utf8_locale() -> bool {
+    ["LC_ALL", "LC_CTYPE", "LANG"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find(|v| !v.is_empty())
+        .is_some_and(|v| {
+            let v = v.to_ascii_lowercase();
+            v.contains("utf-8") || v.contains("utf8")
+        })
 }
 
 /// The terminal's alternate screen, entered for the loop and left when dropped (at the end,
@@ -293,10 +368,16 @@ fn summary(
     for g in grew.into_iter().take(SUMMARY_GROWERS) {
         let d = g.delta_total.unwrap_or(0);
         let start = g.count as i64 - d;
+        // Folded client ports share their key with other holders' rows: name the holder.
+        let holder = match (&g.what, g.processes.first()) {
+            (GroupKey::Folded { .. }, Some(o)) => format!(" ({}({}))", o.comm, o.pid),
+            _ => String::new(),
+        };
         writeln!(
             out,
-            "  {}: {start} -> {} (+{d})",
+            "  {}{}: {start} -> {} (+{d})",
             render::escape_control(&g.key),
+            render::escape_control(&holder),
             g.count
         )?;
     }
@@ -316,5 +397,19 @@ fn human_secs(s: f64) -> String {
         format!("{s:.1}s")
     } else {
         format!("{:.1}m", s / 60.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparklines_scale_between_the_least_and_the_most() {
+        let rising: VecDeque<usize> = [30, 40, 50, 60, 70, 80, 90, 100].into_iter().collect();
+        assert_eq!(spark(&rising, Trends::new(true).bars), "▁▂▃▄▅▆▇█");
+        assert_eq!(spark(&rising, Trends::new(false).bars), "_.-~=+*#");
+        let flat: VecDeque<usize> = [5, 5, 5].into_iter().collect();
+        assert_eq!(spark(&flat, Trends::new(true).bars), "▁▁▁");
     }
 }

@@ -157,6 +157,10 @@ fn build(report: &Report, width: Option<u16>, color: bool) -> Table {
         Changes::SinceBaseline => header.push("SINCE BASELINE"),
         Changes::Watch => header.extend(["CHANGE", "SINCE START"]),
     }
+    let trends = report.groups.iter().any(|g| g.trend.is_some());
+    if trends {
+        header.push("TREND");
+    }
     if multi_state {
         header.push("STATES");
     }
@@ -183,6 +187,10 @@ fn build(report: &Report, width: Option<u16>, color: bool) -> Table {
         .iter()
         .map(|g| {
             let mut cells = row(g, changes, multi_state, color);
+            if trends {
+                let at = cells.len() - usize::from(multi_state) - tail_cells(report.group_by);
+                cells.insert(at, g.trend.clone().unwrap_or_default());
+            }
             if placed {
                 let other = cells.pop().unwrap_or_default();
                 cells.push(placements(&g.processes));
@@ -213,10 +221,11 @@ fn build(report: &Report, width: Option<u16>, color: bool) -> Table {
 }
 
 /// Columns left out first when a terminal is too narrow, least needed first.
-const DROPPABLE: [&str; 5] = [
+const DROPPABLE: [&str; 6] = [
     "POD / UNIT",
     "STATES",
     "SINCE START",
+    "TREND",
     "COMMAND",
     "OTHER END ON THIS HOST",
 ];
@@ -374,6 +383,15 @@ impl Changes {
         } else {
             Changes::None
         }
+    }
+}
+
+/// The cells `row` puts after the change and state columns: the holders (or the command
+/// line) and the other ends, except for pairs, whose PROCESS column names the holder.
+fn tail_cells(by: GroupBy) -> usize {
+    match by {
+        GroupBy::Pair => 1,
+        _ => 2,
     }
 }
 

@@ -277,6 +277,12 @@ fn the_watch_view_fits_the_terminal_during_the_leak() {
             "{screen}"
         );
         assert!(lines[1].contains("LOCAL ADDRESS:PORT"), "{screen}");
+        if cols >= 200 {
+            assert!(
+                lines[1].contains("TREND"),
+                "a sparkline per group: {screen}"
+            );
+        }
         let registry = lines
             .iter()
             .find(|l| l.trim_start().starts_with("127.0.0.1:5000 "))
