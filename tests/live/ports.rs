@@ -311,3 +311,43 @@ fn ephemeral_client_ports_fold_in_the_table_and_not_in_json() {
         "JSON --fold: the server port and the folded clients"
     );
 }
+
+/// Colour only when asked on a pipe: a CLOSE_WAIT pile-up's WARNING is yellow with
+/// `--color always` (even with NO_COLOR set), plain by default when piped and with `never`.
+#[test]
+fn colour_is_never_sent_down_a_pipe_unless_asked_for() {
+    skip_unless_live!();
+    let pop = Population::start(&json!({
+        "servers": [{"name": "closer", "addr": "127.0.0.1", "port": 7000, "close_accepted": true}],
+        "clients": [{"name": "app", "connect": "127.0.0.1:7000", "count": 60}]
+    }));
+    let run = |args: &[&str], no_color: bool| {
+        let mut c = pop.command(crate::support::shimcheck_bin().to_str().unwrap());
+        c.args(args);
+        if no_color {
+            c.env("NO_COLOR", "1");
+        } else {
+            c.env_remove("NO_COLOR");
+        }
+        let out = c.output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "a finding: exit 1");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let args = ["ports", "--state", "close-wait"];
+    let piped = run(&args, false);
+    assert!(piped.contains("WARNING close-wait"), "{piped}");
+    assert!(!piped.contains('\x1b'), "colour down a pipe: {piped}");
+    let always = run(
+        &["ports", "--state", "close-wait", "--color", "always"],
+        true,
+    );
+    assert!(
+        always.contains("\x1b[33mWARNING\x1b[0m close-wait"),
+        "{always}"
+    );
+    let never = run(
+        &["ports", "--state", "close-wait", "--color", "never"],
+        false,
+    );
+    assert!(!never.contains('\x1b'), "{never}");
+}
