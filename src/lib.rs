@@ -220,24 +220,19 @@ pub(crate) fn table_style(args: &PortsArgs) -> render::table::Style {
 
 /// The terminal's rows when stdout is one; `None` when piped.
 pub(crate) fn terminal_height() -> Option<u16> {
-    let stdout = std::io::stdout();
-    if !stdout.is_terminal() {
-        return None;
-    }
-    rustix::termios::tcgetwinsize(&stdout)
-        .ok()
-        .map(|w| w.ws_row)
-        .filter(|&r| r > 0)
+    terminal_size().map(|w| w.ws_row).filter(|&r| r > 0)
 }
 
 /// The terminal's width when stdout is one; `None` when piped.
 pub(crate) fn terminal_width() -> Option<u16> {
+    terminal_size().map(|w| w.ws_col).filter(|&c| c > 0)
+}
+
+/// The size of the terminal stdout is, if it is one.
+fn terminal_size() -> Option<rustix::termios::Winsize> {
     let stdout = std::io::stdout();
     if !stdout.is_terminal() {
         return None;
     }
-    rustix::termios::tcgetwinsize(&stdout)
-        .ok()
-        .map(|w| w.ws_col)
-        .filter(|&c| c > 0)
+    rustix::termios::tcgetwinsize(&stdout).ok()
 }
