@@ -14,4 +14,5 @@ mod join;
 mod owners;
 mod proc_join;
 mod procnet_fallback;
+mod properties;
 mod render;
