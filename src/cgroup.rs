@@ -186,7 +186,7 @@ impl PodDirectory {
 }
 
 /// `<namespace>_<name>_<uid>`: Kubernetes names cannot contain `_`, so the split is exact.
-fn parse_pod_dir(name: &str) -> Option<PodRef> {
+pub fn parse_pod_dir(name: &str) -> Option<PodRef> {
     let mut parts = name.split('_');
     let (namespace, pod, uid) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() || namespace.is_empty() || pod.is_empty() || uid.is_empty() {

@@ -115,13 +115,17 @@ pub fn write_file(sample: &Sample, path: &Path) -> anyhow::Result<()> {
 pub fn read(path: &Path) -> anyhow::Result<Sample> {
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open snapshot {}", path.display()))?;
-    let doc: SnapshotDoc = serde_json::from_reader(io::BufReader::new(file))
-        .with_context(|| format!("{} is not a shimcheck snapshot (JSON)", path.display()))?;
+    read_from(io::BufReader::new(file), &path.display().to_string())
+}
+
+/// Reads a snapshot document from `reader`; `origin` names it in errors.
+pub fn read_from(reader: impl io::Read, origin: &str) -> anyhow::Result<Sample> {
+    let doc: SnapshotDoc = serde_json::from_reader(reader)
+        .with_context(|| format!("{origin} is not a shimcheck snapshot (JSON)"))?;
     if doc.kind != KIND || doc.schema_version != SNAPSHOT_SCHEMA_VERSION {
         bail!(
-            "{} is a {} schema_version {} document; this shimcheck reads {KIND} \
+            "{origin} is a {} schema_version {} document; this shimcheck reads {KIND} \
              schema_version {SNAPSHOT_SCHEMA_VERSION}",
-            path.display(),
             doc.kind,
             doc.schema_version
         );

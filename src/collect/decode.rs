@@ -112,15 +112,19 @@ impl DumpDecoder {
         match msg.payload {
             NetlinkPayload::Done(done) => {
                 if done.code < 0 {
+                    // `saturating_neg`: a forged i32::MIN (found by fuzzing) must not overflow.
                     return Err(CollectError::Kernel(io::Error::from_raw_os_error(
-                        -done.code,
+                        done.code.saturating_neg(),
                     )));
                 }
                 self.done = true;
                 Ok(())
             }
             // An ACK (code 0) is not an end of dump either: nothing here asks for one.
-            NetlinkPayload::Error(err) => Err(CollectError::Kernel(err.to_io())),
+            // Not the crate's `to_io`: its `abs()` overflows on a forged i32::MIN (fuzzing).
+            NetlinkPayload::Error(err) => Err(CollectError::Kernel(io::Error::from_raw_os_error(
+                err.raw_code().saturating_abs(),
+            ))),
             NetlinkPayload::Noop => Ok(()),
             other => {
                 let kind = other.message_type();
@@ -255,6 +259,22 @@ mod tests {
         assert_eq!(old.last_ack_recv_ms, 100);
         assert_eq!(old.bytes_acked, None);
         assert_eq!(parse_tcp_info(&full[..59]), None);
+    }
+
+    #[test]
+    fn a_done_with_the_most_negative_status_is_an_error_not_an_overflow() {
+        let mut done = Vec::new();
+        done.extend(20u32.to_ne_bytes());
+        done.extend(3u16.to_ne_bytes()); // NLMSG_DONE
+        done.extend(2u16.to_ne_bytes());
+        done.extend([0u8; 8]);
+        done.extend(i32::MIN.to_ne_bytes());
+        let err = DumpDecoder::new().feed(&done).unwrap_err();
+        assert!(matches!(err, CollectError::Kernel(_)), "{err}");
+        // The same status in an NLMSG_ERROR.
+        done[4..6].copy_from_slice(&2u16.to_ne_bytes());
+        let err = DumpDecoder::new().feed(&done).unwrap_err();
+        assert!(matches!(err, CollectError::Kernel(_)), "{err}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! Used only when a sock_diag socket cannot be opened; `netstat -ant` reads the same files.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use procfs::FromBufReadSI;
@@ -27,17 +27,43 @@ impl ProcNetSource {
         }
     }
 
-    fn table(&self, name: &str) -> Result<Vec<TcpNetEntry>, CollectError> {
+    fn table(&self, name: &str, states: StateSet) -> Result<Vec<Socket>, CollectError> {
         let path = self.root.join("net").join(name);
         let err = |reason: String| CollectError::ProcNet {
             path: path.display().to_string(),
             reason,
         };
         let file = File::open(&path).map_err(|e| err(e.to_string()))?;
-        TcpNetEntries::from_buf_read(BufReader::new(file), procfs::current_system_info())
-            .map(|t| t.0)
-            .map_err(|e| err(e.to_string()))
+        parse(BufReader::new(file), states).map_err(err)
     }
+}
+
+/// One `/proc/net/tcp{,6}` table's text → its sockets in `states` (the fuzz target's seam).
+pub fn parse(text: impl BufRead, states: StateSet) -> Result<Vec<Socket>, String> {
+    let entries = TcpNetEntries::from_buf_read(text, procfs::current_system_info())
+        .map_err(|e| e.to_string())?;
+    Ok(entries
+        .0
+        .into_iter()
+        .filter_map(|e| socket(e, states))
+        .collect())
+}
+
+fn socket(e: TcpNetEntry, states: StateSet) -> Option<Socket> {
+    let state = TcpState::from_kernel(e.state as u8)?;
+    states.contains(state).then_some(Socket {
+        state,
+        local: e.local_address,
+        remote: e.remote_address,
+        inode: e.inode,
+        cookie: None,
+        uid: e.uid,
+        recv_q: e.rx_queue,
+        send_q: e.tx_queue,
+        tcp_info: None,
+        netns: 0,
+        cgroup_id: None,
+    })
 }
 
 impl SocketSource for ProcNetSource {
@@ -46,30 +72,8 @@ impl SocketSource for ProcNetSource {
     }
 
     fn sockets(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError> {
-        let mut out = Vec::new();
-        for name in ["tcp", "tcp6"] {
-            for e in self.table(name)? {
-                let Some(state) = TcpState::from_kernel(e.state as u8) else {
-                    continue;
-                };
-                if !states.contains(state) {
-                    continue;
-                }
-                out.push(Socket {
-                    state,
-                    local: e.local_address,
-                    remote: e.remote_address,
-                    inode: e.inode,
-                    cookie: None,
-                    uid: e.uid,
-                    recv_q: e.rx_queue,
-                    send_q: e.tx_queue,
-                    tcp_info: None,
-                    netns: 0,
-                    cgroup_id: None,
-                });
-            }
-        }
+        let mut out = self.table("tcp", states)?;
+        out.extend(self.table("tcp6", states)?);
         Ok(out)
     }
 }
