@@ -205,8 +205,11 @@ fn ctrl_c_ends_a_watch_with_a_summary_of_what_grew() {
 /// namespace and returns the screen after a few samples, then the normal screen after Ctrl-C.
 fn watch_in_tmux(pop: &Population, cols: u16, rows: u16) -> (String, String) {
     let session = format!("shimcheck-{}-{cols}", std::process::id());
+    // A tmux server of the test's own (`-L`): no race with a server still exiting from the
+    // last window, and nothing shared with a user's tmux.
     let tmux = |args: &[&str]| {
         let out = std::process::Command::new("tmux")
+            .args(["-L", &session])
             .args(args)
             .output()
             .expect("run tmux");
@@ -238,7 +241,7 @@ fn watch_in_tmux(pop: &Population, cols: u16, rows: u16) -> (String, String) {
     tmux(&["send-keys", "-t", &session, "C-c"]);
     std::thread::sleep(std::time::Duration::from_millis(800));
     let after = tmux(&["capture-pane", "-p", "-t", &session]);
-    tmux(&["kill-session", "-t", &session]);
+    tmux(&["kill-server"]);
     (screen, after)
 }
 
