@@ -729,12 +729,6 @@ impl History {
         } else {
             cfg.window / QUIET_DIVISOR
         };
-        let no_members = PairFacts {
-            key: (0, 0, Target::Remote(SocketAddr::from(([0, 0, 0, 0], 0)))),
-            members: Vec::new(),
-            idle_ms: Vec::new(),
-            mirror: String::new(),
-        };
         let mut out = Vec::new();
         let mut grown: Vec<(&PairKey, &u32)> = now.iter().collect();
         grown.sort();
@@ -746,10 +740,12 @@ impl History {
             }
             // The pair's sockets open now that were already open at the window's start, and
             // how the ones opened since behave.
-            let pair = digest.pair(key).unwrap_or(&no_members);
+            let (members, mirror) = digest
+                .pair(key)
+                .map_or((&[][..], ""), |p| (&p.members[..], p.mirror.as_str()));
             let mut kept = 0u32;
             let mut a = Activity::default();
-            for &i in &pair.members {
+            for &i in members {
                 let s = &sample.sockets[i as usize];
                 let seen = self.first_seen.get(&identity(s)).map_or(*t1, |seen| seen.0);
                 if seen <= *t0 {
@@ -805,7 +801,7 @@ impl History {
                          ({rate:.1}/min) and kept {:.0}% of those it had{activity}{}",
                         human(elapsed.as_secs()),
                         retained * 100.0,
-                        pair.mirror
+                        mirror
                     ),
                     comm,
                     remote,

@@ -9,7 +9,7 @@
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::model::{Sample, Socket, TcpState};
+use crate::model::{OwnerIndex, Sample, Socket, TcpState};
 
 /// Who is connected to whom on this node, from the sockets alone (no owners needed, so the
 /// collector computes it while the /proc scan is still running).
@@ -123,7 +123,7 @@ impl<'a> Joined<'a> {
         Joined {
             sample,
             topology,
-            owner_runs: owner_runs(&sample.sockets, sample.owners.pairs()),
+            owner_runs: owner_runs(&sample.sockets, &sample.owners),
         }
     }
 
@@ -164,8 +164,9 @@ impl<'a> Joined<'a> {
 }
 
 /// Finds each socket's owners by walking the sockets in inode order alongside the sorted
-/// `(inode, pid)` pairs: one pass, no per-socket search through a large table.
-fn owner_runs(sockets: &[Socket], pairs: &[(u64, u32)]) -> Vec<(u32, u32)> {
+/// `(inode, pid)` pairs (`OwnerIndex::walk_sorted`): one pass, no per-socket search through a
+/// large table.
+fn owner_runs(sockets: &[Socket], owners: &OwnerIndex) -> Vec<(u32, u32)> {
     let mut runs = vec![(0u32, 0u32); sockets.len()];
     let mut by_inode: Vec<(u64, usize)> = sockets
         .iter()
@@ -174,19 +175,12 @@ fn owner_runs(sockets: &[Socket], pairs: &[(u64, u32)]) -> Vec<(u32, u32)> {
         .map(|(i, s)| (s.inode, i))
         .collect();
     by_inode.sort_unstable();
-    let mut p = 0;
-    for (inode, i) in by_inode {
-        while p < pairs.len() && pairs[p].0 < inode {
-            p += 1;
+    let inodes: Vec<u64> = by_inode.iter().map(|&(inode, _)| inode).collect();
+    owners.walk_sorted(&inodes, |k, run| {
+        if let (Ok(start), Ok(len)) = (u32::try_from(run.start), u32::try_from(run.len())) {
+            runs[by_inode[k].1] = (start, len);
         }
-        let len = pairs[p..]
-            .iter()
-            .take_while(|&&(pi, _)| pi == inode)
-            .count();
-        if let (Ok(start), Ok(len)) = (u32::try_from(p), u32::try_from(len)) {
-            runs[i] = (start, len);
-        }
-    }
+    });
     runs
 }
 

@@ -321,10 +321,10 @@ impl OwnerIndex {
         &self.pairs
     }
 
-    /// Calls `f(i, holders)` for each of `inodes` (ascending) with its `(inode, pid)` pairs,
-    /// empty when no process holds it: one pass alongside the pairs, where a search per
-    /// inode costs a cache miss per step at a million sockets.
-    pub fn walk_sorted(&self, inodes: &[u64], mut f: impl FnMut(usize, &[(u64, u32)])) {
+    /// Calls `f(i, run)` for each of `inodes` (ascending) with the range of its `(inode, pid)`
+    /// pairs in `pairs()`, empty when no process holds it: one pass alongside the pairs, where
+    /// a search per inode costs a cache miss per step at a million sockets.
+    pub fn walk_sorted(&self, inodes: &[u64], mut f: impl FnMut(usize, std::ops::Range<usize>)) {
         let mut p = 0;
         for (i, &inode) in inodes.iter().enumerate() {
             while p < self.pairs.len() && self.pairs[p].0 < inode {
@@ -334,7 +334,7 @@ impl OwnerIndex {
                 .iter()
                 .take_while(|&&(pi, _)| pi == inode && inode != 0)
                 .count();
-            f(i, &self.pairs[p..p + len]);
+            f(i, p..p + len);
         }
     }
 }

@@ -248,8 +248,9 @@ impl ProcScanner {
         inodes.sort_unstable();
         inodes.dedup();
         let mut pids: Vec<u32> = Vec::new();
-        index.walk_sorted(&inodes, |_, held| {
-            pids.extend(held.iter().map(|&(_, pid)| pid))
+        let held = index.pairs();
+        index.walk_sorted(&inodes, |_, run| {
+            pids.extend(held[run].iter().map(|&(_, pid)| pid))
         });
         pids.extend(extra);
         pids.sort_unstable();

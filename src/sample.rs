@@ -297,8 +297,8 @@ pub fn cgroup_places(
     by_inode.sort_unstable();
     let inodes: Vec<u64> = by_inode.iter().map(|&(i, _)| i).collect();
     let mut wanted: HashSet<u64> = HashSet::new();
-    owners.walk_sorted(&inodes, |i, held| {
-        if held.is_empty() {
+    owners.walk_sorted(&inodes, |i, run| {
+        if run.is_empty() {
             wanted.insert(by_inode[i].1);
         }
     });

@@ -60,8 +60,9 @@ fn holders(sample: &Sample) -> Vec<Vec<u32>> {
     order.sort_unstable();
     let inodes: Vec<u64> = order.iter().map(|&(inode, _)| inode).collect();
     let mut out = vec![Vec::new(); sample.sockets.len()];
-    sample.owners.walk_sorted(&inodes, |k, held| {
-        out[order[k].1] = held.iter().map(|&(_, pid)| pid).collect();
+    let pairs = sample.owners.pairs();
+    sample.owners.walk_sorted(&inodes, |k, run| {
+        out[order[k].1] = pairs[run].iter().map(|&(_, pid)| pid).collect();
     });
     out
 }
