@@ -517,6 +517,12 @@ fn warnings(sample: &Sample, hidden_owner: bool) -> Vec<Warning> {
     if hidden_owner && scan.denied > 0 {
         w.push(Warning::OwnersDenied {
             processes: scan.denied,
+            lacking: scan.lacking.clone(),
+        });
+    }
+    if let Some(hidepid) = scan.hidepid.as_ref().filter(|_| hidden_owner) {
+        w.push(Warning::OwnersHidden {
+            hidepid: hidepid.clone(),
         });
     }
     if hidden_owner && scan.unreadable > 0 {

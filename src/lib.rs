@@ -14,6 +14,7 @@ pub mod culprits;
 pub mod detect;
 pub mod join;
 pub mod model;
+pub mod privilege;
 pub mod procs;
 pub mod render;
 pub mod sample;

@@ -27,9 +27,28 @@ fn main() -> ExitCode {
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             let _ = writeln!(err, "shimcheck: error: {e:#}");
+            if let Some(limit) = out_of_fds(&e) {
+                let _ = writeln!(
+                    err,
+                    "shimcheck: hint: shimcheck ran out of file descriptors (its open-file \
+                     limit is {limit}); it needs about 16 plus 2 per thread: raise the limit \
+                     (`ulimit -n 1024`, LimitNOFILE= in a unit)"
+                );
+            }
             ExitCode::from(2)
         }
     }
+}
+
+/// This process's soft open-file limit, when `e` came from running out of descriptors
+/// (EMFILE): a message about the file it failed to open would send the operator the wrong way.
+fn out_of_fds(e: &anyhow::Error) -> Option<u64> {
+    let emfile = e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EMFILE))
+    });
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    emfile.then_some(limit).flatten()
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

@@ -216,7 +216,8 @@ pub struct Socket {
     pub remote: SocketAddr,
     /// The socket inode, the key of the /proc join; 0 for TIME_WAIT, SYN_RECV and orphans.
     pub inode: u64,
-    /// The kernel's stable socket id (`idiag_cookie`); `None` from the /proc/net fallback.
+    /// The kernel's stable socket id (`idiag_cookie`); `None` from the /proc/net fallback and
+    /// where the kernel's cookie names nothing stable (before Linux 4.1: `decode::stable_cookie`).
     pub cookie: Option<u64>,
     pub uid: u32,
     /// Bytes in the receive queue (for LISTEN: pending connections).
@@ -352,6 +353,14 @@ pub struct ScanStats {
     /// Processes whose fd table failed for another reason; the first error, for the message.
     pub unreadable: usize,
     pub first_unreadable: Option<String>,
+    /// The capabilities reading every owner needs that shimcheck lacked (`CAP_SYS_PTRACE`),
+    /// for the warning about denied processes.
+    #[serde(default)]
+    pub lacking: Vec<String>,
+    /// The procfs's `hidepid=` mode when it hid other users' processes from the scan: they
+    /// are neither listed nor counted as denied.
+    #[serde(default)]
+    pub hidepid: Option<String>,
 }
 
 impl ScanStats {
@@ -363,6 +372,12 @@ impl ScanStats {
         self.unreadable += other.unreadable;
         if self.first_unreadable.is_none() {
             self.first_unreadable = other.first_unreadable;
+        }
+        if self.lacking.is_empty() {
+            self.lacking = other.lacking;
+        }
+        if self.hidepid.is_none() {
+            self.hidepid = other.hidepid;
         }
     }
 }
@@ -464,17 +479,28 @@ pub enum Warning {
         /// `--all-netns` was asked for: only shimcheck's own namespace is counted.
         all_netns: bool,
     },
-    /// Processes whose network namespace could not be looked at (not root).
-    NetnsHidden { processes: usize },
+    /// Processes whose network namespace could not be looked at; `lacking` names the
+    /// capabilities that would allow it, empty when shimcheck held them.
+    NetnsHidden {
+        processes: usize,
+        lacking: Vec<String>,
+    },
     /// Namespaces that could not be entered or dumped.
     NetnsNotDumped {
         failed: usize,
         total: usize,
         first_inode: u64,
         first_error: String,
+        lacking: Vec<String>,
     },
     /// Processes whose fd table may not be read: their sockets are unattributed.
-    OwnersDenied { processes: usize },
+    OwnersDenied {
+        processes: usize,
+        lacking: Vec<String>,
+    },
+    /// The procfs hides other users' processes (`hidepid=invisible`): sockets they hold are
+    /// unattributed, and no process was counted as denied.
+    OwnersHidden { hidepid: String },
     /// Processes whose fd table failed for another reason.
     OwnersUnreadable { processes: usize, first: String },
     /// A warning read back from a snapshot, as it was worded when the snapshot was taken.
@@ -486,6 +512,30 @@ fn processes(n: usize) -> String {
         "1 process".to_string()
     } else {
         format!("{n} processes")
+    }
+}
+
+/// Why access was refused: for want of capabilities, or despite holding them.
+fn denied(lacking: &[String]) -> &'static str {
+    if lacking.is_empty() {
+        "permission denied despite shimcheck's capabilities"
+    } else {
+        "permission denied"
+    }
+}
+
+/// What to do about a refusal: grant what is lacking, or look at what refuses it anyway.
+fn remedy(lacking: &[String], to: &str) -> String {
+    if lacking.is_empty() {
+        "a security module (AppArmor, SELinux, Yama) or a process holding capabilities \
+         shimcheck lacks refuses it (docs/deploy.md)"
+            .to_string()
+    } else {
+        let them = if lacking.len() == 1 { "it" } else { "them" };
+        format!(
+            "shimcheck lacks {}: run as root (sudo) or grant {them} to {to} (docs/deploy.md)",
+            crate::privilege::listed(lacking)
+        )
     }
 }
 
@@ -510,28 +560,46 @@ impl fmt::Display for Warning {
                 }
                 Ok(())
             }
-            Warning::NetnsHidden { processes } => write!(
+            Warning::NetnsHidden {
+                processes: n,
+                lacking,
+            } => write!(
                 f,
-                "cannot see which network namespace {processes} processes are in (permission \
-                 denied): namespaces only they use are not counted; run as root to see every \
-                 namespace"
+                "cannot see which network namespace {} {} in ({}): namespaces only they use \
+                 are not counted; {}",
+                processes(*n),
+                if *n == 1 { "is" } else { "are" },
+                denied(lacking),
+                remedy(lacking, "see every namespace"),
             ),
             Warning::NetnsNotDumped {
                 failed,
                 total,
                 first_inode,
                 first_error,
+                lacking,
             } => write!(
                 f,
                 "cannot dump {failed} of {total} network namespaces (first: \
-                 net:[{first_inode}]: {first_error}): their sockets are not counted; run as root \
-                 to see every namespace"
+                 net:[{first_inode}]: {first_error}): their sockets are not counted; {}",
+                remedy(lacking, "see every namespace")
             ),
-            Warning::OwnersDenied { processes: n } => write!(
+            Warning::OwnersDenied {
+                processes: n,
+                lacking,
+            } => write!(
                 f,
-                "cannot read the open files of {} (permission denied): the sockets they hold are \
-                 counted as unattributed; run as root (sudo) to see every owner",
-                processes(*n)
+                "cannot read the open files of {} ({}): the sockets they hold are counted as \
+                 unattributed; {}",
+                processes(*n),
+                denied(lacking),
+                remedy(lacking, "see every owner"),
+            ),
+            Warning::OwnersHidden { hidepid } => write!(
+                f,
+                "the procfs scanned for owners is mounted with {hidepid}, which hides other users' processes \
+                 from shimcheck: the sockets they hold are counted as unattributed; grant \
+                 CAP_SYS_PTRACE, run as root (sudo), or run shimcheck in the mount's gid= group"
             ),
             Warning::OwnersUnreadable {
                 processes: n,

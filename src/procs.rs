@@ -60,7 +60,15 @@ pub struct ProcScanner {
     pods_dir: PathBuf,
     /// Read once, again when a pod uid is not in it (a pod started since).
     pods: Mutex<PodDirectory>,
+    /// The root is a procfs, so a `PID/fd` directory's size is its number of open files
+    /// (Linux 6.2+; 0 before). Anywhere else (a fake tree, a copy) a directory's size counts
+    /// bytes or entries of the filesystem holding it, not fds.
+    fd_sizes: bool,
 }
+
+/// The most fds a process can hold (`fs.nr_open` cannot be set above this on 64-bit
+/// kernels): a directory size beyond it is not an fd count.
+const MAX_FDS: u64 = 2_147_483_584;
 
 impl ProcScanner {
     /// A scanner over `root` (normally `/proc`).
@@ -74,7 +82,17 @@ impl ProcScanner {
             root: root.to_path_buf(),
             pods_dir: pods_dir.to_path_buf(),
             pods: Mutex::new(PodDirectory::read(pods_dir)),
+            // One statfs for the scanner's life.
+            fd_sizes: rustix::fs::statfs(root)
+                .is_ok_and(|fs| fs.f_type == rustix::fs::PROC_SUPER_MAGIC),
         }
+    }
+
+    /// True when open-file counts may come from the size of `PID/fd` (`stat`, no listing): the
+    /// root is a procfs. Whether the kernel fills the size in (6.2+) shows per process: 0 is
+    /// taken as unknown.
+    pub fn fd_counts_from_size(&self) -> bool {
+        self.fd_sizes
     }
 
     /// The procfs root this scanner reads.
@@ -104,10 +122,34 @@ impl ProcScanner {
     }
 
     /// A process's number of open files from the size of its fd directory (Linux 6.2+);
-    /// `None` where the kernel reports 0 or the process is gone.
+    /// `None` where the root is no procfs, the kernel reports 0 (before 6.2), the size cannot
+    /// be an fd count, or the process is gone.
     fn fd_count(&self, pid: u32) -> Option<u64> {
+        if !self.fd_sizes {
+            return None;
+        }
         let st = rustix::fs::stat(self.root.join(format!("{pid}/fd"))).ok()?;
-        u64::try_from(st.st_size).ok().filter(|&n| n > 0)
+        u64::try_from(st.st_size)
+            .ok()
+            .filter(|&n| n > 0 && n <= MAX_FDS)
+    }
+
+    /// A process's number of open files by listing its fd directory (no link is read): what
+    /// `fd_count` gives for free on Linux 6.2+, at the cost of one directory read.
+    fn fd_count_listed(&self, pid: u32) -> Option<u64> {
+        let dir = rustix::fs::open(
+            self.root.join(format!("{pid}/fd")),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let mut open = 0;
+        for entry in Dir::read_from(&dir).ok()? {
+            if entry.ok()?.file_name().to_bytes().first() != Some(&b'.') {
+                open += 1;
+            }
+        }
+        Some(open)
     }
 
     /// Walks every process's fd table and returns `(socket inode, pid)` pairs, on `threads`
@@ -173,6 +215,10 @@ impl ProcScanner {
             all.tables.extend(part.tables);
             all.stats.merge(part.stats);
         }
+        if all.stats.denied > 0 {
+            all.stats.lacking = crate::privilege::lacking(crate::privilege::READ_OWNERS);
+        }
+        all.stats.hidepid = crate::privilege::proc_hides(&self.root);
         Ok(all)
     }
 
@@ -807,11 +853,21 @@ impl OwnerCache {
         self.undumped.retain(|_, (p, _)| live.contains(p));
     }
 
-    /// Open-file counts: cheap on Linux 6.2+ (the fd directory's size), else kept from the
-    /// last full scan. Limits are read once per process.
+    /// Open-file counts: cheap on Linux 6.2+ (the fd directory's size). Before, a process at
+    /// half its limit or more (the ones findings and metrics name) has its fd directory listed;
+    /// any other keeps its fd table as last read (the full scan, plus the slots a search read
+    /// since: a leaking process's count follows its new sockets). Limits are read once per
+    /// process.
     fn count_fds(&mut self, scanner: &ProcScanner, live: &[u32]) {
         for &pid in live {
-            let open = scanner.fd_count(pid);
+            let near_limit = self
+                .fds
+                .get(&pid)
+                .is_some_and(|f| f.at_least(FD_NAMED_SHARE));
+            let open = scanner
+                .fd_count(pid)
+                .or_else(|| near_limit.then(|| scanner.fd_count_listed(pid)).flatten())
+                .or_else(|| self.tables.get(&pid).map(|t| t.len() as u64));
             let entry = self.fds.entry(pid).or_insert_with(|| FdUse {
                 open: 0,
                 limit: scanner.fd_limit(pid),

@@ -65,6 +65,10 @@ pub struct Sampler {
     opened: Option<Warning>,
     sys_fs_cgroup: PathBuf,
     threads: usize,
+    /// shimcheck's own pid as the scanned procfs numbers it (`ROOT/self`): its fd use is left
+    /// out of the host facts. Its descriptors come and go within a sample (directory handles,
+    /// threads), and a low limit of its own is not the node's problem.
+    own_pid: Option<u32>,
 }
 
 impl Sampler {
@@ -95,11 +99,14 @@ impl Sampler {
     ) -> Sampler {
         Sampler {
             source,
-            scanner,
             cache: (mode == Mode::Incremental).then(OwnerCache::new),
             opened: None,
             sys_fs_cgroup: PathBuf::from(SYS_FS_CGROUP),
             threads: worker_threads(),
+            own_pid: std::fs::read_link(scanner.root().join("self"))
+                .ok()
+                .and_then(|p| p.to_str()?.parse().ok()),
+            scanner,
         }
     }
 
@@ -177,11 +184,19 @@ impl Sampler {
             .with_context(|| proc_failed(self.scanner.root()))?;
         Ok(Look::Same(Moved {
             taken_at,
-            fds: still.fds,
+            fds: self.others(still.fds),
             scan: still.stats,
             warnings: self.opened.iter().cloned().collect(),
             owners: still.owners,
         }))
+    }
+
+    /// `fds` without shimcheck's own.
+    fn others(&self, mut fds: BTreeMap<u32, FdUse>) -> BTreeMap<u32, FdUse> {
+        if let Some(pid) = self.own_pid {
+            fds.remove(&pid);
+        }
+        fds
     }
 
     /// The sample itself.
@@ -212,7 +227,7 @@ impl Sampler {
             scan: found.stats,
             host: HostFacts {
                 port_range: scanner.port_range(),
-                fds: found.fds,
+                fds: self.others(found.fds),
             },
             warnings,
             own_netns: own,

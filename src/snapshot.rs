@@ -6,7 +6,7 @@
 //! detector uses, and what the /proc scan could not read.
 
 use std::collections::BTreeMap;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -112,24 +112,88 @@ pub fn write_file(sample: &Sample, path: &Path) -> anyhow::Result<()> {
     crate::atomic::replace(path, |w| write(sample, w))
 }
 
-/// Reads a snapshot file back into the sample it was taken from.
-pub fn read(path: &Path) -> anyhow::Result<Sample> {
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("cannot open snapshot {}", path.display()))?;
-    read_from(io::BufReader::new(file), &path.display().to_string())
+/// The largest snapshot shimcheck reads: 1 GiB, about three million sockets (a million-socket
+/// node writes about 320 MB). A larger file, or a stream that does not end, is refused once
+/// this much is read, so that reading one cannot exhaust the memory of the node it runs on.
+pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
+
+/// The members every schema version starts with: enough to tell a newer document from a broken
+/// one.
+#[derive(Deserialize)]
+struct Head {
+    schema_version: u32,
+    #[serde(default)]
+    kind: String,
 }
 
-/// Reads a snapshot document from `reader`; `origin` names it in errors.
+/// Reads a snapshot file back into the sample it was taken from.
+pub fn read(path: &Path) -> anyhow::Result<Sample> {
+    let origin = path.display().to_string();
+    let open =
+        || std::fs::File::open(path).with_context(|| format!("cannot open snapshot {origin}"));
+    let file = open()?;
+    if let Ok(meta) = file.metadata()
+        && meta.is_file()
+        && meta.len() > MAX_SNAPSHOT_BYTES
+    {
+        bail!(too_large(&origin, Some(meta.len()), MAX_SNAPSHOT_BYTES));
+    }
+    read_from(io::BufReader::new(file), &origin).map_err(|e| {
+        // A shimcheck document this shimcheck cannot parse may be of a newer schema: say so.
+        let head = open().ok().and_then(|f| {
+            serde_json::from_reader::<_, Head>(io::BufReader::new(f).take(MAX_SNAPSHOT_BYTES)).ok()
+        });
+        match head {
+            Some(h) if h.kind == KIND && h.schema_version != SNAPSHOT_SCHEMA_VERSION => {
+                anyhow::anyhow!(other_schema(&origin, &h.kind, h.schema_version))
+            }
+            _ => e,
+        }
+    })
+}
+
+fn too_large(origin: &str, len: Option<u64>, max: u64) -> String {
+    let size = len.map_or_else(
+        || format!("more than {max} bytes"),
+        |n| format!("{n} bytes"),
+    );
+    format!(
+        "{origin} is {size}: shimcheck reads snapshots of up to {max} bytes (1 GiB, about \
+         three million sockets); is it a shimcheck snapshot?"
+    )
+}
+
+fn other_schema(origin: &str, kind: &str, version: u32) -> String {
+    let advice = if kind == KIND && version > SNAPSHOT_SCHEMA_VERSION {
+        ": it was written by a newer shimcheck; read it with that version"
+    } else {
+        ""
+    };
+    format!(
+        "{origin} is a {kind:?} schema_version {version} document; this shimcheck reads \
+         {KIND} schema_version {SNAPSHOT_SCHEMA_VERSION}{advice}"
+    )
+}
+
+/// Reads a snapshot document from `reader`; `origin` names it in errors. At most
+/// `MAX_SNAPSHOT_BYTES` are read.
 pub fn read_from(reader: impl io::Read, origin: &str) -> anyhow::Result<Sample> {
-    let doc: SnapshotDoc = serde_json::from_reader(reader)
-        .with_context(|| format!("{origin} is not a shimcheck snapshot (JSON)"))?;
+    read_at_most(reader, origin, MAX_SNAPSHOT_BYTES)
+}
+
+/// `read_from` with a limit of `max` bytes: a document that does not end within them is
+/// refused as too large.
+pub fn read_at_most(reader: impl io::Read, origin: &str, max: u64) -> anyhow::Result<Sample> {
+    let mut limited = reader.take(max.saturating_add(1));
+    let doc: SnapshotDoc = match serde_json::from_reader(&mut limited) {
+        Ok(doc) => doc,
+        Err(_) if limited.limit() == 0 => bail!(too_large(origin, None, max)),
+        Err(e) => {
+            return Err(e).with_context(|| format!("{origin} is not a shimcheck snapshot (JSON)"));
+        }
+    };
     if doc.kind != KIND || doc.schema_version != SNAPSHOT_SCHEMA_VERSION {
-        bail!(
-            "{origin} is a {} schema_version {} document; this shimcheck reads {KIND} \
-             schema_version {SNAPSHOT_SCHEMA_VERSION}",
-            doc.kind,
-            doc.schema_version
-        );
+        bail!(other_schema(origin, &doc.kind, doc.schema_version));
     }
     let mut pairs = Vec::new();
     let mut sockets = Vec::with_capacity(doc.sockets.len());

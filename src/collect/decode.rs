@@ -2,10 +2,12 @@
 //!
 //! Input: the datagrams one `recv` after another returned, in order, answering either
 //! `SOCK_DIAG_BY_FAMILY` (one family) or the compat `TCPDIAG_GETSOCK` (both families in one walk
-//! of the table): both carry the same `inet_diag_msg`. Output: the sockets, each once
-//! (deduplicated by cookie, since a dump under churn can report a socket twice), or a
-//! `CollectError` for a kernel error, a malformed message or a dump that never reached
-//! `NLMSG_DONE`. No I/O happens here, so captured replies in `fixtures/` test it byte for byte.
+//! of the table): both carry the same `inet_diag_msg`. Output: the sockets, each once (a dump
+//! under churn can report a socket twice: deduplicated by cookie, or, where the kernel's cookie
+//! names nothing stable, by endpoints and inode; see `stable_cookie`), or a `CollectError` for
+//! a kernel error, a malformed message or a dump that never reached `NLMSG_DONE`. No I/O
+//! happens here, so captured replies in `fixtures/` test it byte for byte, and replies as older
+//! kernels send them (`docs/kernels.md`) are derived from those.
 //!
 //! Per socket the crate's allocation-free header parser (`InetResponseHeader`) and attribute
 //! iterator (`NlasIterator`) are used, and only the two attributes shimcheck reads are looked at:
@@ -15,6 +17,7 @@
 //! error) still go through the crate's full parser.
 
 use std::io;
+use std::net::SocketAddr;
 
 use netlink_packet_core::{
     NLM_F_DUMP_INTR, NetlinkBuffer, NetlinkMessage, NetlinkPayload, NlasIterator, Parseable,
@@ -45,6 +48,9 @@ pub enum Feed {
 pub struct DumpDecoder {
     sockets: Vec<Socket>,
     cookies: FxHashSet<u64>,
+    /// Some socket came without a stable cookie: `finish` deduplicates those by endpoints and
+    /// inode.
+    uncookied: bool,
     bytes_seen: usize,
     done: bool,
     interrupted: bool,
@@ -134,11 +140,14 @@ impl DumpDecoder {
     }
 
     /// Ends the dump: an error unless `NLMSG_DONE` was seen.
-    pub fn finish(self) -> Result<Dump, CollectError> {
+    pub fn finish(mut self) -> Result<Dump, CollectError> {
         if !self.done {
             return Err(CollectError::Truncated {
                 sockets: self.sockets.len(),
             });
+        }
+        if self.uncookied {
+            self.duplicates += drop_repeats_without_cookie(&mut self.sockets);
         }
         Ok(Dump {
             sockets: self.sockets,
@@ -148,11 +157,15 @@ impl DumpDecoder {
     }
 
     fn push(&mut self, socket: Socket) {
-        if let Some(cookie) = socket.cookie
-            && !self.cookies.insert(cookie)
-        {
-            self.duplicates += 1;
-            return;
+        match socket.cookie {
+            Some(cookie) if !self.cookies.insert(cookie) => {
+                self.duplicates += 1;
+                return;
+            }
+            Some(_) => {}
+            // Never deduplicated by a cookie that is not one: a whole dump of sockets sharing
+            // INET_DIAG_NOCOOKIE or 0 would shrink to one socket.
+            None => self.uncookied = true,
         }
         self.sockets.push(socket);
     }
@@ -163,6 +176,53 @@ impl DumpDecoder {
             reason,
         }
     }
+}
+
+/// Removes the second and later reports of a socket without a stable cookie, keeping the
+/// first, and returns how many went. Such a socket is told apart by its endpoints and inode:
+/// two live sockets never share all three (a socket with an open file has an inode of its own;
+/// one without, TIME_WAIT, SYN_RECV or orphaned, is the only holder of its 4-tuple). One sort
+/// of the indices of those sockets, at the end of a dump, only on kernels that need it: no
+/// per-socket set of 72-byte keys.
+fn drop_repeats_without_cookie(sockets: &mut Vec<Socket>) -> usize {
+    let key = |i: u32| -> (SocketAddr, SocketAddr, u64) {
+        let s = &sockets[i as usize];
+        (s.local, s.remote, s.inode)
+    };
+    let mut order: Vec<u32> = (0..sockets.len() as u32)
+        .filter(|&i| sockets[i as usize].cookie.is_none())
+        .collect();
+    // Equal keys end up together, earliest report first.
+    order.sort_unstable_by(|&a, &b| key(a).cmp(&key(b)).then(a.cmp(&b)));
+    let mut repeat = vec![false; sockets.len()];
+    let mut repeats = 0;
+    for pair in order.windows(2) {
+        if key(pair[0]) == key(pair[1]) {
+            repeat[pair[1] as usize] = true;
+            repeats += 1;
+        }
+    }
+    if repeats > 0 {
+        let mut at = 0;
+        sockets.retain(|_| {
+            at += 1;
+            !repeat[at - 1]
+        });
+    }
+    repeats
+}
+
+/// The cookie a socket can be told apart by, across samples too: `None` for one that names
+/// nothing stable. Since Linux 4.1 the kernel numbers sockets from a counter the first time
+/// one is dumped, so a cookie is never 0 and never reaches 2^63. Before 4.1 `idiag_cookie` was
+/// the socket's kernel address (`0xffff8...` on 64-bit kernels), which the next socket
+/// allocated there reuses at once, and which a socket changes when it goes TIME_WAIT; all ones
+/// is `INET_DIAG_NOCOOKIE`, which names no socket. (5.10's per-cpu generator could hand out a
+/// cookie counting down from all ones when generation nested in an interrupt: also taken as
+/// none, which costs nothing but the cookie.) Without one, the dump deduplicates by endpoints
+/// and inode and the detector follows the socket by its 4-tuple (`docs/kernels.md`).
+pub fn stable_cookie(raw: u64) -> Option<u64> {
+    (raw != 0 && raw >> 63 == 0).then_some(raw)
 }
 
 /// One `inet_diag_msg` and its attributes → a `Socket`, without allocating.
@@ -197,7 +257,7 @@ fn to_socket(payload: &[u8]) -> Result<Socket, String> {
         local: (id.source_address, id.source_port).into(),
         remote: (id.destination_address, id.destination_port).into(),
         inode: u64::from(h.inode),
-        cookie: Some(u64::from(hi) << 32 | u64::from(lo)),
+        cookie: stable_cookie(u64::from(hi) << 32 | u64::from(lo)),
         uid: h.uid,
         recv_q: h.recv_queue,
         send_q: h.send_queue,
@@ -213,15 +273,18 @@ const INET_DIAG_INFO: u16 = 2;
 const INET_DIAG_CGROUP_ID: u16 = 21;
 
 /// Offsets in `struct tcp_info` (`include/uapi/linux/tcp.h`): 8 one-byte fields, then u32s.
+/// The idle clocks have been there since 2.6 (every kernel sends at least 104 bytes, up to
+/// `tcpi_total_retrans`); the byte counters came in 4.1 (136 bytes).
 const LAST_DATA_SENT: usize = 44;
 const LAST_DATA_RECV: usize = 52;
 const LAST_ACK_RECV: usize = 56;
 const BYTES_ACKED: usize = 120;
 const BYTES_RECEIVED: usize = 128;
 
-/// Reads the fields shimcheck needs by length: `tcp_info` grows with the kernel, so a field
-/// past the end of what this kernel sent is absent, and a reply too short to hold even the
-/// idle clocks yields no `TcpInfo` at all.
+/// Reads the fields shimcheck needs by length: `tcp_info` grows with the kernel (104 bytes in
+/// 3.10, 192 in 4.15, 224 in 4.19, 232 in 5.4), so a field past the end of what this kernel
+/// sent is absent, and a reply too short to hold even the idle clocks yields no `TcpInfo` at
+/// all. By length, not by version: a distribution kernel that backported a field has it.
 pub fn parse_tcp_info(bytes: &[u8]) -> Option<TcpInfo> {
     let u32_at = |off: usize| -> Option<u32> {
         let b = bytes.get(off..off + 4)?;
@@ -259,6 +322,16 @@ mod tests {
         assert_eq!(old.last_ack_recv_ms, 100);
         assert_eq!(old.bytes_acked, None);
         assert_eq!(parse_tcp_info(&full[..59]), None);
+    }
+
+    #[test]
+    fn only_a_counter_cookie_is_stable() {
+        assert_eq!(stable_cookie(1), Some(1));
+        assert_eq!(stable_cookie((1 << 63) - 1), Some((1 << 63) - 1));
+        assert_eq!(stable_cookie(0), None);
+        // INET_DIAG_NOCOOKIE, and a kernel address as Linux 3.10 sends it.
+        assert_eq!(stable_cookie(u64::MAX), None);
+        assert_eq!(stable_cookie(0xffff_8800_3a4b_5c00), None);
     }
 
     #[test]

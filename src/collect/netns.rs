@@ -146,7 +146,10 @@ impl SocketSource for AllNetns {
         );
         self.last = last;
         if denied > 0 {
-            warnings.push(Warning::NetnsHidden { processes: denied });
+            warnings.push(Warning::NetnsHidden {
+                processes: denied,
+                lacking: crate::privilege::lacking(crate::privilege::SEE_NETNS),
+            });
         }
         Ok(Dump {
             sockets,
@@ -286,6 +289,7 @@ impl Sweep<'_> {
                 total: targets.len(),
                 first_inode: *inode,
                 first_error: first.clone(),
+                lacking: crate::privilege::lacking(crate::privilege::ENTER_NETNS),
             });
         }
         (all, warnings)

@@ -9,10 +9,12 @@
 mod support;
 
 mod collect;
+mod faults;
 mod findings;
 mod incremental;
 mod netns;
 mod owner_cache;
 mod ports;
+mod privilege;
 mod serve;
 mod watch;

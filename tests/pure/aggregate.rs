@@ -724,8 +724,9 @@ fn the_leak_shows_as_one_big_server_group_and_one_big_pair() {
 }
 
 const DENIED_3: &str = "cannot read the open files of 3 processes (permission denied): the \
-                        sockets they hold are counted as unattributed; run as root (sudo) to see \
-                        every owner";
+                        sockets they hold are counted as unattributed; shimcheck lacks \
+                        CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE: run as root (sudo) or grant them \
+                        to see every owner (docs/deploy.md)";
 
 #[test]
 fn permission_warnings_only_when_an_unattributed_socket_could_be_theirs() {
@@ -736,6 +737,7 @@ fn permission_warnings_only_when_an_unattributed_socket_could_be_theirs() {
             denied,
             unreadable,
             first_unreadable: (unreadable > 0).then(|| "Input/output error".to_string()),
+            lacking: vec!["CAP_DAC_READ_SEARCH".into(), "CAP_SYS_PTRACE".into()],
             ..ScanStats::default()
         };
         s
@@ -770,14 +772,39 @@ fn permission_warnings_only_when_an_unattributed_socket_could_be_theirs() {
     let r = shimcheck::ports_report(&with(0, 0, vec![attributed(), hidden()]), &est);
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
 
-    let r = shimcheck::ports_report(&with(1, 0, vec![hidden()]), &est);
+    let mut one = with(1, 0, vec![hidden()]);
+    one.scan.lacking = vec!["CAP_SYS_PTRACE".into()];
+    let r = shimcheck::ports_report(&one, &est);
     assert_eq!(
         texts(&r.warnings),
         [
             "cannot read the open files of 1 process (permission denied): the sockets they hold \
-          are counted as unattributed; run as root (sudo) to see every owner"
+             are counted as unattributed; shimcheck lacks CAP_SYS_PTRACE: run as root (sudo) or \
+             grant it to see every owner (docs/deploy.md)"
         ]
     );
+
+    // Refused although shimcheck held both: something else refuses, and root would not help.
+    one.scan.lacking.clear();
+    let r = shimcheck::ports_report(&one, &est);
+    assert_eq!(
+        texts(&r.warnings),
+        [
+            "cannot read the open files of 1 process (permission denied despite shimcheck's \
+             capabilities): the sockets they hold are counted as unattributed; a security module \
+             (AppArmor, SELinux, Yama) or a process holding capabilities shimcheck lacks refuses \
+             it (docs/deploy.md)"
+        ]
+    );
+
+    // hidepid=invisible hides processes without a denial: said when a socket could be theirs.
+    let mut hiding = with(0, 0, vec![attributed(), hidden()]);
+    hiding.scan.hidepid = Some("hidepid=invisible".into());
+    let r = shimcheck::ports_report(&hiding, &est);
+    assert_eq!(texts(&r.warnings).len(), 1, "{:?}", r.warnings);
+    assert!(texts(&r.warnings)[0].contains("mounted with hidepid=invisible"));
+    let r = shimcheck::ports_report(&hiding, &q);
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
 
     // Another error is a warning of its own, without the root advice.
     let r = shimcheck::ports_report(&with(3, 2, vec![hidden(), time_wait()]), &est_tw);

@@ -74,3 +74,81 @@ fn json_output_is_one_document_with_the_contract_fields() {
         t["attributed"].as_u64().unwrap() + t["unattributed"].as_u64().unwrap()
     );
 }
+
+/// A real snapshot of this host (any user may take one), as a JSON value to edit.
+fn host_snapshot(dir: &std::path::Path) -> serde_json::Value {
+    let path = dir.join("snap.json");
+    shimcheck()
+        .args(["snapshot", "-o", path.to_str().unwrap()])
+        .assert()
+        .success();
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+#[test]
+fn a_snapshot_from_a_newer_shimcheck_is_refused_naming_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut doc = host_snapshot(dir.path());
+    let newer = dir.path().join("newer.json");
+    // Same shape, a newer number; then a shape this version cannot parse at all.
+    doc["schema_version"] = 2.into();
+    let reshaped = dir.path().join("reshaped.json");
+    std::fs::write(&newer, doc.to_string()).unwrap();
+    doc["sockets"] = serde_json::json!({"v4": doc["sockets"].clone()});
+    doc["host"] = serde_json::json!("renamed");
+    std::fs::write(&reshaped, doc.to_string()).unwrap();
+    for file in [&newer, &reshaped] {
+        shimcheck()
+            .args(["ports", "--from", file.to_str().unwrap()])
+            .assert()
+            .code(2)
+            .stdout("")
+            .stderr(predicate::str::contains(
+                "schema_version 2 document; this shimcheck reads shimcheck-snapshot \
+                 schema_version 1: it was written by a newer shimcheck",
+            ));
+    }
+}
+
+#[test]
+fn a_snapshot_file_of_several_gigabytes_is_refused_before_it_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = host_snapshot(dir.path());
+    let big = dir.path().join("big.json");
+    // A real document followed by 5 GiB of spaces (a sparse file: no disk is used): valid
+    // JSON, and far more than any node's snapshot.
+    std::fs::write(&big, doc.to_string()).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&big)
+        .unwrap()
+        .set_len(5 << 30)
+        .unwrap();
+    shimcheck()
+        .args(["ports", "--from", big.to_str().unwrap()])
+        .assert()
+        .code(2)
+        .stdout("")
+        .stderr(predicate::str::contains(format!(
+            "is {} bytes: shimcheck reads snapshots of up to {} bytes",
+            5u64 << 30,
+            shimcheck::snapshot::MAX_SNAPSHOT_BYTES
+        )));
+}
+
+#[test]
+fn a_snapshot_stream_that_does_not_end_is_refused_at_the_limit() {
+    // A valid start, then spaces forever (a pipe, a device): read up to the limit, no further.
+    let endless = std::io::Read::chain(
+        &b"{\"schema_version\": 1, \"kind\": \"shimcheck-snapshot\""[..],
+        std::io::repeat(b' '),
+    );
+    let err = shimcheck::snapshot::read_at_most(endless, "the pipe", 4096)
+        .err()
+        .unwrap();
+    assert_eq!(
+        format!("{err:#}"),
+        "the pipe is more than 4096 bytes: shimcheck reads snapshots of up to 4096 bytes (1 \
+         GiB, about three million sockets); is it a shimcheck snapshot?"
+    );
+}

@@ -1,0 +1,315 @@
+//! Hostile hosts, live: hundreds of short-lived processes a second holding sockets while
+//! shimcheck scans; shimcheck's own open-file limit at 32 (and far too low); sock_diag refused
+//! by a seccomp filter, so that the /proc/net fallback runs for real. Each gives the right
+//! answer or a clear error with exit 2, never a panic.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use serde_json::{Value, json};
+
+use crate::support::{Population, shimcheck_bin};
+
+/// The registry and its stable leaking client: what every run must count exactly, whatever
+/// else happens on the node.
+fn stable() -> Population {
+    Population::start(&json!({
+        "servers": [{"name": "registry", "addr": "127.0.0.1", "port": 5000}],
+        "clients": [{"name": "image-cri-shim", "connect": "127.0.0.1:5000", "count": 40}]
+    }))
+}
+
+/// The stable population's server row: its count and holder.
+fn registry_row(report: &Value) -> (u64, String) {
+    let g = report["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["key"] == "127.0.0.1:5000")
+        .unwrap_or_else(|| panic!("no 127.0.0.1:5000 group: {report}"));
+    (
+        g["count"].as_u64().unwrap(),
+        g["processes"][0]["comm"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// Forks a child every 2 ms that connects to a server of its own on 127.0.0.1:6000, holds
+/// the socket for 20 ms and exits (about 300 processes a second, some 6 alive at any time).
+const FORKER: &str = r#"
+import os, socket, threading, time
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 6000)); srv.listen(4096)
+def serve():
+    while True:
+        c, _ = srv.accept(); c.close()
+threading.Thread(target=serve, daemon=True).start()
+print("forking", flush=True)
+while True:
+    if os.fork() == 0:
+        try:
+            s = socket.create_connection(("127.0.0.1", 6000)); time.sleep(0.02)
+        finally:
+            os._exit(0)
+    time.sleep(0.002)
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0: pass
+    except ChildProcessError:
+        pass
+"#;
+
+/// A child killed when the test ends, passed or failed: the forker must not outlive it.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn processes_born_and_gone_by_the_hundred_during_scans_leave_the_rest_exact() {
+    skip_unless_live!();
+    let pop = stable();
+    let mut forker = Killed(
+        pop.command("python3")
+            .args(["-c", FORKER])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(forker.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "forking");
+    // The churn is real: the forker's processes come and go while shimcheck runs.
+    let pids_before = pop
+        .sh("cat /proc/loadavg")
+        .split('/')
+        .nth(1)
+        .map(str::to_string);
+
+    // The registry's row: 40 accepted, and its listener where every state is shown.
+    let check = |report: &Value, what: &str, expected: u64| {
+        let t = &report["totals"];
+        assert_eq!(
+            t["sockets"].as_u64().unwrap(),
+            t["attributed"].as_u64().unwrap() + t["unattributed"].as_u64().unwrap(),
+            "{what}: {t}"
+        );
+        assert_eq!(
+            registry_row(report),
+            (expected, "registry".to_string()),
+            "{what}"
+        );
+    };
+    for by in ["port", "process", "pair"] {
+        for states in ["established", "all"] {
+            let out = pop.shimcheck(&["ports", "-o", "json", "--by", by, "--state", states]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(matches!(out.status.code(), Some(0 | 1)), "{stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+            let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+            if by == "port" {
+                let expected = if states == "all" { 41 } else { 40 };
+                check(&report, &format!("--state {states}"), expected);
+            }
+        }
+    }
+    // The incremental path (owner cache, slot reads) under the same churn.
+    let mut samples = 0;
+    let code = crate::support::watch(&pop, &["--interval", "300ms", "--count", "8"], |r, _| {
+        samples += 1;
+        check(r, &format!("watch sample {samples}"), 40);
+    });
+    assert!(matches!(code, Some(0 | 1)), "watch exited {code:?}");
+    assert_eq!(samples, 8);
+
+    drop(forker);
+    let pids_after = pop
+        .sh("cat /proc/loadavg")
+        .split('/')
+        .nth(1)
+        .map(str::to_string);
+    assert_ne!(pids_before, pids_after, "the forker did not fork");
+}
+
+#[test]
+fn an_open_file_limit_of_32_gives_the_same_answer_and_a_tiny_one_a_clear_error() {
+    skip_unless_live!();
+    let pop = stable();
+    let limited = |nofile: &str, args: &[&str]| {
+        pop.command("prlimit")
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .arg(shimcheck_bin())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["ports", "-o", "json", "--top", "0"][..],
+        &["ports", "-o", "json", "--top", "0", "--by", "pair"],
+        &["ports", "-o", "json", "--top", "0", "--state", "all"],
+    ] {
+        let free = pop.report(&args[3..]);
+        let out = limited("32", args);
+        assert!(
+            matches!(out.status.code(), Some(0 | 1)),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["groups"], free["groups"], "{args:?}");
+        assert_eq!(report["totals"], free["totals"], "{args:?}");
+        assert_eq!(report["warnings"], free["warnings"], "{args:?}");
+    }
+    let mut samples = 0;
+    let out = limited(
+        "32",
+        &[
+            "ports",
+            "--watch",
+            "--interval",
+            "200ms",
+            "--count",
+            "4",
+            "-o",
+            "json",
+        ],
+    );
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let r: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(registry_row(&r), (40, "registry".to_string()));
+        samples += 1;
+    }
+    assert_eq!(samples, 4);
+
+    let out = limited("5", &["ports"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("Too many open files"), "{stderr}");
+    assert!(
+        stderr.contains("ran out of file descriptors (its open-file limit is 5)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A seccomp filter, installed in the child before exec and inherited by everything it runs,
+/// that refuses `socket(AF_NETLINK, ...)` with EACCES as a locked-down container runtime
+/// would; every other call is allowed.
+fn refuse_netlink_sockets(cmd: &mut Command) {
+    #[cfg(target_arch = "x86_64")]
+    const AUDIT_ARCH: u32 = 0xC000_003E;
+    #[cfg(target_arch = "aarch64")]
+    const AUDIT_ARCH: u32 = 0xC000_00B7;
+    const LOAD: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    // struct seccomp_data: nr at 0, arch at 4, args[0] at 16 (low half first).
+    let filter = Box::leak(Box::new([
+        op(LOAD, 0, 0, 4),
+        op(JEQ, 0, 4, AUDIT_ARCH),
+        op(LOAD, 0, 0, 0),
+        op(JEQ, 0, 2, libc::SYS_socket as u32),
+        op(LOAD, 0, 0, 16),
+        op(JEQ, 1, 0, libc::AF_NETLINK as u32),
+        op(RET, 0, 0, libc::SECCOMP_RET_ALLOW),
+        op(RET, 0, 0, libc::SECCOMP_RET_ERRNO | libc::EACCES as u32),
+    ]));
+    let prog = Box::leak(Box::new(libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_mut_ptr(),
+    }));
+    // An address, not a pointer, crosses into the closure (which must be Send + Sync).
+    let prog = std::ptr::from_ref::<libc::sock_fprog>(prog) as usize;
+    // SAFETY: only prctl between fork and exec; the filter program lives for the whole test
+    // process (leaked above), so the pointer the kernel copies from is valid.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, prog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn with_sock_diag_refused_by_seccomp_the_proc_net_fallback_counts_what_ss_counts() {
+    skip_unless_live!();
+    let pop = Population::start(&json!({
+        "servers": [
+            {"name": "registry", "addr": "127.0.0.1", "port": 5000},
+            {"name": "v6server", "addr": "::1", "port": 8443},
+            {"name": "hangup", "addr": "127.0.0.1", "port": 7000, "close_accepted": true}
+        ],
+        "clients": [
+            {"name": "image-cri-shim", "connect": "127.0.0.1:5000", "count": 30},
+            {"name": "v6client", "connect": "[::1]:8443", "count": 5},
+            {"name": "leaky-closer", "connect": "127.0.0.1:7000", "count": 6}
+        ]
+    }));
+    let mut cmd = pop.command(shimcheck_bin().to_str().unwrap());
+    cmd.args([
+        "ports",
+        "-o",
+        "json",
+        "--top",
+        "0",
+        "--no-fold",
+        "--state",
+        "all",
+    ]);
+    refuse_netlink_sockets(&mut cmd);
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let warnings = report["warnings"].as_array().unwrap();
+    assert!(
+        warnings.iter().any(|w| w
+            .as_str()
+            .unwrap()
+            .contains("falling back to /proc/net/tcp and tcp6")),
+        "the fallback ran and said so: {warnings:?}"
+    );
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+
+    // The same population through ss (sock_diag, no filter): per local endpoint, every state.
+    let ours: BTreeMap<String, u64> = report["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["key"].as_str().unwrap().to_string(),
+                g["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let theirs: BTreeMap<String, u64> = pop
+        .sh("ss -Htan | awk '{print $4}' | sort | uniq -c")
+        .lines()
+        .filter_map(|l| {
+            let (n, key) = l.trim().split_once(' ')?;
+            Some((key.to_string(), n.parse().ok()?))
+        })
+        .collect();
+    assert_eq!(ours, theirs);
+    let registry = report["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["key"] == "127.0.0.1:5000" && g["listening"] == true && g["count"] == 31)
+        .unwrap_or_else(|| panic!("the registry's listener and 30 accepted: {report}"));
+    assert_eq!(registry["processes"][0]["comm"], "registry");
+}
