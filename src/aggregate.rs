@@ -13,7 +13,7 @@ use serde::{Serialize, Serializer};
 use crate::cgroup::PodRef;
 use crate::detect::Finding;
 use crate::join::Joined;
-use crate::model::{NetnsRef, Place, Sample, StateSet, TcpState, Warning};
+use crate::model::{Attribution, NetnsRef, Place, Sample, StateSet, TcpState, Warning};
 
 /// The JSON schema version this module writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -191,6 +191,8 @@ pub struct Report<G = Vec<Group>> {
     /// What the detector concluded (filled in by the caller; `aggregate` leaves it empty).
     pub findings: Vec<Finding>,
     pub warnings: Vec<Warning>,
+    /// How socket owners were found: `bpf` or `procfs`.
+    pub attribution: Attribution,
 }
 
 #[derive(Default, Clone)]
@@ -313,6 +315,7 @@ impl<G> Report<G> {
             groups: f(self.groups),
             findings: self.findings,
             warnings: self.warnings,
+            attribution: self.attribution,
         }
     }
 }
@@ -475,6 +478,7 @@ fn group<'a>(
         groups,
         findings: Vec::new(),
         warnings: warnings(sample, hidden_owner),
+        attribution: sample.scan.attribution,
     };
     (report, all_counts)
 }

@@ -99,6 +99,11 @@ pub struct NodeArgs {
     /// shimcheck's own; needs root to enter them.
     #[arg(long)]
     pub all_netns: bool,
+
+    /// Read socket owners through /proc even where the BPF fd walk could be loaded (it needs
+    /// CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN, and a kernel with BTF, 5.8+).
+    #[arg(long)]
+    pub no_bpf: bool,
 }
 
 /// Options of `shimcheck snapshot`.

@@ -7,6 +7,7 @@
 
 pub mod aggregate;
 pub mod atomic;
+pub mod bpf;
 pub mod cgroup;
 pub mod cli;
 pub mod collect;

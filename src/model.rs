@@ -361,6 +361,19 @@ pub struct ScanStats {
     /// are neither listed nor counted as denied.
     #[serde(default)]
     pub hidepid: Option<String>,
+    /// How the fd tables were read.
+    #[serde(default)]
+    pub attribution: Attribution,
+}
+
+/// Where socket owners came from: the fd tables read through `/proc/PID/fd`, or walked in the
+/// kernel by the BPF iterator (`bpf`). The answer is the same; the cost is not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attribution {
+    #[default]
+    Procfs,
+    Bpf,
 }
 
 impl ScanStats {
@@ -501,6 +514,8 @@ pub enum Warning {
     /// The procfs hides other users' processes (`hidepid=invisible`): sockets they hold are
     /// unattributed, and no process was counted as denied.
     OwnersHidden { hidepid: String },
+    /// The BPF fd walk could be used here but failed to load: owners come from /proc.
+    BpfFallback { error: String },
     /// Processes whose fd table failed for another reason.
     OwnersUnreadable { processes: usize, first: String },
     /// A warning read back from a snapshot, as it was worded when the snapshot was taken.
@@ -609,6 +624,11 @@ impl fmt::Display for Warning {
                 "cannot read the open files of {} ({first}): the sockets they hold are counted \
                  as unattributed",
                 processes(*n)
+            ),
+            Warning::BpfFallback { error } => write!(
+                f,
+                "cannot load the BPF fd walk ({error}): socket owners come from /proc, which \
+                 is slower; --no-bpf skips the attempt"
             ),
             Warning::Recorded(text) => f.write_str(text),
         }

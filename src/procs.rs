@@ -22,7 +22,9 @@ use rustix::io::Errno;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::cgroup::{self, Placement, PodDirectory, PodRef};
-use crate::model::{FD_NAMED_SHARE, FdUse, OwnerIndex, Place, Process, ScanStats, Socket};
+use crate::model::{
+    Attribution, FD_NAMED_SHARE, FdUse, OwnerIndex, Place, Process, ScanStats, Socket, Warning,
+};
 
 /// Where the kubelet keeps one log directory per pod, named `<namespace>_<name>_<uid>`.
 pub const DEFAULT_PODS_DIR: &str = "/var/log/pods";
@@ -64,6 +66,10 @@ pub struct ProcScanner {
     /// (Linux 6.2+; 0 before). Anywhere else (a fake tree, a copy) a directory's size counts
     /// bytes or entries of the filesystem holding it, not fds.
     fd_sizes: bool,
+    /// The BPF fd walk, once loaded (`use_bpf`): `socket_fds` reads the fd tables through it.
+    bpf: Option<crate::bpf::TaskFiles>,
+    /// Why the BPF walk, which this host allows, failed to load.
+    bpf_failed: Option<String>,
 }
 
 /// The most fds a process can hold (`fs.nr_open` cannot be set above this on 64-bit
@@ -85,7 +91,33 @@ impl ProcScanner {
             // One statfs for the scanner's life.
             fd_sizes: rustix::fs::statfs(root)
                 .is_ok_and(|fs| fs.f_type == rustix::fs::PROC_SUPER_MAGIC),
+            bpf: None,
+            bpf_failed: None,
         }
+    }
+
+    /// Reads fd tables with the BPF iterator from now on, where this process may load it and
+    /// the root numbers processes as the kernel does (`bpf::usable_with`); otherwise, and when
+    /// loading fails (said by `bpf_warning`), through `/proc` as before.
+    pub fn use_bpf(&mut self) {
+        if crate::bpf::usable_with(&self.root) {
+            match crate::bpf::TaskFiles::load() {
+                Ok(files) => self.bpf = Some(files),
+                Err(e) => self.bpf_failed = Some(e.to_string()),
+            }
+        }
+    }
+
+    /// The warning when the BPF walk could have been used and failed to load.
+    pub fn bpf_warning(&self) -> Option<Warning> {
+        self.bpf_failed.as_ref().map(|error| Warning::BpfFallback {
+            error: error.clone(),
+        })
+    }
+
+    /// Whether fd tables are read by the BPF walk.
+    pub fn walks_in_kernel(&self) -> bool {
+        self.bpf.is_some()
     }
 
     /// True when open-file counts may come from the size of `PID/fd` (`stat`, no listing): the
@@ -157,6 +189,15 @@ impl ProcScanner {
     /// and with `keep_tables` each table itself. Fails only when the root itself cannot be
     /// listed.
     pub fn socket_fds(&self, threads: usize, keep_tables: bool) -> Result<FdScan, std::io::Error> {
+        // A walk that fails midway (it never has here) is done again through /proc: the
+        // answer stays right, and `attribution` says how it was found.
+        if let Some(scan) = self
+            .bpf
+            .as_ref()
+            .and_then(|b| self.kernel_fds(b, keep_tables))
+        {
+            return Ok(scan);
+        }
         let root = self.open_root()?;
         let pids = self.pids()?;
         let next = AtomicUsize::new(0);
@@ -220,6 +261,57 @@ impl ProcScanner {
         }
         all.stats.hidepid = crate::privilege::proc_hides(&self.root);
         Ok(all)
+    }
+
+    /// `socket_fds` through the BPF walk: the same pairs, tables and open-file counts, every
+    /// process seen (nothing is denied or hidden in the kernel). `None` if the walk failed.
+    fn kernel_fds(&self, bpf: &crate::bpf::TaskFiles, keep_tables: bool) -> Option<FdScan> {
+        let mut pairs = Vec::new();
+        // Per process, in the order the walk met them: (pid, open files, table).
+        let mut seen: Vec<(u32, u64, FdTable)> = Vec::new();
+        let mut at: FxHashMap<u32, usize> = FxHashMap::default();
+        bpf.walk(|f| {
+            // A process's files come one after another; a lookup only when the pid changes.
+            let i = match seen.last() {
+                Some((pid, ..)) if *pid == f.pid => seen.len() - 1,
+                _ => *at.entry(f.pid).or_insert_with(|| {
+                    seen.push((f.pid, 0, Vec::new()));
+                    seen.len() - 1
+                }),
+            };
+            let (_, open, table) = &mut seen[i];
+            *open += 1;
+            if f.socket != 0 {
+                pairs.push((f.socket, f.pid));
+            }
+            if keep_tables {
+                table.push((f.fd, f.socket));
+            }
+        })
+        .ok()?;
+        let mut scan = FdScan {
+            pairs,
+            stats: ScanStats {
+                scanned: seen.len(),
+                attribution: Attribution::Bpf,
+                ..ScanStats::default()
+            },
+            ..FdScan::default()
+        };
+        for (pid, open, mut table) in seen {
+            scan.fds.push((
+                pid,
+                FdUse {
+                    open,
+                    limit: self.fd_limit(pid),
+                },
+            ));
+            if keep_tables {
+                table.sort_unstable();
+                scan.tables.push((pid, table));
+            }
+        }
+        Some(scan)
     }
 
     /// The soft RLIMIT_NOFILE of a process (`Max open files` in /proc/PID/limits).
@@ -707,7 +799,8 @@ impl OwnerCache {
         let mut cost = RefreshCost::default();
         let mut live = scanner.pids()?;
         live.sort_unstable();
-        let full_due = self.full_due();
+        // With the BPF walk, a whole walk costs less than reading the slots would.
+        let full_due = self.full_due() || scanner.walks_in_kernel();
         let live_set: FxHashSet<u32> = live.iter().copied().collect();
         if full_due {
             let scan = scanner.socket_fds(threads, true)?;

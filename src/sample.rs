@@ -82,11 +82,11 @@ impl Sampler {
             threads,
             mode == Mode::Incremental,
         );
-        let mut sampler = Sampler::with_source(
-            source,
-            ProcScanner::with_pods(&node.proc_root, &node.pods_dir),
-            mode,
-        );
+        let mut scanner = ProcScanner::with_pods(&node.proc_root, &node.pods_dir);
+        if !node.no_bpf {
+            scanner.use_bpf();
+        }
+        let mut sampler = Sampler::with_source(source, scanner, mode);
         sampler.opened = opened;
         sampler
     }
@@ -186,7 +186,12 @@ impl Sampler {
             taken_at,
             fds: self.others(still.fds),
             scan: still.stats,
-            warnings: self.opened.iter().cloned().collect(),
+            warnings: self
+                .opened
+                .iter()
+                .cloned()
+                .chain(self.scanner.bpf_warning())
+                .collect(),
             owners: still.owners,
         }))
     }
@@ -210,6 +215,7 @@ impl Sampler {
     ) -> Taken {
         let scanner = &self.scanner;
         let mut warnings: Vec<Warning> = self.opened.iter().cloned().collect();
+        warnings.extend(scanner.bpf_warning());
         warnings.extend(dump.warnings);
         let sample = Sample {
             tcp_info_age_ms: 0,

@@ -4,12 +4,11 @@
 //! answer or a clear error with exit 2, never a panic.
 
 use std::collections::BTreeMap;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use serde_json::{Value, json};
 
-use crate::support::{Population, shimcheck_bin};
+use crate::support::{Population, refuse_syscall, shimcheck_bin};
 
 /// The registry and its stable leaking client: what every run must count exactly, whatever
 /// else happens on the node.
@@ -199,49 +198,6 @@ fn an_open_file_limit_of_32_gives_the_same_answer_and_a_tiny_one_a_clear_error()
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
-/// A seccomp filter, installed in the child before exec and inherited by everything it runs,
-/// that refuses `socket(AF_NETLINK, ...)` with EACCES as a locked-down container runtime
-/// would; every other call is allowed.
-fn refuse_netlink_sockets(cmd: &mut Command) {
-    #[cfg(target_arch = "x86_64")]
-    const AUDIT_ARCH: u32 = 0xC000_003E;
-    #[cfg(target_arch = "aarch64")]
-    const AUDIT_ARCH: u32 = 0xC000_00B7;
-    const LOAD: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-    // struct seccomp_data: nr at 0, arch at 4, args[0] at 16 (low half first).
-    let filter = Box::leak(Box::new([
-        op(LOAD, 0, 0, 4),
-        op(JEQ, 0, 4, AUDIT_ARCH),
-        op(LOAD, 0, 0, 0),
-        op(JEQ, 0, 2, libc::SYS_socket as u32),
-        op(LOAD, 0, 0, 16),
-        op(JEQ, 1, 0, libc::AF_NETLINK as u32),
-        op(RET, 0, 0, libc::SECCOMP_RET_ALLOW),
-        op(RET, 0, 0, libc::SECCOMP_RET_ERRNO | libc::EACCES as u32),
-    ]));
-    let prog = Box::leak(Box::new(libc::sock_fprog {
-        len: filter.len() as u16,
-        filter: filter.as_mut_ptr(),
-    }));
-    // An address, not a pointer, crosses into the closure (which must be Send + Sync).
-    let prog = std::ptr::from_ref::<libc::sock_fprog>(prog) as usize;
-    // SAFETY: only prctl between fork and exec; the filter program lives for the whole test
-    // process (leaked above), so the pointer the kernel copies from is valid.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, prog) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
 #[test]
 fn with_sock_diag_refused_by_seccomp_the_proc_net_fallback_counts_what_ss_counts() {
     skip_unless_live!();
@@ -268,7 +224,8 @@ fn with_sock_diag_refused_by_seccomp_the_proc_net_fallback_counts_what_ss_counts
         "--state",
         "all",
     ]);
-    refuse_netlink_sockets(&mut cmd);
+    // As a locked-down container runtime would.
+    refuse_syscall(&mut cmd, libc::SYS_socket, Some(libc::AF_NETLINK as u32));
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(matches!(out.status.code(), Some(0 | 1)), "{stderr}");

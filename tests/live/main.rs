@@ -8,6 +8,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod bpf;
 mod collect;
 mod faults;
 mod findings;

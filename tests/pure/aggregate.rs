@@ -882,6 +882,7 @@ fn document(group_by: &str, groups: Value) -> Value {
         "groups": groups,
         "findings": [],
         "warnings": [],
+        "attribution": "procfs",
     })
 }
 

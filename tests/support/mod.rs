@@ -366,3 +366,65 @@ pub fn watch(pop: &Population, args: &[&str], mut each: impl FnMut(&Value, u32))
     }
     child.wait().unwrap().code()
 }
+
+/// Installs a seccomp filter in `cmd`'s child before exec, inherited by everything it runs,
+/// that refuses syscall `nr` with EACCES, only when its first argument is `first_arg` if one
+/// is given (`socket(AF_NETLINK, ...)`); every other call is allowed.
+pub fn refuse_syscall(cmd: &mut Command, nr: libc::c_long, first_arg: Option<u32>) {
+    use std::os::unix::process::CommandExt;
+    #[cfg(target_arch = "x86_64")]
+    const AUDIT_ARCH: u32 = 0xC000_003E;
+    #[cfg(target_arch = "aarch64")]
+    const AUDIT_ARCH: u32 = 0xC000_00B7;
+    const LOAD: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    // struct seccomp_data: nr at 0, arch at 4, args[0] at 16 (low half first). Jumps count
+    // the instructions skipped; "allow" and "deny" are the last two.
+    let mut filter = vec![
+        op(LOAD, 0, 0, 4),
+        op(JEQ, 0, 0, AUDIT_ARCH),
+        op(LOAD, 0, 0, 0),
+        op(JEQ, 0, 0, nr as u32),
+    ];
+    if let Some(arg) = first_arg {
+        filter.extend([op(LOAD, 0, 0, 16), op(JEQ, 0, 0, arg)]);
+    }
+    let allow = filter.len();
+    filter.extend([
+        op(RET, 0, 0, libc::SECCOMP_RET_ALLOW),
+        op(RET, 0, 0, libc::SECCOMP_RET_ERRNO | libc::EACCES as u32),
+    ]);
+    // Every test jumps to "allow" when false; the last one to "deny" when true.
+    let last_test = allow - 1;
+    for (i, insn) in filter.iter_mut().enumerate().take(allow) {
+        if insn.code == JEQ {
+            insn.jf = (allow - i - 1) as u8;
+            insn.jt = if i == last_test {
+                (allow + 1 - i - 1) as u8
+            } else {
+                0
+            };
+        }
+    }
+    let filter = Box::leak(filter.into_boxed_slice());
+    let prog = Box::leak(Box::new(libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_mut_ptr(),
+    }));
+    // An address, not a pointer, crosses into the closure (which must be Send + Sync).
+    let prog = std::ptr::from_ref::<libc::sock_fprog>(prog) as usize;
+    // SAFETY: only prctl between fork and exec; the filter program lives for the whole test
+    // process (leaked above), so the pointer the kernel copies from is valid.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, prog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,236 @@
+//! The `bpf(2)` commands the iterator needs (program load, link create, iter create) and the
+//! instruction encoding its program is written in. `union bpf_attr` is laid out by hand for
+//! these three commands only: the kernel takes a shorter attr than its own and zero-fills the
+//! rest, so the layout is stable across kernels.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use super::BpfError;
+
+pub type Fd = OwnedFd;
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_ITER_CREATE: libc::c_long = 33;
+const BPF_PROG_TYPE_TRACING: u32 = 26;
+const BPF_TRACE_ITER: u32 = 28;
+
+/// `bpf(cmd, attr, sizeof attr)`: the new file descriptor.
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
+    // SAFETY: `attr` is a live, initialised repr(C) value of the size passed; the kernel reads
+    // (and for a load writes the log buffer it points to) only within it. A non-negative
+    // return is a new descriptor this process owns.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<T>(),
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(ret).map_err(|_| std::io::Error::other("bpf returned no fd"))?;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+    prog_btf_fd: u32,
+    func_info_rec_size: u32,
+    func_info: u64,
+    func_info_cnt: u32,
+    line_info_rec_size: u32,
+    line_info: u64,
+    line_info_cnt: u32,
+    attach_btf_id: u32,
+}
+
+/// Loads `insns` as a tracing program for the iterator whose BTF function id is `attach_id`.
+/// A refusal carries the verifier's log.
+pub fn load_iter_program(insns: &[u64], attach_id: u32) -> Result<OwnedFd, BpfError> {
+    let license = c"Dual MIT/GPL";
+    let mut name = [0u8; 16];
+    name[..9].copy_from_slice(b"shimcheck");
+    let attempt = |log: &mut Vec<u8>| {
+        let mut attr = ProgLoad {
+            prog_type: BPF_PROG_TYPE_TRACING,
+            insn_cnt: u32::try_from(insns.len()).unwrap_or(u32::MAX),
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            log_level: u32::from(!log.is_empty()),
+            log_size: u32::try_from(log.len()).unwrap_or(0),
+            // No buffer at all without a log: the kernel refuses a pointer with no size.
+            log_buf: if log.is_empty() {
+                0
+            } else {
+                log.as_mut_ptr() as u64
+            },
+            prog_name: name,
+            expected_attach_type: BPF_TRACE_ITER,
+            attach_btf_id: attach_id,
+            ..ProgLoad::default()
+        };
+        bpf(BPF_PROG_LOAD, &mut attr)
+    };
+    match attempt(&mut Vec::new()) {
+        Ok(fd) => Ok(fd),
+        // Again with the verifier's log, for the message.
+        Err(error) => {
+            let mut log = vec![0u8; 64 * 1024];
+            let _ = attempt(&mut log);
+            let end = log.iter().position(|&b| b == 0).unwrap_or(0);
+            let text = String::from_utf8_lossy(&log[..end]);
+            let last = text.lines().rev().take(3).collect::<Vec<_>>();
+            let log = if last.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (verifier: {})",
+                    last.into_iter().rev().collect::<Vec<_>>().join("; ")
+                )
+            };
+            Err(BpfError::Syscall {
+                command: "BPF_PROG_LOAD",
+                error,
+                log,
+            })
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreate {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    iter_info: u64,
+    iter_info_len: u32,
+    pad: u32,
+}
+
+/// Links the loaded program to its iterator.
+pub fn link_iter(prog: &OwnedFd) -> Result<OwnedFd, BpfError> {
+    let mut attr = LinkCreate {
+        prog_fd: raw(prog),
+        attach_type: BPF_TRACE_ITER,
+        ..LinkCreate::default()
+    };
+    bpf(BPF_LINK_CREATE, &mut attr).map_err(|error| BpfError::Syscall {
+        command: "BPF_LINK_CREATE",
+        error,
+        log: String::new(),
+    })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct IterCreate {
+    link_fd: u32,
+    flags: u32,
+}
+
+/// A new walk of the linked iterator, read like a file.
+pub fn open_iter(link: &OwnedFd) -> Result<File, BpfError> {
+    let mut attr = IterCreate {
+        link_fd: raw(link),
+        flags: 0,
+    };
+    bpf(BPF_ITER_CREATE, &mut attr)
+        .map(File::from)
+        .map_err(|error| BpfError::Syscall {
+            command: "BPF_ITER_CREATE",
+            error,
+            log: String::new(),
+        })
+}
+
+fn raw(fd: &OwnedFd) -> u32 {
+    u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX)
+}
+
+/// eBPF instructions as `struct bpf_insn` lays them out in memory (little-endian hosts: opcode,
+/// then dst in the low nibble and src in the high one, a 16-bit offset, a 32-bit immediate).
+pub mod insn {
+    /// Load/store sizes.
+    pub const W: u8 = 0x00;
+    pub const H: u8 = 0x08;
+    pub const DW: u8 = 0x18;
+    /// `bpf_seq_write(seq, data, len)`.
+    pub const BPF_FUNC_SEQ_WRITE: i32 = 127;
+    /// A jump to the program's exit, placed by `resolve_exits`.
+    pub const EXIT: i16 = i16::MIN;
+
+    fn op(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+        u64::from(code)
+            | u64::from((src << 4) | (dst & 0x0f)) << 8
+            | u64::from(off as u16) << 16
+            | u64::from(imm as u32) << 32
+    }
+
+    pub fn mov64_reg(dst: u8, src: u8) -> u64 {
+        op(0xbf, dst, src, 0, 0)
+    }
+    pub fn mov64_imm(dst: u8, imm: i32) -> u64 {
+        op(0xb7, dst, 0, 0, imm)
+    }
+    pub fn add64_imm(dst: u8, imm: i32) -> u64 {
+        op(0x07, dst, 0, 0, imm)
+    }
+    pub fn and64_imm(dst: u8, imm: i32) -> u64 {
+        op(0x57, dst, 0, 0, imm)
+    }
+    /// `dst = *(size *)(src + off)`; `off` in bytes.
+    pub fn ldx(size: u8, dst: u8, src: u8, off: u32) -> u64 {
+        op(0x61 | size, dst, src, off as i16, 0)
+    }
+    /// `*(size *)(dst + off) = src`.
+    pub fn stx(size: u8, dst: u8, src: u8, off: i16) -> u64 {
+        op(0x63 | size, dst, src, off, 0)
+    }
+    pub fn jeq_imm(dst: u8, imm: i32, off: i16) -> u64 {
+        op(0x15, dst, 0, off, imm)
+    }
+    pub fn jne_imm(dst: u8, imm: i32, off: i16) -> u64 {
+        op(0x55, dst, 0, off, imm)
+    }
+    pub fn jne_reg(dst: u8, src: u8, off: i16) -> u64 {
+        op(0x5d, dst, src, off, 0)
+    }
+    pub fn call(helper: i32) -> u64 {
+        op(0x85, 0, 0, 0, helper)
+    }
+    pub fn exit() -> u64 {
+        op(0x95, 0, 0, 0, 0)
+    }
+
+    /// Points every jump written with `EXIT` at instruction `exit_at`.
+    pub fn resolve_exits(p: &mut [u64], exit_at: usize) {
+        for (i, insn) in p.iter_mut().enumerate() {
+            let off = ((*insn >> 16) & 0xffff) as u16 as i16;
+            let code = (*insn & 0xff) as u8;
+            if off == EXIT && code & 0x07 == 0x05 {
+                let to = (exit_at as i64 - i as i64 - 1) as i16;
+                *insn = (*insn & !(0xffff << 16)) | (u64::from(to as u16) << 16);
+            }
+        }
+    }
+}
