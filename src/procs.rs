@@ -115,11 +115,6 @@ impl ProcScanner {
         })
     }
 
-    /// Whether fd tables are read by the BPF walk.
-    pub fn walks_in_kernel(&self) -> bool {
-        self.bpf.is_some()
-    }
-
     /// True when open-file counts may come from the size of `PID/fd` (`stat`, no listing): the
     /// root is a procfs. Whether the kernel fills the size in (6.2+) shows per process: 0 is
     /// taken as unknown.
@@ -799,8 +794,9 @@ impl OwnerCache {
         let mut cost = RefreshCost::default();
         let mut live = scanner.pids()?;
         live.sort_unstable();
-        // With the BPF walk, a whole walk costs less than reading the slots would.
-        let full_due = self.full_due() || scanner.walks_in_kernel();
+        // With the BPF walk too: its whole walk (about 50 ms at 150,000 fds) costs more than
+        // reading the few slots new sockets can be in (benches/ports.sh, churning watch).
+        let full_due = self.full_due();
         let live_set: FxHashSet<u32> = live.iter().copied().collect();
         if full_due {
             let scan = scanner.socket_fds(threads, true)?;
