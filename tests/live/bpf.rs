@@ -4,11 +4,11 @@
 //! paths give the same report in every grouping; without the capabilities to load BPF the
 //! /proc path runs and nothing else changes.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde_json::{Value, json};
 
-use crate::support::{Population, shimcheck_bin};
+use crate::support::{FORKER, Population, nobody_args, shimcheck_bin, without_deltas};
 
 fn population() -> Population {
     Population::start(&json!({
@@ -43,35 +43,6 @@ print("ready", flush=True)
 sys.stdin.read()
 "#;
 
-/// A child ended when the test ends, passed or failed.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(pop: &Population, script: &str) -> Killed {
-    let mut child = Killed(
-        pop.command("python3")
-            .args(["-c", script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.0.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(!line.is_empty(), "{script} did not start");
-    child
-}
-
 fn run(pop: &Population, args: &[&str]) -> Value {
     pop.report(args)
 }
@@ -99,7 +70,7 @@ fn bpf_here(pop: &Population) -> bool {
 fn both_paths_give_the_same_report_in_every_grouping() {
     skip_unless_live!();
     let pop = population();
-    let _threads = start(&pop, THREADED);
+    let _threads = pop.script(THREADED);
     if !bpf_here(&pop) {
         return;
     }
@@ -143,29 +114,6 @@ fn both_paths_give_the_same_report_in_every_grouping() {
     assert_eq!(listener["processes"].as_array().unwrap().len(), 3);
 }
 
-/// Forks a child every 2 ms that connects to a server of its own and exits 20 ms later.
-const FORKER: &str = r#"
-import os, socket, threading, time
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", 6000)); srv.listen(4096)
-def serve():
-    while True:
-        c, _ = srv.accept(); c.close()
-threading.Thread(target=serve, daemon=True).start()
-print("forking", flush=True)
-while True:
-    if os.fork() == 0:
-        try:
-            s = socket.create_connection(("127.0.0.1", 6000)); time.sleep(0.02)
-        finally:
-            os._exit(0)
-    time.sleep(0.002)
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0] > 0: pass
-    except ChildProcessError:
-        pass
-"#;
-
 /// `now` and `then` hold the same groups; else the ones only one of them has.
 fn same(now: &[Value], then: &[Value], what: &str) {
     let only = |a: &[Value], b: &[Value]| -> Vec<String> {
@@ -190,11 +138,10 @@ fn processes_exiting_mid_walk_leave_the_stable_groups_exact_in_one_shot_and_watc
         return;
     }
     let quiet = run(&pop, &["--by", "pair", "--top", "0"]);
+    // A watch's groups carry their change since the last sample too: left out.
     let stable = |r: &Value| -> Vec<Value> {
-        r["groups"]
-            .as_array()
-            .unwrap()
-            .iter()
+        without_deltas(&r["groups"])
+            .into_iter()
             // The population's processes: not the forker and its children (by port, or "?"
             // for one gone before its name was read), nor the sockets they close between the
             // dump and the walk (unattributed, as they should be).
@@ -204,18 +151,9 @@ fn processes_exiting_mid_walk_leave_the_stable_groups_exact_in_one_shot_and_watc
                     && g["comm"] != "?"
                     && g["remote_port"] != 6000
             })
-            .map(|g| {
-                // A watch's groups carry their change since the last sample too.
-                let mut g = g.clone();
-                if let Some(g) = g.as_object_mut() {
-                    g.remove("delta");
-                    g.remove("delta_total");
-                }
-                g
-            })
             .collect()
     };
-    let _forker = start(&pop, FORKER);
+    let _forker = pop.script(FORKER);
     for _ in 0..5 {
         let r = run(&pop, &["--by", "pair", "--top", "0"]);
         assert_eq!(r["attribution"], "bpf");
@@ -252,19 +190,9 @@ fn without_the_capabilities_to_load_it_the_proc_walk_runs_and_nothing_else_chang
         return;
     }
     let root = run(&pop, &["--by", "pair", "--top", "0"]);
-    let caps = "+sys_ptrace,+dac_read_search";
     let out = Command::new("nsenter")
         .args(["-t", &pop.ns_pid.to_string(), "-n"])
-        .args([
-            "setpriv",
-            "--reuid",
-            "65534",
-            "--regid",
-            "65534",
-            "--clear-groups",
-        ])
-        .args(["--inh-caps", caps, "--ambient-caps", caps])
-        .arg(shimcheck_bin())
+        .args(nobody_args("+sys_ptrace,+dac_read_search"))
         .args(["ports", "-o", "json", "--by", "pair", "--top", "0"])
         .output()
         .unwrap();
@@ -320,22 +248,11 @@ fn a_refused_load_falls_back_to_the_proc_walk_with_one_warning() {
         let r: Value = serde_json::from_str(line).unwrap();
         samples += 1;
         assert_eq!(r["attribution"], "procfs");
-        let plain = |r: &Value| -> Vec<Value> {
-            r["groups"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|g| {
-                    let mut g = g.clone();
-                    if let Some(g) = g.as_object_mut() {
-                        g.remove("delta");
-                        g.remove("delta_total");
-                    }
-                    g
-                })
-                .collect()
-        };
-        assert_eq!(plain(&r), plain(&good), "sample {samples}");
+        assert_eq!(
+            without_deltas(&r["groups"]),
+            without_deltas(&good["groups"]),
+            "sample {samples}"
+        );
         let w = r["warnings"].to_string();
         assert!(
             w.contains("cannot load the BPF fd walk (bpf(BPF_PROG_LOAD): Permission denied"),

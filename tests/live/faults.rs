@@ -4,11 +4,10 @@
 //! answer or a clear error with exit 2, never a panic.
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 
 use serde_json::{Value, json};
 
-use crate::support::{Population, refuse_syscall, shimcheck_bin};
+use crate::support::{FORKER, Population, refuse_syscall, shimcheck_bin};
 
 /// The registry and its stable leaking client: what every run must count exactly, whatever
 /// else happens on the node.
@@ -33,58 +32,11 @@ fn registry_row(report: &Value) -> (u64, String) {
     )
 }
 
-/// Forks a child every 2 ms that connects to a server of its own on 127.0.0.1:6000, holds
-/// the socket for 20 ms and exits (about 300 processes a second, some 6 alive at any time).
-const FORKER: &str = r#"
-import os, socket, threading, time
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", 6000)); srv.listen(4096)
-def serve():
-    while True:
-        c, _ = srv.accept(); c.close()
-threading.Thread(target=serve, daemon=True).start()
-print("forking", flush=True)
-while True:
-    if os.fork() == 0:
-        try:
-            s = socket.create_connection(("127.0.0.1", 6000)); time.sleep(0.02)
-        finally:
-            os._exit(0)
-    time.sleep(0.002)
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0] > 0: pass
-    except ChildProcessError:
-        pass
-"#;
-
-/// A child killed when the test ends, passed or failed: the forker must not outlive it.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn processes_born_and_gone_by_the_hundred_during_scans_leave_the_rest_exact() {
     skip_unless_live!();
     let pop = stable();
-    let mut forker = Killed(
-        pop.command("python3")
-            .args(["-c", FORKER])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(forker.0.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "forking");
+    let forker = pop.script(FORKER);
     // The churn is real: the forker's processes come and go while shimcheck runs.
     let pids_before = pop
         .sh("cat /proc/loadavg")

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use serde_json::{Value, json};
 
-use crate::support::{Population, shimcheck_bin};
+use crate::support::{Population, nobody_args};
 
 const OWNER_CAPS: &str = "+sys_ptrace,+dac_read_search";
 
@@ -23,27 +23,6 @@ fn population() -> Population {
             {"name": "v6client", "connect": "[::1]:8443", "count": 4}
         ]
     }))
-}
-
-/// `setpriv` as uid/gid 65534 with no supplementary groups, holding `caps` (setpriv's
-/// `+name,...` form, "" for none) as ambient capabilities so that they survive the exec, then
-/// shimcheck: the words of the command line.
-fn nobody_args(caps: &str) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "setpriv",
-        "--reuid",
-        "65534",
-        "--regid",
-        "65534",
-        "--clear-groups",
-    ]
-    .map(String::from)
-    .to_vec();
-    if !caps.is_empty() {
-        a.extend(["--inh-caps", caps, "--ambient-caps", caps].map(String::from));
-    }
-    a.push(shimcheck_bin().display().to_string());
-    a
 }
 
 /// `prefix` running shimcheck as `nobody_args(caps)`.

@@ -428,3 +428,101 @@ pub fn refuse_syscall(cmd: &mut Command, nr: libc::c_long, first_arg: Option<u32
         });
     }
 }
+
+/// Forks a child every 2 ms that connects to a server of its own on 127.0.0.1:6000, holds
+/// the socket for 20 ms and exits (about 300 processes a second, some 6 alive at any time):
+/// processes born and gone during a scan. Prints one line when it starts forking.
+pub const FORKER: &str = r#"
+import os, socket, threading, time
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 6000)); srv.listen(4096)
+def serve():
+    while True:
+        c, _ = srv.accept(); c.close()
+threading.Thread(target=serve, daemon=True).start()
+print("forking", flush=True)
+while True:
+    if os.fork() == 0:
+        try:
+            s = socket.create_connection(("127.0.0.1", 6000)); time.sleep(0.02)
+        finally:
+            os._exit(0)
+    time.sleep(0.002)
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0: pass
+    except ChildProcessError:
+        pass
+"#;
+
+/// A child killed when the test ends, passed or failed: nothing a test starts outlives it.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Population {
+    /// Runs the Python `script` in the namespace (stdin kept open) and returns once it has
+    /// printed its first line, which says it is ready.
+    pub fn script(&self, script: &str) -> Killed {
+        let mut child = Killed(
+            self.command("python3")
+                .args(["-c", script])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let mut line = String::new();
+        BufReader::new(child.0.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            !line.is_empty(),
+            "the script ended before it was ready: {script}"
+        );
+        child
+    }
+}
+
+/// A report's groups without the fields a watch adds (`delta`, `delta_total`): comparable with
+/// a one-shot report's.
+pub fn without_deltas(groups: &Value) -> Vec<Value> {
+    groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            let mut g = g.clone();
+            if let Some(g) = g.as_object_mut() {
+                g.remove("delta");
+                g.remove("delta_total");
+            }
+            g
+        })
+        .collect()
+}
+
+/// `setpriv` as uid/gid 65534 with no supplementary groups, holding `caps` (setpriv's
+/// `+name,...` form, "" for none) as ambient capabilities so that they survive the exec, then
+/// shimcheck: the words of the command line.
+pub fn nobody_args(caps: &str) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "setpriv",
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+    ]
+    .map(String::from)
+    .to_vec();
+    if !caps.is_empty() {
+        a.extend(["--inh-caps", caps, "--ambient-caps", caps].map(String::from));
+    }
+    a.push(shimcheck_bin().display().to_string());
+    a
+}
