@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{ACCEPT, ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::body::{Body, Bytes, Incoming};
+use hyper::header::{ACCEPT, ALLOW, CONNECTION, CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -58,7 +58,7 @@ const SAMPLER_NICE: i32 = 10;
 
 /// What a scrape is answered from: replaced whole after every sample.
 #[derive(Debug, Clone, Default)]
-struct Publication {
+pub struct Publication {
     /// Text format 0.0.4 and OpenMetrics; empty before the first sample.
     text: Bytes,
     openmetrics: Bytes,
@@ -70,7 +70,35 @@ struct Publication {
     status: String,
 }
 
-type Shared = Arc<RwLock<Arc<Publication>>>;
+impl Publication {
+    /// What serve answers from after a sample attempt: both encodings of the metrics, the
+    /// latest report as JSON, and the health that `health.samples` and `failing` (the failed
+    /// attempts in a row) give.
+    pub fn new(
+        encoded: metrics::Encoded,
+        report: Bytes,
+        health: &metrics::SamplerHealth,
+        failing: u32,
+    ) -> Publication {
+        let status = if failing >= UNHEALTHY_AFTER {
+            format!("the last {failing} samples failed (see shimcheck's stderr)")
+        } else if health.samples == 0 {
+            "no sample yet".to_string()
+        } else {
+            "ok".to_string()
+        };
+        Publication {
+            text: Bytes::from(encoded.text),
+            openmetrics: Bytes::from(encoded.openmetrics),
+            report,
+            healthy: health.samples > 0 && failing < UNHEALTHY_AFTER,
+            status,
+        }
+    }
+}
+
+/// The latest publication: the sampling thread replaces it, each request reads it.
+pub type Shared = Arc<RwLock<Arc<Publication>>>;
 
 /// Runs `shimcheck serve` until SIGTERM or SIGINT; returns 0 findings (its exit status is 0:
 /// findings go to Prometheus, not to the exit code).
@@ -204,21 +232,7 @@ fn sample_loop(
                 let _ = writeln!(err, "shimcheck: error: textfile: {e:#}");
             }
         }
-        let healthy = health.samples > 0 && failing < UNHEALTHY_AFTER;
-        let status = if failing >= UNHEALTHY_AFTER {
-            format!("the last {failing} samples failed (see shimcheck's stderr)")
-        } else if health.samples == 0 {
-            "no sample yet".to_string()
-        } else {
-            "ok".to_string()
-        };
-        let publication = Arc::new(Publication {
-            text: Bytes::from(encoded.text),
-            openmetrics: Bytes::from(encoded.openmetrics),
-            report: report.clone(),
-            healthy,
-            status,
-        });
+        let publication = Arc::new(Publication::new(encoded, report.clone(), &health, failing));
         if let Ok(mut slot) = shared.write() {
             *slot = publication;
         }
@@ -293,23 +307,51 @@ async fn accept_loop(
         };
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let publication = shared.read().map(|p| Arc::clone(&p)).unwrap_or_default();
-                async move { Ok::<_, Infallible>(respond(&req, &publication)) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            serve_connection(stream, shared).await;
             drop(slot);
         });
     }
 }
 
-/// Answers one request from the latest publication.
+/// Serves one HTTP/1 connection on `io`, a TCP stream or any other byte stream: each request
+/// is answered from the latest publication in `shared` when it arrives. Returns when the
+/// connection ends: the client closed it, a malformed request was answered with an error, its
+/// headers came too slowly or were too large, or it reached its 30 s lifetime. It needs a
+/// tokio runtime with the time driver enabled (its timeouts).
+pub async fn serve_connection<I>(io: I, shared: Shared)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let service = service_fn(move |req| {
+        let publication = shared.read().map(|p| Arc::clone(&p)).unwrap_or_default();
+        async move { Ok::<_, Infallible>(respond(&req, &publication)) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        // A client may close its sending side once its request is out (`nc -N`, some
+        // HTTP/1.0 clients): it still gets its answers, and the connection ends after them.
+        .half_close(true)
+        .serve_connection(TokioIo::new(io), service);
+    let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+}
+
+/// Answers one request from the latest publication. A request with a body (serve reads none)
+/// is the connection's last: skipping an unread chunked body, hyper (1.12) reads the next
+/// request while this answer may still be unsent, and a malformed or cut-off request there
+/// tore the answer (its 400 inside the body, or the rest of the body dropped).
 fn respond(req: &Request<Incoming>, p: &Publication) -> Response<Full<Bytes>> {
+    let mut r = answer(req, p);
+    if !req.body().is_end_stream() {
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+/// What a request is answered, by path and method.
+fn answer(req: &Request<Incoming>, p: &Publication) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     if !matches!(path, "/metrics" | "/report" | "/healthz") {
         return plain(
