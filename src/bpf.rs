@@ -6,7 +6,7 @@
 //! Output: `(socket inode or 0, tgid, fd)` for every open fd of every thread-group leader, the
 //! records `procs::ProcScanner` turns into the same `FdScan` the /proc walk gives.
 //!
-//! The program is the 29 instructions of `program` below: its source is this file, so nothing
+//! The program is the 27 instructions of `program` below: its source is this file, so nothing
 //! is compiled for BPF at build time and no BPF toolchain is needed. The offsets it reads at
 //! (`file.f_inode`, `inode.i_mode`, `inode.i_ino`, `task_struct.pid`/`tgid`) and the id of the
 //! attach point come from the kernel's BTF at run time (`btf`), so one binary fits every kernel
