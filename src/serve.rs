@@ -100,6 +100,20 @@ impl Publication {
 /// The latest publication: the sampling thread replaces it, each request reads it.
 pub type Shared = Arc<RwLock<Arc<Publication>>>;
 
+/// What `/report` answers: ESTABLISHED sockets by (process, remote endpoint), the largest
+/// `REPORT_TOP` pairs.
+pub fn report_query() -> Query {
+    Query {
+        group_by: GroupBy::Pair,
+        states: [TcpState::Established].into_iter().collect(),
+        port: None,
+        pid: None,
+        process: None,
+        top: Some(REPORT_TOP),
+        fold: false,
+    }
+}
+
 /// Runs `shimcheck serve` until SIGTERM or SIGINT; returns 0 findings (its exit status is 0:
 /// findings go to Prometheus, not to the exit code).
 pub fn run(args: &ServeArgs, err: &mut dyn Write) -> anyhow::Result<usize> {
@@ -145,15 +159,7 @@ fn sample_loop(
     let states: StateSet = [TcpState::Established, TcpState::CloseWait]
         .into_iter()
         .collect();
-    let query = Query {
-        group_by: GroupBy::Pair,
-        states: [TcpState::Established].into_iter().collect(),
-        port: None,
-        pid: None,
-        process: None,
-        top: Some(REPORT_TOP),
-        fold: false,
-    };
+    let query = report_query();
     let mut sampler = Sampler::open(&args.node, Mode::Incremental);
     let mut history = History::new(cfg.window, MIN_RISES);
     let mut health = metrics::SamplerHealth {

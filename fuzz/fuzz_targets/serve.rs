@@ -22,10 +22,8 @@ use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use shimcheck::aggregate::{GroupBy, Query};
 use shimcheck::detect::DetectConfig;
 use shimcheck::join::Joined;
-use shimcheck::model::TcpState;
 use shimcheck::render::metrics::{
     self, OPENMETRICS_CONTENT_TYPE, SamplerHealth, TEXT_CONTENT_TYPE,
 };
@@ -60,16 +58,7 @@ static FIXED: LazyLock<Fixed> = LazyLock::new(|| {
         errors: 0,
     };
     let encoded = metrics::encode(&families, &health).expect("the metrics encode");
-    let query = Query {
-        group_by: GroupBy::Pair,
-        states: [TcpState::Established].into_iter().collect(),
-        port: None,
-        pid: None,
-        process: None,
-        top: Some(serve::REPORT_TOP),
-        fold: false,
-    };
-    let mut report = shimcheck::ports_report(&sample, &query);
+    let mut report = shimcheck::ports_report(&sample, &serve::report_query());
     report.findings = findings;
     let mut json = Vec::new();
     shimcheck::render::json::render(&report, &mut json).expect("the report renders");

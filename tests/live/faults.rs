@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use crate::support::{FORKER, Population, refuse_syscall, shimcheck_bin};
+use crate::support::{FORKER, Population, group_counts, refuse_syscall, shimcheck_bin};
 
 /// The registry and its stable leaking client: what every run must count exactly, whatever
 /// else happens on the node.
@@ -194,17 +194,7 @@ fn with_sock_diag_refused_by_seccomp_the_proc_net_fallback_counts_what_ss_counts
     assert!(stderr.contains("Permission denied"), "{stderr}");
 
     // The same population through ss (sock_diag, no filter): per local endpoint, every state.
-    let ours: BTreeMap<String, u64> = report["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| {
-            (
-                g["key"].as_str().unwrap().to_string(),
-                g["count"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let ours = group_counts(&report);
     let theirs: BTreeMap<String, u64> = pop
         .sh("ss -Htan | awk '{print $4}' | sort | uniq -c")
         .lines()

@@ -2,27 +2,12 @@
 //! (`fixtures/netlink/`, recorded by `examples/capture_sockdiag.rs`).
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
 
 use shimcheck::collect::CollectError;
+
+use crate::support::netlink_datagrams as datagrams;
 use shimcheck::collect::decode::{Dump, DumpDecoder, Feed};
 use shimcheck::model::{Socket, TcpState};
-
-/// The datagrams of one fixture file: each a little-endian u32 length, then its bytes.
-fn datagrams(name: &str) -> Vec<Vec<u8>> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/netlink")
-        .join(name);
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut out = Vec::new();
-    let mut rest = &bytes[..];
-    while !rest.is_empty() {
-        let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
-        out.push(rest[4..4 + len].to_vec());
-        rest = &rest[4 + len..];
-    }
-    out
-}
 
 /// Feeds every datagram, stopping at the first error, as the transport does.
 fn decode(name: &str) -> Result<Dump, CollectError> {

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use shimcheck::aggregate::GroupBy;
 use shimcheck::collect::CollectError;
+
+use crate::support::netlink_datagrams as datagrams;
 use shimcheck::collect::decode::{Dump, DumpDecoder, Feed, parse_tcp_info};
 use shimcheck::detect::{self, Detail, DetectConfig, Finding, History, Kind, MIN_RISES};
 use shimcheck::join::Joined;
@@ -128,20 +130,6 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures/netlink")
         .join(name)
-}
-
-/// The datagrams of one fixture file: each a little-endian u32 length, then its bytes.
-fn datagrams(name: &str) -> Vec<Vec<u8>> {
-    let path = fixture(name);
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut out = Vec::new();
-    let mut rest = &bytes[..];
-    while !rest.is_empty() {
-        let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
-        out.push(rest[4..4 + len].to_vec());
-        rest = &rest[4 + len..];
-    }
-    out
 }
 
 /// A fixture file's bytes.

@@ -526,3 +526,20 @@ pub fn nobody_args(caps: &str) -> Vec<String> {
     a.push(shimcheck_bin().display().to_string());
     a
 }
+
+/// The datagrams of a recorded netlink dump under `fixtures/netlink/`: each a little-endian
+/// u32 length, then its bytes.
+pub fn netlink_datagrams(name: &str) -> Vec<Vec<u8>> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/netlink")
+        .join(name);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut out = Vec::new();
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+        out.push(rest[4..4 + len].to_vec());
+        rest = &rest[4 + len..];
+    }
+    out
+}
