@@ -247,25 +247,17 @@ pub fn aggregate_streamed<'a>(joined: &'a Joined<'a>, query: &Query) -> Report<L
 pub struct LazyGroups<'a> {
     joined: &'a Joined<'a>,
     places: Places,
-    /// The groups kept, in order.
-    kept: Vec<Kept>,
+    keys: KeyParts,
+    /// Every (group key, socket) membership, sorted by key: a group is a run of them.
+    members: Vec<Member>,
+    /// The runs of the groups kept, `(start, len)` in `members`, in order.
+    kept: Vec<(u32, u32)>,
 }
-
-/// A group kept: its key, counts, and `(pid, sockets)` of its holders and of the holders of
-/// its other ends.
-type Kept = (RawKey, Acc, [Vec<(u32, usize)>; 2]);
 
 impl LazyGroups<'_> {
     /// Every group, spelled out.
     pub fn into_vec(self) -> Vec<Group> {
-        let LazyGroups {
-            joined,
-            places,
-            kept,
-        } = self;
-        kept.into_iter()
-            .map(|(key, acc, [own, peer])| make_group(joined, &places, key, acc, own, peer))
-            .collect()
+        (0..self.kept.len()).map(|k| self.spell(k)).collect()
     }
 
     /// The number of groups.
@@ -277,24 +269,147 @@ impl LazyGroups<'_> {
     pub fn is_empty(&self) -> bool {
         self.kept.is_empty()
     }
+
+    /// The `k`th group kept: its counts and holders, read off its sockets.
+    fn spell(&self, k: usize) -> Group {
+        let (start, len) = self.kept[k];
+        let run = &self.members[start as usize..(start + len) as usize];
+        let sockets = &self.joined.sample.sockets;
+        let mut acc = Acc::default();
+        let mut holders: Vec<(bool, u32)> = Vec::new();
+        for m in run {
+            let i = m.at as usize;
+            acc.count += 1;
+            acc.states.add(sockets[i].state);
+            holders.extend(self.joined.owners(i).map(|pid| (false, pid)));
+            if let Some(j) = self.joined.peer(i) {
+                holders.extend(self.joined.owners(j).map(|pid| (true, pid)));
+            }
+        }
+        holders.sort_unstable();
+        let mut counted: [Vec<(u32, usize)>; 2] = [Vec::new(), Vec::new()];
+        for same in holders.chunk_by(|a, b| a == b) {
+            let (peer, pid) = same[0];
+            counted[usize::from(peer)].push((pid, same.len()));
+        }
+        let [own, peer] = counted;
+        make_group(
+            self.joined,
+            &self.places,
+            self.keys.raw(&run[0]),
+            acc,
+            own,
+            peer,
+        )
+    }
 }
 
 impl Serialize for LazyGroups<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
         let mut seq = s.serialize_seq(Some(self.kept.len()))?;
-        for (key, acc, [own, peer]) in &self.kept {
-            let group = make_group(
-                self.joined,
-                &self.places,
-                *key,
-                acc.clone(),
-                own.clone(),
-                peer.clone(),
-            );
-            seq.serialize_element(&group)?;
+        for k in 0..self.kept.len() {
+            seq.serialize_element(&self.spell(k))?;
         }
         seq.end()
+    }
+}
+
+/// One socket's place in one group: the group's key packed in 146 bits and the socket's index.
+/// 24 bytes, whatever the key: `--by pair` at a million sockets is a million groups, which a
+/// map from `RawKey` to running counts held at 150 bytes and more each.
+#[derive(Clone, Copy)]
+struct Member {
+    /// Kind (3 bits), holder (33 bits: 0 for none, else pid or place + 1), namespace number.
+    a: u64,
+    /// Local address number (folded groups), endpoint address number.
+    b: u64,
+    port: u16,
+    at: u32,
+}
+
+/// The namespaces and addresses seen, numbered, so that a key packs into a `Member` and
+/// unpacks back into a `RawKey`.
+#[derive(Default)]
+struct KeyParts {
+    netns: Numbers<u64>,
+    addrs: Numbers<IpAddr>,
+}
+
+/// Values numbered in the order first seen.
+struct Numbers<T> {
+    ids: FxHashMap<T, u32>,
+    list: Vec<T>,
+}
+
+impl<T> Default for Numbers<T> {
+    fn default() -> Self {
+        Numbers {
+            ids: FxHashMap::default(),
+            list: Vec::new(),
+        }
+    }
+}
+
+impl<T: Copy + Eq + std::hash::Hash> Numbers<T> {
+    fn number(&mut self, v: T) -> u64 {
+        let next = self.list.len() as u32;
+        let id = *self.ids.entry(v).or_insert(next);
+        if id == next {
+            self.list.push(v);
+        }
+        u64::from(id)
+    }
+
+    fn get(&self, id: u64) -> T {
+        self.list[id as usize]
+    }
+}
+
+const NS_BITS: u32 = 28;
+
+impl KeyParts {
+    fn pack(&mut self, key: RawKey, at: u32) -> Member {
+        let holder = |h: Option<u32>| h.map_or(0, |h| u64::from(h) + 1);
+        let (kind, holder, ns, local, remote) = match key {
+            RawKey::Place(p) => (0, holder(p), None, None, None),
+            RawKey::Port(ns, a) => (1, 0, Some(ns), None, Some(a)),
+            RawKey::Fold(h, ns, ip, a) => (2, holder(h), Some(ns), Some(ip), Some(a)),
+            RawKey::Process(h) => (3, holder(h), None, None, None),
+            RawKey::Peer(ns, a) => (4, 0, Some(ns), None, Some(a)),
+            RawKey::Pair(h, ns, a) => (5, holder(h), Some(ns), None, Some(a)),
+        };
+        let ns = ns.map_or(0, |ns| self.netns.number(ns));
+        let local = local.map_or(0, |ip| self.addrs.number(ip));
+        let (addr, port) = remote.map_or((0, 0), |a| (self.addrs.number(a.ip()), a.port()));
+        debug_assert!(ns < 1 << NS_BITS, "2^28 namespaces");
+        Member {
+            a: kind << 61 | holder << NS_BITS | ns,
+            b: local << 32 | addr,
+            port,
+            at,
+        }
+    }
+
+    fn raw(&self, m: &Member) -> RawKey {
+        let holder = ((m.a >> NS_BITS) & ((1 << 33) - 1)) as u32;
+        let holder = holder.checked_sub(1);
+        let ns = self
+            .netns
+            .list
+            .get((m.a & ((1 << NS_BITS) - 1)) as usize)
+            .copied()
+            .unwrap_or(0);
+        let local = || self.addrs.get(m.b >> 32);
+        let remote = || SocketAddr::new(self.addrs.get(m.b & u64::from(u32::MAX)), m.port);
+        match m.a >> 61 {
+            0 => RawKey::Place(holder),
+            1 => RawKey::Port(ns, remote()),
+            2 => RawKey::Fold(holder, ns, local(), remote()),
+            3 => RawKey::Process(holder),
+            4 => RawKey::Peer(ns, remote()),
+            _ => RawKey::Pair(holder, ns, remote()),
+        }
     }
 }
 
@@ -329,22 +444,19 @@ fn group<'a>(
 ) -> (Report<LazyGroups<'a>>, Option<GroupCounts>) {
     let sample = joined.sample;
     let mut totals = Totals::default();
-    let mut slots: FxHashMap<RawKey, u32> = FxHashMap::default();
-    let mut accs: Vec<(RawKey, Acc)> = Vec::new();
-    // One entry per (group, holder): (group slot, pid, holds the other end). Counted once the
-    // groups to show are known, instead of two maps per group.
-    let mut holders: Vec<(u32, u32, bool)> = Vec::new();
+    let mut keys = KeyParts::default();
+    let mut members: Vec<Member> = Vec::new();
     let mut owners: Vec<u32> = Vec::new();
-    let mut peers: Vec<u32> = Vec::new();
     let mut hidden_owner = false;
     let mut places = Places::default();
     for (i, s) in sample.sockets.iter().enumerate() {
         if !query.states.contains(s.state) {
             continue;
         }
+        let (local, remote) = (s.local(), s.remote());
         if query
             .port
-            .is_some_and(|p| s.local.port() != p && s.remote.port() != p)
+            .is_some_and(|p| local.port() != p && remote.port() != p)
         {
             continue;
         }
@@ -359,10 +471,9 @@ fn group<'a>(
                 continue;
             }
         }
-        peers.clear();
-        if let Some(j) = joined.peer(i) {
-            peers.extend(joined.owners(j));
-        }
+        let Ok(at) = u32::try_from(i) else {
+            break;
+        };
         totals.sockets += 1;
         if owners.is_empty() {
             totals.unattributed += 1;
@@ -370,34 +481,27 @@ fn group<'a>(
         } else {
             totals.attributed += 1;
         }
-        let mut add = |key: RawKey| {
-            let slot = *slots.entry(key).or_insert_with(|| {
-                accs.push((key, Acc::default()));
-                (accs.len() - 1) as u32
-            });
-            let acc = &mut accs[slot as usize].1;
-            acc.count += 1;
-            acc.states.add(s.state);
-            holders.extend(owners.iter().map(|&pid| (slot, pid, false)));
-            holders.extend(peers.iter().map(|&pid| (slot, pid, true)));
-        };
+        let mut add = |key: RawKey| members.push(keys.pack(key, at));
         match query.group_by {
             // A client end on an ephemeral port: one per socket, so folded by where it goes.
-            GroupBy::Port if query.fold && !joined.listening(s.netns, s.local) => add(
-                RawKey::Fold(owners.first().copied(), s.netns, s.local.ip(), s.remote),
-            ),
-            GroupBy::Port => add(RawKey::Port(s.netns, s.local)),
-            GroupBy::Peer => add(RawKey::Peer(s.netns, s.remote)),
+            GroupBy::Port if query.fold && !joined.listening(s.netns, local) => add(RawKey::Fold(
+                owners.first().copied(),
+                s.netns,
+                local.ip(),
+                remote,
+            )),
+            GroupBy::Port => add(RawKey::Port(s.netns, local)),
+            GroupBy::Peer => add(RawKey::Peer(s.netns, remote)),
             GroupBy::Process if owners.is_empty() => add(RawKey::Process(None)),
-            GroupBy::Pair if owners.is_empty() => add(RawKey::Pair(None, s.netns, s.remote)),
+            GroupBy::Pair if owners.is_empty() => add(RawKey::Pair(None, s.netns, remote)),
             // A socket shared by several processes belongs to each of their groups.
             GroupBy::Process => owners.iter().for_each(|&p| add(RawKey::Process(Some(p)))),
             GroupBy::Pair => owners
                 .iter()
-                .for_each(|&p| add(RawKey::Pair(Some(p), s.netns, s.remote))),
+                .for_each(|&p| add(RawKey::Pair(Some(p), s.netns, remote))),
             // No visible holder: the cgroup that created the socket may still name it.
             GroupBy::Pod if owners.is_empty() => {
-                match s.cgroup_id.and_then(|id| sample.cgroup_places.get(&id)) {
+                match s.cgroup_id().and_then(|id| sample.cgroup_places.get(&id)) {
                     Some(place) => add(RawKey::Place(Some(places.intern(place.clone())))),
                     None => add(RawKey::Place(None)),
                 }
@@ -414,54 +518,38 @@ fn group<'a>(
             }
         }
     }
-    drop(slots);
-    let all_counts =
-        counts.then(|| GroupCounts(accs.iter().map(|(k, a)| (*k, a.count as usize)).collect()));
+    // A group is a run of equal keys; within it, sockets in dump order.
+    members.sort_unstable_by_key(|m| (m.a, m.b, m.port, m.at));
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    let mut start = 0;
+    for same in members.chunk_by(|x, y| (x.a, x.b, x.port) == (y.a, y.b, y.port)) {
+        runs.push((start, same.len() as u32));
+        start += same.len() as u32;
+    }
+    let all_counts = counts.then(|| {
+        GroupCounts(
+            runs.iter()
+                .map(|&(start, len)| (keys.raw(&members[start as usize]), len as usize))
+                .collect(),
+        )
+    });
 
-    // Rank the groups, keep the top ones, and note where each kept slot landed.
-    let total_groups = accs.len();
-    let mut ranked: Vec<u32> = (0..accs.len() as u32).collect();
-    let order = |a: &u32, b: &u32| {
-        let (ka, aa) = &accs[*a as usize];
-        let (kb, ab) = &accs[*b as usize];
-        ab.count.cmp(&aa.count).then(ka.cmp(kb))
-    };
-    if let Some(top) = query.top.filter(|&t| t > 0 && t < ranked.len()) {
-        ranked.select_nth_unstable_by(top, order);
-        ranked.truncate(top);
+    // Rank the groups (largest first, then by key) and keep the top ones.
+    let total_groups = runs.len();
+    let raw = |run: &(u32, u32)| keys.raw(&members[run.0 as usize]);
+    let order = |x: &(u32, u32), y: &(u32, u32)| y.1.cmp(&x.1).then_with(|| raw(x).cmp(&raw(y)));
+    if let Some(top) = query.top.filter(|&t| t > 0 && t < runs.len()) {
+        runs.select_nth_unstable_by(top, order);
+        runs.truncate(top);
     }
-    ranked.sort_unstable_by(order);
-    let mut position = vec![u32::MAX; accs.len()];
-    for (pos, &slot) in ranked.iter().enumerate() {
-        position[slot as usize] = pos as u32;
-    }
-    let mut counted: Vec<(u32, bool, u32)> = holders
-        .into_iter()
-        .filter_map(|(slot, pid, peer)| {
-            let pos = position[slot as usize];
-            (pos != u32::MAX).then_some((pos, peer, pid))
-        })
-        .collect();
-    counted.sort_unstable();
-    let mut holder_counts: Vec<[Vec<(u32, usize)>; 2]> =
-        vec![[Vec::new(), Vec::new()]; ranked.len()];
-    for run in counted.chunk_by(|a, b| a == b) {
-        let (pos, peer, pid) = run[0];
-        holder_counts[pos as usize][usize::from(peer)].push((pid, run.len()));
-    }
-    let mut accs: Vec<Option<(RawKey, Acc)>> = accs.into_iter().map(Some).collect();
-    let kept: Vec<Kept> = ranked
-        .iter()
-        .zip(holder_counts)
-        .filter_map(|(&slot, holders)| {
-            let (key, acc) = accs[slot as usize].take()?;
-            Some((key, acc, holders))
-        })
-        .collect();
+    runs.sort_unstable_by(order);
+    runs.shrink_to_fit();
     let groups = LazyGroups {
         joined,
         places,
-        kept,
+        keys,
+        members,
+        kept: runs,
     };
 
     let report = Report {

@@ -173,16 +173,16 @@ fn pair_keys(j: &Joined<'_>, i: usize, out: &mut Vec<PairKey>) {
     if s.state != TcpState::Established {
         return;
     }
-    let target = if j.listening(s.netns, s.local) {
+    let target = if j.listening(s.netns, s.local()) {
         if j.peer(i).is_some() {
             return;
         }
         Target::Clients {
-            local: s.local,
-            from: s.remote.ip(),
+            local: s.local(),
+            from: s.remote().ip(),
         }
     } else {
-        Target::Remote(s.remote)
+        Target::Remote(s.remote())
     };
     out.extend(j.owners(i).map(|pid| (pid, s.netns, target)));
 }
@@ -190,10 +190,10 @@ fn pair_keys(j: &Joined<'_>, i: usize, out: &mut Vec<PairKey>) {
 /// A socket's identity across samples: its cookie, or (from /proc/net, which has none) its
 /// 4-tuple folded into a number.
 fn identity(s: &Socket) -> u64 {
-    s.cookie.unwrap_or_else(|| {
+    s.cookie().unwrap_or_else(|| {
         use std::hash::{Hash, Hasher};
         let mut h = rustc_hash::FxHasher::default();
-        (s.local, s.remote).hash(&mut h);
+        (s.local(), s.remote()).hash(&mut h);
         h.finish()
     })
 }
@@ -454,12 +454,12 @@ fn close_wait_facts(
         .into_iter()
         .map(|(pid, members)| {
             let remotes: FxHashSet<SocketAddr> =
-                members.iter().map(|&i| sockets[i].remote).collect();
+                members.iter().map(|&i| sockets[i].remote()).collect();
             let spaces: FxHashSet<u64> = members.iter().map(|&i| sockets[i].netns).collect();
             CloseWaitFacts {
                 pid,
                 count: members.len(),
-                remote: (remotes.len() == 1).then(|| sockets[members[0]].remote.to_string()),
+                remote: (remotes.len() == 1).then(|| sockets[members[0]].remote().to_string()),
                 netns: (spaces.len() == 1).then(|| sample.netns_ref(sockets[members[0]].netns)),
             }
         })
@@ -513,13 +513,13 @@ fn port_exhaustion(j: &Joined<'_>) -> Vec<Finding> {
     let range = usize::from(hi.saturating_sub(lo)) + 1;
     let mut by_dest: FxHashMap<(u64, IpAddr, SocketAddr), DestUse> = FxHashMap::default();
     for (i, s) in j.sample.sockets.iter().enumerate() {
-        if s.state == TcpState::Listen || j.listening(s.netns, s.local) {
+        if s.state == TcpState::Listen || j.listening(s.netns, s.local()) {
             continue;
         }
         let e = by_dest
-            .entry((s.netns, s.local.ip(), s.remote))
+            .entry((s.netns, s.local().ip(), s.remote()))
             .or_default();
-        e.ports.insert(s.local.port());
+        e.ports.insert(s.local().port());
         for pid in j.owners(i) {
             *e.holders.entry(pid).or_default() += 1;
         }

@@ -15,7 +15,8 @@ use crate::model::{OwnerIndex, Sample, Socket, TcpState};
 /// collector computes it while the /proc scan is still running).
 #[derive(Debug, Clone, Default)]
 pub struct Topology {
-    peer: Vec<Option<u32>>,
+    /// Per socket, the index of its other end, or `NO_PEER`.
+    peer: Vec<u32>,
     listeners: FxHashSet<(u64, IpAddr, u16)>,
 }
 
@@ -61,7 +62,7 @@ impl Numbering {
     /// addresses, which no node holds.
     fn key(&mut self, s: &Socket) -> Option<u128> {
         let ns = Numbering::number(&mut self.netns, s.netns, NETNS_BITS)?;
-        let (local, remote) = (self.end(s.local)?, self.end(s.remote)?);
+        let (local, remote) = (self.end(s.local())?, self.end(s.remote())?);
         Some(ns << (2 * END_BITS) | local << END_BITS | remote)
     }
 }
@@ -73,36 +74,70 @@ fn reversed(key: u128) -> u128 {
     ns << (2 * END_BITS) | remote << END_BITS | local
 }
 
+/// A connection end in the peer match: its key folded to the smaller of the tuple and its
+/// reverse (`canon`, as two halves), which side of that it is, and its socket's index. 24
+/// bytes, sorted in place: a hash map from key to index held 64 bytes a socket at a million.
+struct End {
+    hi: u64,
+    lo: u64,
+    at: u32,
+    /// True when the socket's own key is the reverse of `canon`.
+    reverse: bool,
+}
+
+/// `Topology::peer`'s "no peer".
+const NO_PEER: u32 = u32::MAX;
+
 impl Topology {
     /// Matches every socket with its reverse 4-tuple and collects the listening endpoints.
+    /// Both ends of a connection fold to the same `canon`, so after a sort they sit side by
+    /// side; where a dump under churn holds the same tuple twice, the later socket is the one
+    /// matched, and a self-connect (its tuple its own reverse) has no peer.
     pub fn new(sockets: &[Socket]) -> Topology {
         let mut numbering = Numbering::default();
         let mut listeners = FxHashSet::default();
-        let mut keys: Vec<Option<u128>> = Vec::with_capacity(sockets.len());
-        let mut by_key: FxHashMap<u128, u32> =
-            FxHashMap::with_capacity_and_hasher(sockets.len(), Default::default());
+        let mut ends: Vec<End> = Vec::with_capacity(sockets.len());
         for (i, s) in sockets.iter().enumerate() {
             if s.state == TcpState::Listen {
-                listeners.insert((s.netns, s.local.ip().to_canonical(), s.local.port()));
-                keys.push(None);
+                let local = s.local();
+                listeners.insert((s.netns, local.ip().to_canonical(), local.port()));
                 continue;
             }
-            let key = u32::try_from(i).ok().and_then(|i| {
-                let key = numbering.key(s)?;
-                // The same tuple again (a dump under churn): the later socket wins.
-                by_key.insert(key, i);
-                Some(key)
+            let Some((at, key)) = u32::try_from(i).ok().zip(numbering.key(s)) else {
+                continue;
+            };
+            let reverse = reversed(key) < key;
+            let canon = if reverse { reversed(key) } else { key };
+            ends.push(End {
+                hi: (canon >> 64) as u64,
+                lo: canon as u64,
+                at,
+                reverse,
             });
-            keys.push(key);
         }
-        let peer = keys
-            .iter()
-            .enumerate()
-            .map(|(i, key)| {
-                let j = *by_key.get(&reversed((*key)?))?;
-                (j as usize != i).then_some(j)
-            })
-            .collect();
+        ends.sort_unstable_by_key(|e| (e.hi, e.lo));
+        let mut peer = vec![NO_PEER; sockets.len()];
+        for run in ends.chunk_by(|a, b| (a.hi, a.lo) == (b.hi, b.lo)) {
+            let last = |reverse: bool| {
+                run.iter()
+                    .filter(|e| e.reverse == reverse)
+                    .map(|e| e.at)
+                    .max()
+            };
+            let (forward, backward) = (last(false), last(true));
+            let canon = u128::from(run[0].hi) << 64 | u128::from(run[0].lo);
+            let self_reverse = reversed(canon) == canon;
+            for e in run {
+                let other = if self_reverse || e.reverse {
+                    forward
+                } else {
+                    backward
+                };
+                if let Some(j) = other.filter(|&j| j != e.at) {
+                    peer[e.at as usize] = j;
+                }
+            }
+        }
         Topology { peer, listeners }
     }
 }
@@ -149,9 +184,8 @@ impl<'a> Joined<'a> {
         self.topology
             .peer
             .get(i)
-            .copied()
-            .flatten()
-            .map(|j| j as usize)
+            .filter(|&&j| j != NO_PEER)
+            .map(|&j| j as usize)
     }
 
     /// True when a listener in namespace `netns` accepts on this endpoint: a specific address
@@ -193,19 +227,21 @@ mod tests {
     use crate::model::Socket;
 
     fn sock(state: TcpState, local: &str, remote: &str) -> Socket {
-        Socket {
+        let mut s = Socket::new(
             state,
-            local: local.parse().unwrap_or_else(|_| unreachable!()),
-            remote: remote.parse().unwrap_or_else(|_| unreachable!()),
-            inode: 1,
-            cookie: None,
-            uid: 0,
-            recv_q: 0,
-            send_q: 0,
-            tcp_info: None,
-            netns: 7,
-            cgroup_id: None,
-        }
+            local.parse().unwrap_or_else(|_| unreachable!()),
+            remote.parse().unwrap_or_else(|_| unreachable!()),
+        );
+        s.inode = 1;
+        s.netns = 7;
+        s
+    }
+
+    fn peers(t: &Topology) -> Vec<Option<u32>> {
+        t.peer
+            .iter()
+            .map(|&j| (j != NO_PEER).then_some(j))
+            .collect()
     }
 
     #[test]
@@ -230,7 +266,7 @@ mod tests {
         sockets[7].netns = 8;
         let t = Topology::new(&sockets);
         assert_eq!(
-            t.peer,
+            peers(&t),
             [None, Some(2), Some(1), Some(4), Some(3), None, None, None]
         );
         assert_eq!(t.listeners.len(), 1);
@@ -244,7 +280,7 @@ mod tests {
             sock(Established, "127.0.0.1:40000", "127.0.0.1:5000"),
             sock(Established, "127.0.0.1:5000", "127.0.0.1:40000"),
         ];
-        assert_eq!(Topology::new(&sockets).peer, [Some(1), Some(2), Some(1)]);
+        assert_eq!(peers(&Topology::new(&sockets)), [Some(1), Some(2), Some(1)]);
     }
 
     #[test]

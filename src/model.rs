@@ -7,7 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::num::NonZeroU64;
 use std::str::FromStr;
 use std::time::SystemTime;
 
@@ -175,10 +176,10 @@ impl FromIterator<TcpState> for StateSet {
     }
 }
 
-/// The part of `struct tcp_info` shimcheck reads: the idle clocks and the byte counters.
+/// The part of `struct tcp_info` shimcheck reads: the idle clocks, which every kernel sends.
 ///
-/// Kernels of different ages send `tcp_info` of different lengths; a field the kernel did
-/// not send is `None`, never zero.
+/// (The byte counters of Linux 4.1+ were read too until nothing used them: a million sockets
+/// held 16 bytes each for no report.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct TcpInfo {
     /// Milliseconds since data was last sent (`tcpi_last_data_sent`).
@@ -187,10 +188,6 @@ pub struct TcpInfo {
     pub last_data_recv_ms: u32,
     /// Milliseconds since an ACK was last received (`tcpi_last_ack_recv`).
     pub last_ack_recv_ms: u32,
-    /// Bytes acknowledged by the peer (`tcpi_bytes_acked`, Linux 4.1+).
-    pub bytes_acked: Option<u64>,
-    /// Bytes received (`tcpi_bytes_received`, Linux 4.1+).
-    pub bytes_received: Option<u64>,
 }
 
 impl TcpInfo {
@@ -208,33 +205,98 @@ impl TcpInfo {
     }
 }
 
-/// One TCP socket, as one line of `ss -tan` shows it.
+/// One TCP socket, as one line of `ss -tan` shows it, in 88 bytes: a sample holds one per
+/// socket on the node, a million of them on a big proxy. Addresses are kept as 16 bytes and a
+/// family bit rather than as `SocketAddr` (32 bytes each), and the optional ids as `NonZeroU64`
+/// (neither the kernel's cookie nor a cgroup id is ever 0); `local()`, `remote()`, `cookie()`
+/// and `cgroup_id()` hand them back in their usual types. Snapshots write the usual types too
+/// (`SocketRecord`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "SocketRecord", from = "SocketRecord")]
 pub struct Socket {
-    pub state: TcpState,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
     /// The socket inode, the key of the /proc join; 0 for TIME_WAIT, SYN_RECV and orphans.
     pub inode: u64,
-    /// The kernel's stable socket id (`idiag_cookie`); `None` from the /proc/net fallback and
-    /// where the kernel's cookie names nothing stable (before Linux 4.1: `decode::stable_cookie`).
-    pub cookie: Option<u64>,
-    pub uid: u32,
-    /// Bytes in the receive queue (for LISTEN: pending connections).
-    pub recv_q: u32,
-    /// Bytes in the send queue (for LISTEN: the backlog).
-    pub send_q: u32,
+    /// The inode of the network namespace the socket lives in (0: not recorded).
+    pub netns: u64,
+    cookie: Option<NonZeroU64>,
+    cgroup_id: Option<NonZeroU64>,
     /// `None` when the kernel sent no tcp_info (the /proc/net fallback, or TIME_WAIT).
     pub tcp_info: Option<TcpInfo>,
-    /// The inode of the network namespace the socket lives in (0: not recorded).
-    #[serde(default)]
-    pub netns: u64,
-    /// The cgroup-v2 id of the cgroup that created the socket (`INET_DIAG_CGROUP_ID`).
-    #[serde(default)]
-    pub cgroup_id: Option<u64>,
+    local_ip: [u8; 16],
+    remote_ip: [u8; 16],
+    local_port: u16,
+    remote_port: u16,
+    pub state: TcpState,
+    /// Bit 0: the local address is IPv6; bit 1: the remote one is.
+    v6: u8,
 }
 
 impl Socket {
+    /// A socket in `state` between `local` and `remote`, with inode 0 and nothing else known.
+    pub fn new(state: TcpState, local: SocketAddr, remote: SocketAddr) -> Socket {
+        let mut s = Socket {
+            inode: 0,
+            netns: 0,
+            cookie: None,
+            cgroup_id: None,
+            tcp_info: None,
+            local_ip: [0; 16],
+            remote_ip: [0; 16],
+            local_port: 0,
+            remote_port: 0,
+            state,
+            v6: 0,
+        };
+        s.set_local(local);
+        s.set_remote(remote);
+        s
+    }
+
+    /// The local endpoint.
+    pub fn local(&self) -> SocketAddr {
+        endpoint(&self.local_ip, self.local_port, self.v6 & 1 != 0)
+    }
+
+    /// The remote endpoint.
+    pub fn remote(&self) -> SocketAddr {
+        endpoint(&self.remote_ip, self.remote_port, self.v6 & 2 != 0)
+    }
+
+    /// Moves the local endpoint.
+    pub fn set_local(&mut self, addr: SocketAddr) {
+        let (ip, v6) = packed(addr.ip());
+        (self.local_ip, self.local_port) = (ip, addr.port());
+        self.v6 = self.v6 & !1 | u8::from(v6);
+    }
+
+    /// Moves the remote endpoint.
+    pub fn set_remote(&mut self, addr: SocketAddr) {
+        let (ip, v6) = packed(addr.ip());
+        (self.remote_ip, self.remote_port) = (ip, addr.port());
+        self.v6 = self.v6 & !2 | u8::from(v6) << 1;
+    }
+
+    /// The kernel's stable socket id (`idiag_cookie`); `None` from the /proc/net fallback and
+    /// where the kernel's cookie names nothing stable (before Linux 4.1: `decode::stable_cookie`).
+    pub fn cookie(&self) -> Option<u64> {
+        self.cookie.map(NonZeroU64::get)
+    }
+
+    /// Sets the cookie; 0 is no cookie.
+    pub fn set_cookie(&mut self, cookie: Option<u64>) {
+        self.cookie = cookie.and_then(NonZeroU64::new);
+    }
+
+    /// The cgroup-v2 id of the cgroup that created the socket (`INET_DIAG_CGROUP_ID`).
+    pub fn cgroup_id(&self) -> Option<u64> {
+        self.cgroup_id.map(NonZeroU64::get)
+    }
+
+    /// Sets the cgroup id; 0 names no cgroup.
+    pub fn set_cgroup_id(&mut self, id: Option<u64>) {
+        self.cgroup_id = id.and_then(NonZeroU64::new);
+    }
+
     /// True when its tcp_info clocks run: the kernel reports 0 for a listener's.
     pub fn has_clocks(&self) -> bool {
         self.state != TcpState::Listen
@@ -247,6 +309,71 @@ impl Socket {
         {
             info.age(ms);
         }
+    }
+}
+
+/// An address as 16 bytes (IPv4 in the first 4) and whether it is IPv6.
+fn packed(ip: IpAddr) -> ([u8; 16], bool) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut b = [0; 16];
+            b[..4].copy_from_slice(&v4.octets());
+            (b, false)
+        }
+        IpAddr::V6(v6) => (v6.octets(), true),
+    }
+}
+
+fn endpoint(ip: &[u8; 16], port: u16, v6: bool) -> SocketAddr {
+    let ip = if v6 {
+        IpAddr::V6(Ipv6Addr::from(*ip))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]))
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// A `Socket` as snapshots write it (docs/snapshot.md): endpoints and ids in their usual
+/// types. Members older snapshots carry that shimcheck no longer reads (`uid`, `recv_q`,
+/// `send_q`, the byte counters) are ignored.
+#[derive(Serialize, Deserialize)]
+struct SocketRecord {
+    state: TcpState,
+    local: SocketAddr,
+    remote: SocketAddr,
+    inode: u64,
+    cookie: Option<u64>,
+    tcp_info: Option<TcpInfo>,
+    #[serde(default)]
+    netns: u64,
+    #[serde(default)]
+    cgroup_id: Option<u64>,
+}
+
+impl From<Socket> for SocketRecord {
+    fn from(s: Socket) -> SocketRecord {
+        SocketRecord {
+            state: s.state,
+            local: s.local(),
+            remote: s.remote(),
+            inode: s.inode,
+            cookie: s.cookie(),
+            tcp_info: s.tcp_info,
+            netns: s.netns,
+            cgroup_id: s.cgroup_id(),
+        }
+    }
+}
+
+impl From<SocketRecord> for Socket {
+    fn from(r: SocketRecord) -> Socket {
+        let mut s = Socket::new(r.state, r.local, r.remote);
+        s.inode = r.inode;
+        s.set_cookie(r.cookie);
+        s.tcp_info = r.tcp_info;
+        s.netns = r.netns;
+        s.set_cgroup_id(r.cgroup_id);
+        s
     }
 }
 
@@ -701,6 +828,38 @@ impl Sample {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_record_is_88_bytes() {
+        // A million of them is the sample of a big proxy: the issue's memory budget counts on it.
+        assert_eq!(std::mem::size_of::<Socket>(), 88);
+    }
+
+    #[test]
+    fn sockets_give_back_the_endpoints_and_ids_they_were_given() {
+        let (v4, v6): (SocketAddr, SocketAddr) = (
+            "10.0.0.101:5000".parse().unwrap(),
+            "[fe80::1]:6443".parse().unwrap(),
+        );
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:2379".parse().unwrap();
+        let mut s = Socket::new(TcpState::Established, v4, v6);
+        assert_eq!((s.local(), s.remote()), (v4, v6));
+        s.set_local(mapped);
+        s.set_remote(v4);
+        assert_eq!((s.local(), s.remote()), (mapped, v4));
+        assert_eq!((s.cookie(), s.cgroup_id()), (None, None));
+        s.set_cookie(Some(7));
+        s.set_cgroup_id(Some(u64::MAX));
+        assert_eq!((s.cookie(), s.cgroup_id()), (Some(7), Some(u64::MAX)));
+        s.set_cookie(Some(0));
+        assert_eq!(s.cookie(), None, "cookie 0 names no socket");
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(
+            json.contains(r#""local":"[::ffff:127.0.0.1]:2379""#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Socket>(&json).unwrap(), s);
+    }
 
     #[test]
     fn state_names_round_trip() {

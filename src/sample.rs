@@ -313,7 +313,7 @@ pub fn cgroup_places(
 ) -> BTreeMap<u64, Place> {
     let mut by_inode: Vec<(u64, u64)> = sockets
         .iter()
-        .filter_map(|s| Some((s.inode, s.cgroup_id?)))
+        .filter_map(|s| Some((s.inode, s.cgroup_id()?)))
         .collect();
     by_inode.sort_unstable();
     let inodes: Vec<u64> = by_inode.iter().map(|&(i, _)| i).collect();

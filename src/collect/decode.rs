@@ -157,7 +157,7 @@ impl DumpDecoder {
     }
 
     fn push(&mut self, socket: Socket) {
-        match socket.cookie {
+        match socket.cookie() {
             Some(cookie) if !self.cookies.insert(cookie) => {
                 self.duplicates += 1;
                 return;
@@ -187,10 +187,10 @@ impl DumpDecoder {
 fn drop_repeats_without_cookie(sockets: &mut Vec<Socket>) -> usize {
     let key = |i: u32| -> (SocketAddr, SocketAddr, u64) {
         let s = &sockets[i as usize];
-        (s.local, s.remote, s.inode)
+        (s.local(), s.remote(), s.inode)
     };
     let mut order: Vec<u32> = (0..sockets.len() as u32)
-        .filter(|&i| sockets[i as usize].cookie.is_none())
+        .filter(|&i| sockets[i as usize].cookie().is_none())
         .collect();
     // Equal keys end up together, earliest report first.
     order.sort_unstable_by(|&a, &b| key(a).cmp(&key(b)).then(a.cmp(&b)));
@@ -252,19 +252,16 @@ fn to_socket(payload: &[u8]) -> Result<Socket, String> {
             _ => {}
         }
     }
-    Ok(Socket {
+    let mut socket = Socket::new(
         state,
-        local: (id.source_address, id.source_port).into(),
-        remote: (id.destination_address, id.destination_port).into(),
-        inode: u64::from(h.inode),
-        cookie: stable_cookie(u64::from(hi) << 32 | u64::from(lo)),
-        uid: h.uid,
-        recv_q: h.recv_queue,
-        send_q: h.send_queue,
-        tcp_info,
-        netns: 0,
-        cgroup_id,
-    })
+        (id.source_address, id.source_port).into(),
+        (id.destination_address, id.destination_port).into(),
+    );
+    socket.inode = u64::from(h.inode);
+    socket.set_cookie(stable_cookie(u64::from(hi) << 32 | u64::from(lo)));
+    socket.tcp_info = tcp_info;
+    socket.set_cgroup_id(cgroup_id);
+    Ok(socket)
 }
 
 /// `INET_DIAG_INFO`: `struct tcp_info`.
@@ -274,12 +271,10 @@ const INET_DIAG_CGROUP_ID: u16 = 21;
 
 /// Offsets in `struct tcp_info` (`include/uapi/linux/tcp.h`): 8 one-byte fields, then u32s.
 /// The idle clocks have been there since 2.6 (every kernel sends at least 104 bytes, up to
-/// `tcpi_total_retrans`); the byte counters came in 4.1 (136 bytes).
+/// `tcpi_total_retrans`).
 const LAST_DATA_SENT: usize = 44;
 const LAST_DATA_RECV: usize = 52;
 const LAST_ACK_RECV: usize = 56;
-const BYTES_ACKED: usize = 120;
-const BYTES_RECEIVED: usize = 128;
 
 /// Reads the fields shimcheck needs by length: `tcp_info` grows with the kernel (104 bytes in
 /// 3.10, 192 in 4.15, 224 in 4.19, 232 in 5.4), so a field past the end of what this kernel
@@ -290,16 +285,10 @@ pub fn parse_tcp_info(bytes: &[u8]) -> Option<TcpInfo> {
         let b = bytes.get(off..off + 4)?;
         Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
     };
-    let u64_at = |off: usize| -> Option<u64> {
-        let b: [u8; 8] = bytes.get(off..off + 8)?.try_into().ok()?;
-        Some(u64::from_ne_bytes(b))
-    };
     Some(TcpInfo {
         last_data_sent_ms: u32_at(LAST_DATA_SENT)?,
         last_data_recv_ms: u32_at(LAST_DATA_RECV)?,
         last_ack_recv_ms: u32_at(LAST_ACK_RECV)?,
-        bytes_acked: u64_at(BYTES_ACKED),
-        bytes_received: u64_at(BYTES_RECEIVED),
     })
 }
 
@@ -313,14 +302,12 @@ mod tests {
         full[LAST_DATA_SENT..LAST_DATA_SENT + 4].copy_from_slice(&7000u32.to_ne_bytes());
         full[LAST_DATA_RECV..LAST_DATA_RECV + 4].copy_from_slice(&6000u32.to_ne_bytes());
         full[LAST_ACK_RECV..LAST_ACK_RECV + 4].copy_from_slice(&100u32.to_ne_bytes());
-        full[BYTES_ACKED..BYTES_ACKED + 8].copy_from_slice(&42u64.to_ne_bytes());
         let info = parse_tcp_info(&full).unwrap();
         assert_eq!(info.data_idle_ms(), 6000);
-        assert_eq!(info.bytes_acked, Some(42));
-        // A 2.6-era tcp_info (104 bytes) has the clocks but no byte counters.
+        // A 2.6-era tcp_info (104 bytes) has the clocks.
         let old = parse_tcp_info(&full[..104]).unwrap();
+        assert_eq!(old, info);
         assert_eq!(old.last_ack_recv_ms, 100);
-        assert_eq!(old.bytes_acked, None);
         assert_eq!(parse_tcp_info(&full[..59]), None);
     }
 

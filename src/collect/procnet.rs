@@ -51,18 +51,10 @@ pub fn parse(text: impl BufRead, states: StateSet) -> Result<Vec<Socket>, String
 
 fn socket(e: TcpNetEntry, states: StateSet) -> Option<Socket> {
     let state = TcpState::from_kernel(e.state as u8)?;
-    states.contains(state).then_some(Socket {
-        state,
-        local: e.local_address,
-        remote: e.remote_address,
-        inode: e.inode,
-        cookie: None,
-        uid: e.uid,
-        recv_q: e.rx_queue,
-        send_q: e.tx_queue,
-        tcp_info: None,
-        netns: 0,
-        cgroup_id: None,
+    states.contains(state).then(|| {
+        let mut s = Socket::new(state, e.local_address, e.remote_address);
+        s.inode = e.inode;
+        s
     })
 }
 

@@ -200,15 +200,15 @@ pub fn families(
                 .entry(vec![("netns", netns.clone())])
                 .or_default() += 1.0;
         }
-        let server = j.listening(s.netns, s.local);
+        let server = j.listening(s.netns, s.local());
         let (side, endpoint) = if server {
-            ("server", s.local)
+            ("server", s.local())
         } else {
             ports
-                .entry((s.netns, s.local.ip(), s.remote))
+                .entry((s.netns, s.local().ip(), s.remote()))
                 .or_default()
-                .insert(s.local.port());
-            ("client", s.remote)
+                .insert(s.local().port());
+            ("client", s.remote())
         };
         let endpoint = endpoint.to_string();
         if s.state == TcpState::Established

@@ -21,7 +21,7 @@ fn key(
     std::net::SocketAddr,
     std::net::SocketAddr,
 ) {
-    (s.cookie, s.state, s.local, s.remote)
+    (s.cookie(), s.state, s.local(), s.remote())
 }
 
 fn sorted(
@@ -55,7 +55,7 @@ fn one_walk_finds_what_the_two_per_family_dumps_find() {
     // 60 connections (both ends) and two listeners.
     assert_eq!(both.len(), 122, "{:?}", sorted(&both));
     assert_eq!(sorted(&both), sorted(&per_family));
-    assert_eq!(both.iter().filter(|s| s.local.is_ipv6()).count(), 41);
+    assert_eq!(both.iter().filter(|s| s.local().is_ipv6()).count(), 41);
 }
 
 /// The states a loop dumps.
@@ -99,7 +99,7 @@ fn nothing_moved_until_a_segment_moves() {
         let port = client.local_addr().unwrap().port();
         let mine = sent
             .iter()
-            .find(|s| s.local.port() == port)
+            .find(|s| s.local().port() == port)
             .and_then(|s| s.tcp_info)
             .unwrap();
         assert!(mine.last_data_sent_ms < 1000, "{mine:?}");
@@ -114,7 +114,7 @@ fn nothing_moved_until_a_segment_moves() {
         assert!(
             closed
                 .iter()
-                .any(|s| s.local.port() == port && s.state == TcpState::CloseWait)
+                .any(|s| s.local().port() == port && s.state == TcpState::CloseWait)
         );
 
         // Other states asked for: a dump; then none while the counters stand still (the resync

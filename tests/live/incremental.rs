@@ -30,10 +30,10 @@ fn sockets(s: &Sample) -> BTreeMap<u64, String> {
         .iter()
         .map(|x| {
             let owners: Vec<u32> = s.owners.owners(x.inode).iter().map(|p| p.1).collect();
-            let cookie = x.cookie.unwrap_or_default();
+            let cookie = x.cookie().unwrap_or_default();
             (
                 cookie,
-                format!("{} {} {} {owners:?}", x.state, x.local, x.remote),
+                format!("{} {} {} {owners:?}", x.state, x.local(), x.remote()),
             )
         })
         .collect()

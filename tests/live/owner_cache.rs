@@ -87,7 +87,7 @@ fn sockets_on(port: u16) -> Vec<Socket> {
         .sockets(est)
         .unwrap()
         .into_iter()
-        .filter(|s| s.local.port() == port || s.remote.port() == port)
+        .filter(|s| s.local().port() == port || s.remote().port() == port)
         .collect()
 }
 
@@ -107,8 +107,8 @@ fn refresh_with(cache: &mut OwnerCache, sockets: Vec<Socket>, pid: u32) -> Refre
             owners.owners(s.inode),
             [(s.inode, pid)],
             "{} -> {}",
-            s.local,
-            s.remote
+            s.local(),
+            s.remote()
         );
     }
     cost

@@ -93,8 +93,6 @@ impl Pop {
                     .tcp_info(TcpInfo {
                         last_data_sent_ms: *idle,
                         last_data_recv_ms: *idle,
-                        bytes_acked: Some(1),
-                        bytes_received: Some(0),
                         ..TcpInfo::default()
                     })
             });

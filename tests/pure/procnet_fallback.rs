@@ -18,18 +18,18 @@ fn both_tables_are_read_and_states_filtered_here() {
     assert!(sockets.iter().all(|s| s.state == TcpState::Established));
     let v4 = sockets
         .iter()
-        .filter(|s| s.local.to_string() == "127.0.0.1:5000")
+        .filter(|s| s.local().to_string() == "127.0.0.1:5000")
         .count();
     let v6 = sockets
         .iter()
-        .filter(|s| s.local.to_string() == "[::1]:8443")
+        .filter(|s| s.local().to_string() == "[::1]:8443")
         .count();
     assert_eq!((v4, v6), (4, 2));
     // The text tables have no cookies and no tcp_info: absent, not zero.
     assert!(
         sockets
             .iter()
-            .all(|s| s.cookie.is_none() && s.tcp_info.is_none())
+            .all(|s| s.cookie().is_none() && s.tcp_info.is_none())
     );
     assert!(sockets.iter().all(|s| s.inode != 0));
 

@@ -26,23 +26,18 @@ pub const HOST_NS: u64 = 4_026_531_840;
 
 /// A socket with the defaults above.
 pub fn sock(state: TcpState, local: &str, remote: &str, inode: u64) -> Socket {
-    Socket {
+    let mut s = Socket::new(
         state,
-        local: local
+        local
             .parse()
             .unwrap_or_else(|e| panic!("local {local}: {e}")),
-        remote: remote
+        remote
             .parse()
             .unwrap_or_else(|e| panic!("remote {remote}: {e}")),
-        inode,
-        cookie: Some(inode),
-        uid: 0,
-        recv_q: 0,
-        send_q: 0,
-        tcp_info: None,
-        netns: 0,
-        cgroup_id: None,
-    }
+    );
+    s.inode = inode;
+    s.set_cookie(Some(inode));
+    s
 }
 
 /// Chainable setters on a `Socket` from `sock`.
@@ -61,7 +56,7 @@ pub trait SocketWith: Sized {
 
 impl SocketWith for Socket {
     fn cookie(mut self, cookie: impl Into<Option<u64>>) -> Self {
-        self.cookie = cookie.into();
+        self.set_cookie(cookie.into());
         self
     }
 
@@ -71,7 +66,7 @@ impl SocketWith for Socket {
     }
 
     fn cgroup(mut self, id: u64) -> Self {
-        self.cgroup_id = Some(id);
+        self.set_cgroup_id(Some(id));
         self
     }
 
