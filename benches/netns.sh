@@ -38,18 +38,20 @@ cleanup() {
 trap cleanup EXIT INT TERM
 start_population "$sockets"
 
-measure() { # label command...: mean "wall cpu" (seconds) over $runs runs, CPU from getrusage
+measure() { # label command...: median "wall cpu" (seconds) of $runs runs, CPU from getrusage
   local label=$1; shift
   python3 - "$label" "$runs" "$@" <<'PY'
-import resource, subprocess, sys, time
+import resource, statistics, subprocess, sys, time
 label, runs, cmd = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # warm-up
-r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+walls, cpus = [], []
 for _ in range(runs):
+    r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-r1, t1 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-print(label, (t1 - t0) / runs, cpu / runs)
+    r1, t1 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    walls.append(t1 - t0)
+    cpus.append((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime))
+print(label, statistics.median(walls), statistics.median(cpus))
 PY
 }
 

@@ -112,8 +112,8 @@ pub fn write_file(sample: &Sample, path: &Path) -> anyhow::Result<()> {
     crate::atomic::replace(path, |w| write(sample, w))
 }
 
-/// The largest snapshot shimcheck reads: 1 GiB, about three million sockets (a million-socket
-/// node writes about 320 MB). A larger file, or a stream that does not end, is refused once
+/// The largest snapshot shimcheck reads: 1 GiB, about four million sockets (a million-socket
+/// node writes about 260 MB). A larger file, or a stream that does not end, is refused once
 /// this much is read, so that reading one cannot exhaust the memory of the node it runs on.
 pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
 
@@ -159,7 +159,7 @@ fn too_large(origin: &str, len: Option<u64>, max: u64) -> String {
     );
     format!(
         "{origin} is {size}: shimcheck reads snapshots of up to {max} bytes (1 GiB, about \
-         three million sockets); is it a shimcheck snapshot?"
+         four million sockets); is it a shimcheck snapshot?"
     )
 }
 

@@ -1080,3 +1080,31 @@ fn ephemeral_client_ports_fold_into_one_row_per_destination() {
     assert_eq!(json["remote_port"], 5000);
     assert!(json.get("local_port").is_none());
 }
+
+/// `serve` publishes reports to whoever may scrape it: command lines (passwords, tokens) are
+/// blanked in process and pair groups, and nothing else changes.
+#[test]
+fn a_report_for_publishing_carries_no_command_lines() {
+    for by in [GroupBy::Process, GroupBy::Pair] {
+        let full = shimcheck::ports_report(&node(), &query(by, &[Established]));
+        let cmdlines = |r: &Report| {
+            r.groups
+                .iter()
+                .filter_map(|g| match &g.what {
+                    GroupKey::Process { cmdline, .. } | GroupKey::Pair { cmdline, .. } => {
+                        cmdline.clone()
+                    }
+                    _ => None,
+                })
+                .count()
+        };
+        assert!(
+            cmdlines(&full) > 0,
+            "--by {by:?}: the node has command lines"
+        );
+        let mut published = full.clone();
+        published.drop_cmdlines();
+        assert_eq!(cmdlines(&published), 0, "--by {by:?}");
+        assert_eq!(keys(&published), keys(&full), "--by {by:?}");
+    }
+}

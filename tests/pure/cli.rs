@@ -149,6 +149,6 @@ fn a_snapshot_stream_that_does_not_end_is_refused_at_the_limit() {
     assert_eq!(
         format!("{err:#}"),
         "the pipe is more than 4096 bytes: shimcheck reads snapshots of up to 4096 bytes (1 \
-         GiB, about three million sockets); is it a shimcheck snapshot?"
+         GiB, about four million sockets); is it a shimcheck snapshot?"
     );
 }

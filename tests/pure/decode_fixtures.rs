@@ -268,3 +268,88 @@ fn the_decoder_agrees_with_the_crates_full_parser() {
         assert_eq!(got, expected, "{name}");
     }
 }
+
+/// TIME_WAIT sockets have no file, so every one of them has inode 0: the dump tells them apart
+/// by their cookies. Each distinct cookie is one socket, however many share inode 0; a socket
+/// the dump reports again (same cookie) is kept once and counted as a duplicate.
+#[test]
+fn time_wait_sockets_all_of_inode_0_count_once_each_by_cookie() {
+    use crate::support::builders::{SocketWith, diag_done, diag_message, sock};
+    let time_wait: Vec<Socket> = (0..300u64)
+        .map(|i| {
+            sock(
+                TcpState::TimeWait,
+                &format!("10.0.0.1:{}", 30000 + i),
+                "10.0.0.2:5000",
+                0,
+            )
+            .cookie(1000 + i)
+        })
+        .collect();
+    let established: Vec<Socket> = (0..5u64)
+        .map(|i| {
+            sock(
+                TcpState::Established,
+                &format!("10.0.0.1:{}", 40000 + i),
+                "10.0.0.2:5000",
+                7000 + i,
+            )
+        })
+        .collect();
+    let all: Vec<&Socket> = time_wait.iter().chain(&established).collect();
+    let mut d = DumpDecoder::new();
+    for chunk in all.chunks(50) {
+        let datagram: Vec<u8> = chunk.iter().flat_map(|s| diag_message(s, 1)).collect();
+        assert_eq!(d.feed(&datagram).unwrap(), Feed::More);
+    }
+    // Under churn the dump reports the first 20 TIME_WAIT sockets again.
+    let again: Vec<u8> = time_wait[..20]
+        .iter()
+        .flat_map(|s| diag_message(s, 1))
+        .collect();
+    assert_eq!(d.feed(&again).unwrap(), Feed::More);
+    assert_eq!(d.feed(&diag_done()).unwrap(), Feed::Done);
+    let dump = d.finish().unwrap();
+    let waiting = dump
+        .sockets
+        .iter()
+        .filter(|s| s.state == TcpState::TimeWait)
+        .count();
+    assert_eq!(waiting, 300, "every TIME_WAIT socket once, all of inode 0");
+    assert_eq!(dump.sockets.len(), 305);
+    assert_eq!(dump.duplicates, 20);
+    let cookies: std::collections::HashSet<_> = dump.sockets.iter().map(|s| s.cookie()).collect();
+    assert_eq!(cookies.len(), 305);
+}
+
+/// A malformed message's offset counts every byte fed before it: earlier datagrams, and the
+/// messages before it in its own.
+#[test]
+fn a_malformed_message_is_located_by_its_byte_in_the_whole_dump() {
+    use crate::support::builders::{diag_message, sock};
+    let one = diag_message(
+        &sock(TcpState::Established, "10.0.0.1:40000", "10.0.0.2:5000", 1),
+        1,
+    );
+    let two = diag_message(
+        &sock(TcpState::Established, "10.0.0.1:40001", "10.0.0.2:5000", 2),
+        1,
+    );
+    let mut d = DumpDecoder::new();
+    assert_eq!(d.feed(&one).unwrap(), Feed::More);
+    let mut second = two.clone();
+    // A socket message whose state is no TCP state (byte 1 of `inet_diag_msg`).
+    let mut bad = two.clone();
+    bad[16 + 1] = 99;
+    second.extend(&bad);
+    let err = d.feed(&second).unwrap_err();
+    let at = one.len() + two.len();
+    match &err {
+        CollectError::Malformed { offset, reason } => {
+            assert_eq!(*offset, at, "{err}");
+            assert!(reason.contains("unknown TCP state 99"), "{err}");
+        }
+        other => panic!("expected Malformed, got {other}"),
+    }
+    assert!(err.to_string().contains(&format!("at byte {at}")), "{err}");
+}

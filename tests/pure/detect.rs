@@ -658,3 +658,700 @@ fn a_digest_judged_later_gives_the_findings_of_a_fresh_look_then() {
     assert!(fresh.iter().any(|f| f.kind == Kind::Idle), "{fresh:#?}");
     assert_eq!(judged, fresh);
 }
+
+// Every documented threshold (docs/detection.md, the consts of src/detect.rs and
+// src/model.rs), just under and just over.
+
+/// The growth findings of the last sample of `series`, watched with a 60 s window.
+fn last_growth(series: Vec<(u64, Pop)>) -> Vec<Finding> {
+    watch(series, &cfg(60)).pop().unwrap_or_default()
+}
+
+/// `app` holds 100 connections at the window's start, then keeps `kept` of them while new ones
+/// take the count to 105, 110 and 115: a rise of 15 over 3 rises, all quiet.
+fn keeping(kept: u64) -> Vec<(u64, Pop)> {
+    (0..4u64)
+        .map(|i| {
+            let p = if i == 0 {
+                Pop::new().clients(300, 0, 100, QUIET)
+            } else {
+                Pop::new().clients(300, 100 - kept, kept, QUIET).clients(
+                    300,
+                    1000,
+                    100 + 5 * i - kept,
+                    QUIET,
+                )
+            };
+            (i * 5, p)
+        })
+        .collect()
+}
+
+#[test]
+fn growth_needs_90_percent_of_the_sockets_at_the_windows_start_still_open() {
+    let f = last_growth(keeping(90));
+    assert_eq!(f.len(), 1, "kept 90 of 100: {f:#?}");
+    assert!(matches!(f[0].detail, Detail::Growth { retained, .. } if retained == 0.9));
+    assert!(
+        f[0].message.contains("kept 90% of those it had"),
+        "{}",
+        f[0].message
+    );
+    let f = last_growth(keeping(89));
+    assert!(f.is_empty(), "kept 89 of 100 (churn): {f:#?}");
+}
+
+/// `app`'s connection count at each sample, 5 s apart, all of them quiet.
+fn counts(counts: &[u64]) -> Vec<(u64, Pop)> {
+    counts
+        .iter()
+        .zip(0u64..)
+        .map(|(&n, i)| (i * 5, Pop::new().clients(300, 0, n, QUIET)))
+        .collect()
+}
+
+#[test]
+fn growth_needs_three_rises_between_samples() {
+    let f = last_growth(counts(&[10, 14, 18, 22]));
+    assert_eq!(f.len(), 1, "3 rises: {f:#?}");
+    assert!(last_growth(counts(&[10, 10, 16, 22])).is_empty(), "2 rises");
+}
+
+#[test]
+fn growth_needs_a_rise_of_min_growth() {
+    let f = last_growth(counts(&[10, 14, 17, 20]));
+    assert_eq!(f.len(), 1, "a rise of 10: {f:#?}");
+    assert_eq!((f[0].count, f[0].pid), (20, Some(300)));
+    assert!(
+        f[0].message
+            .contains("went from 10 to 20 connections to 127.0.0.1:5000 in 15s"),
+        "{}",
+        f[0].message
+    );
+    assert!(
+        last_growth(counts(&[10, 13, 16, 19])).is_empty(),
+        "a rise of 9"
+    );
+}
+
+#[test]
+fn growth_of_a_thousand_connections_is_critical() {
+    let f = last_growth(counts(&[990, 994, 997, 1000]));
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(f[0].severity, Severity::Critical);
+    let f = last_growth(counts(&[989, 993, 996, 999]));
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(f[0].severity, Severity::Warning);
+}
+
+/// 10 connections at the start; 10 more after 5 s and 10 more after 10 s, both carrying data
+/// 100 ms ago (active); after 15 s `quiet` new ones, first seen then (quiet).
+fn active_then_quiet(quiet: u64) -> Vec<(u64, Pop)> {
+    let base = || Pop::new().clients(300, 0, 10, QUIET);
+    vec![
+        (0, base()),
+        (5, base().clients(300, 100, 10, 100)),
+        (10, base().clients(300, 100, 20, 100)),
+        (
+            15,
+            base()
+                .clients(300, 100, 20, 100)
+                .clients(300, 200, quiet, QUIET),
+        ),
+    ]
+}
+
+#[test]
+fn growth_needs_min_growth_of_the_new_connections_quiet() {
+    let f = last_growth(active_then_quiet(10));
+    assert_eq!(f.len(), 1, "10 quiet: {f:#?}");
+    assert!(
+        matches!(
+            f[0].detail,
+            Detail::Growth {
+                quiet: 10,
+                unjudged: 0,
+                ..
+            }
+        ),
+        "{:?}",
+        f[0].detail
+    );
+    assert!(
+        f[0].message
+            .contains("10 of the 30 opened since went quiet"),
+        "{}",
+        f[0].message
+    );
+    assert!(
+        last_growth(active_then_quiet(9)).is_empty(),
+        "9 quiet, 20 active"
+    );
+}
+
+/// 10 connections at the start; after 10 s, 10 more whose data clocks stay at `idle_ms`; one
+/// more new connection at 20 s and at 30 s. At 30 s the ten were watched for 20 s, longer than
+/// the quiet time of a 60 s window (15 s): the quiet time alone decides.
+fn quiet_after_a_quarter_window(idle_ms: u32) -> Vec<(u64, Pop)> {
+    let base = |n: u64| {
+        Pop::new()
+            .clients(300, 0, 10, QUIET)
+            .clients(300, 100, 10, idle_ms)
+            .clients(300, 200, n, QUIET)
+    };
+    vec![
+        (0, Pop::new().clients(300, 0, 10, QUIET)),
+        (10, base(0)),
+        (20, base(1)),
+        (30, base(2)),
+    ]
+}
+
+#[test]
+fn a_connection_is_quiet_once_silent_for_a_quarter_of_the_window() {
+    let f = last_growth(quiet_after_a_quarter_window(15_000));
+    assert_eq!(f.len(), 1, "silent for 15 s: {f:#?}");
+    assert!(matches!(f[0].detail, Detail::Growth { quiet: 12, .. }));
+    let f = last_growth(quiet_after_a_quarter_window(14_999));
+    assert!(f.is_empty(), "data 14.999 s ago is activity: {f:#?}");
+}
+
+fn idle_cfg() -> DetectConfig {
+    DetectConfig {
+        idle_after: Duration::from_secs(2),
+        ..DetectConfig::default()
+    }
+}
+
+fn idle_findings(s: &Sample) -> Vec<Finding> {
+    detect::findings(&Joined::new(s), None, &idle_cfg())
+}
+
+#[test]
+fn idle_needs_idle_min_count_sockets_each_silent_for_idle_after() {
+    let f = idle_findings(&Pop::new().clients(300, 0, 50, 2_000).sample(0));
+    assert_eq!(f.len(), 1, "50 silent for 2 s: {f:#?}");
+    assert_eq!(
+        (f[0].kind, f[0].count, f[0].severity),
+        (Kind::Idle, 50, Severity::Warning)
+    );
+    assert!(matches!(
+        f[0].detail,
+        Detail::Idle {
+            idle_s_min: 2,
+            idle_s_median: 2
+        }
+    ));
+    assert!(
+        idle_findings(&Pop::new().clients(300, 0, 50, 1_999).sample(0)).is_empty(),
+        "silent for 1.999 s"
+    );
+    assert!(
+        idle_findings(&Pop::new().clients(300, 0, 49, 2_000).sample(0)).is_empty(),
+        "49 sockets"
+    );
+    // Only the silent ones count, and the others do not hide them.
+    let f = idle_findings(
+        &Pop::new()
+            .clients(300, 0, 50, 2_000)
+            .clients(300, 100, 30, 1_999)
+            .sample(0),
+    );
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(f[0].count, 50);
+}
+
+#[test]
+fn idle_clocks_include_the_age_of_a_sample_brought_forward() {
+    let mut s = Pop::new().clients(300, 0, 50, 1_500).sample(0);
+    assert!(idle_findings(&s).is_empty());
+    s.tcp_info_age_ms = 500;
+    let f = idle_findings(&s);
+    assert_eq!(f.len(), 1, "1.5 s at the dump, 2 s now: {f:#?}");
+    assert!(matches!(f[0].detail, Detail::Idle { idle_s_min: 2, .. }));
+}
+
+#[test]
+fn the_idle_median_is_the_middle_clock_and_the_minimum_the_freshest() {
+    let f = idle_findings(
+        &Pop::new()
+            .clients(300, 0, 20, 10_000)
+            .clients(300, 100, 21, 200_000)
+            .clients(300, 200, 20, 9_000_000)
+            .sample(0),
+    );
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert!(
+        matches!(
+            f[0].detail,
+            Detail::Idle {
+                idle_s_min: 10,
+                idle_s_median: 200
+            }
+        ),
+        "{:?}",
+        f[0].detail
+    );
+    assert!(
+        f[0].message.contains(
+            "61 connections to 127.0.0.1:5000 that carried no data for at least 10s (median 3m)"
+        ),
+        "{}",
+        f[0].message
+    );
+}
+
+#[test]
+fn an_idle_pile_up_of_a_thousand_is_critical() {
+    let f = idle_findings(&Pop::new().clients(300, 0, 1000, 2_000).sample(0));
+    assert_eq!(f[0].severity, Severity::Critical);
+    let f = idle_findings(&Pop::new().clients(300, 0, 999, 2_000).sample(0));
+    assert_eq!(f[0].severity, Severity::Warning);
+}
+
+/// `n` CLOSE_WAIT sockets of `app` to one peer.
+fn close_waits(n: u64) -> Sample {
+    let mut p = Pop::new();
+    for c in 0..n {
+        p = p.with(
+            c,
+            TcpState::CloseWait,
+            &format!("127.0.0.1:{}", 20000 + c),
+            "127.0.0.1:7000",
+            300,
+        );
+    }
+    p.sample(0)
+}
+
+fn default_findings(s: &Sample) -> Vec<Finding> {
+    detect::findings(&Joined::new(s), None, &DetectConfig::default())
+}
+
+#[test]
+fn close_wait_needs_close_wait_min_sockets_and_ten_times_that_is_critical() {
+    let f = default_findings(&close_waits(50));
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(
+        (f[0].kind, f[0].count, f[0].severity),
+        (Kind::CloseWait, 50, Severity::Warning)
+    );
+    assert!(default_findings(&close_waits(49)).is_empty());
+    assert_eq!(
+        default_findings(&close_waits(500))[0].severity,
+        Severity::Critical
+    );
+    assert_eq!(
+        default_findings(&close_waits(499))[0].severity,
+        Severity::Warning
+    );
+}
+
+#[test]
+fn close_wait_to_many_peers_names_none_and_counts_them_all() {
+    let mut p = Pop::new();
+    for c in 0..60u64 {
+        p = p.with(
+            c,
+            TcpState::CloseWait,
+            &format!("127.0.0.1:{}", 20000 + c),
+            &format!("127.0.0.1:{}", 7000 + c % 2),
+            300,
+        );
+    }
+    let f = default_findings(&p.sample(0));
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!((f[0].count, f[0].remote.as_deref()), (60, None));
+    assert!(
+        f[0].message
+            .starts_with("app(300) holds 60 CLOSE_WAIT sockets: their peers closed"),
+        "{}",
+        f[0].message
+    );
+}
+
+/// `app`'s `n` connections to the registry, with an ephemeral range of 1,000 ports.
+fn ports_used(n: u64) -> Sample {
+    let mut p = Pop::new().clients(300, 0, n, 0);
+    p.host.port_range = Some((32768, 33767));
+    p.sample(0)
+}
+
+#[test]
+fn port_exhaustion_starts_at_half_the_range_and_is_critical_at_90_percent() {
+    let f = default_findings(&ports_used(500));
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(
+        (f[0].kind, f[0].severity, f[0].pid, f[0].count),
+        (Kind::PortExhaustion, Severity::Warning, Some(300), 500)
+    );
+    assert!(
+        f[0].message.starts_with(
+            "connections from 127.0.0.1 to 127.0.0.1:5000 use 500 of the 1000 ephemeral ports \
+             (50%), most held by app(300)"
+        ),
+        "{}",
+        f[0].message
+    );
+    assert!(default_findings(&ports_used(499)).is_empty());
+    assert_eq!(
+        default_findings(&ports_used(900))[0].severity,
+        Severity::Critical
+    );
+    assert_eq!(
+        default_findings(&ports_used(899))[0].severity,
+        Severity::Warning
+    );
+}
+
+#[test]
+fn a_servers_accepted_connections_use_no_ephemeral_port() {
+    // A range of two ports: one client connection to a destination is half of it.
+    let s = builders::sample()
+        .sockets([
+            sock(TcpState::Listen, "10.0.0.1:5000", "0.0.0.0:0", 1),
+            sock(TcpState::Established, "10.0.0.1:5000", "10.0.0.9:40000", 2),
+        ])
+        .owners([(1, 900), (2, 900)])
+        .process(process(900, "registry"))
+        .port_range(40000, 40001)
+        .build();
+    let f = default_findings(&s);
+    assert!(f.is_empty(), "{f:#?}");
+    let s = builders::sample()
+        .socket(sock(
+            TcpState::Established,
+            "10.0.0.1:40000",
+            "10.0.0.9:5000",
+            2,
+        ))
+        .owner(2, 300)
+        .process(process(300, "app"))
+        .port_range(40000, 40001)
+        .build();
+    let f = default_findings(&s);
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert!(matches!(
+        f[0].detail,
+        Detail::PortExhaustion { used: 1, range: 2 }
+    ));
+}
+
+#[test]
+fn port_exhaustion_names_the_process_holding_most_of_the_ports() {
+    let mut p = Pop::new().clients(300, 0, 300, 0).clients(100, 300, 250, 0);
+    p.host.port_range = Some((32768, 33767));
+    let f = default_findings(&p.sample(0));
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!((f[0].pid, f[0].count), (Some(300), 550));
+    // Without a visible holder the finding says so.
+    let s = builders::sample()
+        .sockets((0..500u64).map(|c| {
+            sock(
+                TcpState::Established,
+                &format!("127.0.0.1:{}", 20000 + c),
+                REGISTRY,
+                c + 1,
+            )
+        }))
+        .port_range(32768, 33767)
+        .build();
+    let f = default_findings(&s);
+    assert_eq!((f.len(), f[0].pid), (1, None), "{f:#?}");
+    assert!(
+        f[0].message.contains("held by no visible process"),
+        "{}",
+        f[0].message
+    );
+}
+
+/// A process with `open` of its 1,000 allowed files.
+fn fds(open: u64) -> Sample {
+    builders::sample()
+        .process(process(300, "app"))
+        .fds(300, open, Some(1000))
+        .build()
+}
+
+#[test]
+fn fd_limit_starts_at_80_percent_and_is_critical_at_95() {
+    let f = default_findings(&fds(800));
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(
+        (f[0].kind, f[0].severity, f[0].count),
+        (Kind::FdLimit, Severity::Warning, 800)
+    );
+    assert!(
+        f[0].message
+            .starts_with("app(300) has 800 of its 1000 allowed open files (80%)"),
+        "{}",
+        f[0].message
+    );
+    assert!(default_findings(&fds(799)).is_empty());
+    assert_eq!(default_findings(&fds(950))[0].severity, Severity::Critical);
+    assert_eq!(default_findings(&fds(949))[0].severity, Severity::Warning);
+}
+
+// The server-side view: a server whose clients are on other hosts is judged per client address
+// (`Target::Clients`), a registry serving many leaking nodes.
+
+/// The registry (900) listens on every address at :5000; the hosts at 10.0.0.102 and
+/// 10.0.0.103 are connected to it at 10.0.0.101:5000, each connection with its data clock.
+fn registry_serving(clients: &[(&str, u64, u32)]) -> Pop {
+    let mut p = Pop::new().with(1, TcpState::Listen, "0.0.0.0:5000", "0.0.0.0:0", 900);
+    let mut cookie = 10;
+    for &(host, n, idle_ms) in clients {
+        for c in 0..n {
+            p = p
+                .with(
+                    cookie,
+                    TcpState::Established,
+                    "10.0.0.101:5000",
+                    &format!("{host}:{}", 40000 + c),
+                    900,
+                )
+                .idle_last(idle_ms);
+            cookie += 1;
+        }
+    }
+    p
+}
+
+#[test]
+fn a_server_with_an_idle_pile_up_from_one_client_host_is_flagged_per_client_address() {
+    let s = registry_serving(&[("10.0.0.102", 60, 600_000), ("10.0.0.103", 60, 100)]).sample(0);
+    let f = default_findings(&s);
+    assert_eq!(f.len(), 1, "only the leaking host: {f:#?}");
+    let f = &f[0];
+    assert_eq!((f.kind, f.pid, f.count), (Kind::Idle, Some(900), 60));
+    assert_eq!(f.remote, None, "the clients use many ports");
+    assert_eq!(f.service.as_deref(), Some("10.0.0.101:5000"));
+    assert!(
+        f.message.contains(
+            "registry(900) holds 60 connections from clients at 10.0.0.102 on 10.0.0.101:5000"
+        ),
+        "{}",
+        f.message
+    );
+}
+
+#[test]
+fn a_server_whose_connections_from_one_client_host_grow_is_flagged_per_client_address() {
+    let series: Vec<(u64, Pop)> = (0..8u64)
+        .map(|i| {
+            let mut p = registry_serving(&[("10.0.0.103", 30, 100)]);
+            for c in 0..2 * i + 2 {
+                p = p.with(
+                    1000 + c,
+                    TcpState::Established,
+                    "10.0.0.101:5000",
+                    &format!("10.0.0.102:{}", 50000 + c),
+                    900,
+                );
+            }
+            (i * 5, p)
+        })
+        .collect();
+    let f = last_growth(series);
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!((f[0].pid, f[0].count), (Some(900), 16));
+    assert_eq!(f[0].remote, None);
+    assert_eq!(f[0].service.as_deref(), Some("10.0.0.101:5000"));
+    assert!(
+        f[0].message
+            .contains("from clients at 10.0.0.102 on 10.0.0.101:5000"),
+        "{}",
+        f[0].message
+    );
+}
+
+/// `n` idle connections of `app` to the registry, in namespace `netns`, as a sample of a
+/// node where shimcheck runs in the host namespace and `lab` is another.
+fn idle_in(netns: &[u64]) -> Sample {
+    let sockets = netns.iter().zip(0u64..).flat_map(|(&ns, k)| {
+        (0..50u64).map(move |c| {
+            sock(
+                TcpState::Established,
+                &format!("127.0.0.1:{}", 20000 + c),
+                REGISTRY,
+                k * 100 + c + 1,
+            )
+            .netns(ns)
+            .idle(600_000)
+        })
+    });
+    let owners: Vec<(u64, u32)> = (0..netns.len() as u64)
+        .flat_map(|k| (0..50u64).map(move |c| (k * 100 + c + 1, 300)))
+        .collect();
+    builders::sample()
+        .host_netns(builders::HOST_NS)
+        .netns_name(77, "lab")
+        .sockets(sockets)
+        .owners(owners)
+        .process(process(300, "app"))
+        .build()
+}
+
+#[test]
+fn a_finding_names_the_network_namespace_only_when_it_is_not_shimchecks_own() {
+    let f = default_findings(&idle_in(&[builders::HOST_NS]));
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert!(
+        !f[0].message.contains("network namespace"),
+        "{}",
+        f[0].message
+    );
+    assert_eq!(
+        f[0].netns.as_ref().map(|n| (n.inode, n.name.as_deref())),
+        Some((builders::HOST_NS, Some("host")))
+    );
+    let f = default_findings(&idle_in(&[77]));
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert!(
+        f[0].message
+            .contains("50 connections to 127.0.0.1:5000 in network namespace lab"),
+        "{}",
+        f[0].message
+    );
+    let f = default_findings(&idle_in(&[78]));
+    assert!(
+        f[0].message.contains("in network namespace net:[78]"),
+        "an unnamed namespace: {}",
+        f[0].message
+    );
+}
+
+#[test]
+fn close_wait_names_its_namespace_when_it_has_one() {
+    let in_ns = |spaces: &[u64]| {
+        let sockets = spaces.iter().zip(0u64..).flat_map(|(&ns, k)| {
+            (0..30u64).map(move |c| {
+                sock(
+                    TcpState::CloseWait,
+                    &format!("127.0.0.1:{}", 20000 + c),
+                    "127.0.0.1:7000",
+                    k * 100 + c + 1,
+                )
+                .netns(ns)
+            })
+        });
+        let owners: Vec<(u64, u32)> = (0..spaces.len() as u64)
+            .flat_map(|k| (0..30u64).map(move |c| (k * 100 + c + 1, 300)))
+            .collect();
+        builders::sample()
+            .host_netns(builders::HOST_NS)
+            .netns_name(77, "lab")
+            .sockets(sockets)
+            .owners(owners)
+            .process(process(300, "app"))
+            .build()
+    };
+    let f = default_findings(&in_ns(&[77, 77]));
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(
+        f[0].netns.as_ref().map(|n| (n.inode, n.name.as_deref())),
+        Some((77, Some("lab")))
+    );
+    let f = default_findings(&in_ns(&[77, builders::HOST_NS]));
+    assert_eq!((f.len(), f[0].count), (1, 60), "{f:#?}");
+    assert_eq!(f[0].netns, None, "two namespaces: none named");
+}
+
+/// The idle finding's message for 50 connections silent for `secs`.
+fn idle_message(secs: u32) -> String {
+    let f = idle_findings(&Pop::new().clients(300, 0, 50, secs * 1000).sample(0));
+    f[0].message.clone()
+}
+
+#[test]
+fn durations_read_in_seconds_below_2_minutes_minutes_below_2_hours_then_hours() {
+    for (secs, words) in [
+        (119, "at least 119s"),
+        (120, "at least 2m"),
+        (7199, "at least 119m"),
+        (7200, "at least 2h"),
+    ] {
+        let m = idle_message(secs);
+        assert!(m.contains(words), "{secs} s: {m}");
+    }
+}
+
+#[test]
+fn a_history_holds_its_samples_from_the_first() {
+    let mut h = History::new(Duration::from_secs(60), MIN_RISES);
+    assert!(h.is_empty());
+    assert_eq!(h.len(), 0);
+    let s = Pop::new().clients(300, 0, 5, 0).sample(0);
+    h.observe(&Joined::new(&s));
+    assert!(!h.is_empty());
+    assert_eq!(h.len(), 1);
+    h.observe_same(s.taken_at + Duration::from_secs(5));
+    assert_eq!(h.len(), 2);
+}
+
+#[test]
+fn growth_counts_connections_without_tcp_info_beside_quiet_ones() {
+    // Each sample adds 2 quiet connections with tcp_info and 2 without (a dump that lost it).
+    let mut h = History::new(Duration::from_secs(60), MIN_RISES);
+    let mut last = Vec::new();
+    for i in 0..4u64 {
+        let n = 4 * i + 4;
+        let sockets = (0..n).map(|c| {
+            let s = sock(
+                TcpState::Established,
+                &format!("127.0.0.1:{}", 20000 + c),
+                REGISTRY,
+                c + 1,
+            );
+            if c % 2 == 0 { s.idle(600_000) } else { s }
+        });
+        let s = builders::sample()
+            .at(1_800_000_000 + i * 5)
+            .sockets(sockets)
+            .owners((0..n).map(|c| (c + 1, 300)))
+            .process(process(300, "app"))
+            .build();
+        let j = Joined::new(&s);
+        h.observe(&j);
+        last = h.growth(&j, &cfg(60));
+    }
+    assert_eq!(last.len(), 1, "{last:#?}");
+    assert!(
+        matches!(
+            last[0].detail,
+            Detail::Growth {
+                quiet: 6,
+                unjudged: 6,
+                ..
+            }
+        ),
+        "{:?}",
+        last[0].detail
+    );
+}
+
+#[test]
+fn against_a_baseline_connections_opened_since_that_carry_data_are_a_pool_not_a_leak() {
+    // When they were opened is unknown: the quiet time (a quarter of the hour since the
+    // snapshot, at most a quarter of the window) alone decides.
+    let judge = |idle_ms: u32| {
+        let before = Pop::new().clients(300, 0, 100, 1_000).sample(0);
+        let after = Pop::new()
+            .clients(300, 0, 100, 1_000)
+            .clients(300, 1000, 80, idle_ms)
+            .sample(3600);
+        let mut h = History::against_baseline();
+        h.observe(&Joined::new(&before));
+        let j = Joined::new(&after);
+        h.observe(&j);
+        h.growth(&j, &cfg(3600))
+    };
+    assert!(judge(1_000).is_empty(), "data a second ago: active");
+    assert!(
+        judge(899_999).is_empty(),
+        "data just under 15 minutes ago: active"
+    );
+    let f = judge(900_000);
+    assert_eq!(f.len(), 1, "silent for 15 minutes: quiet");
+    assert!(matches!(f[0].detail, Detail::Growth { quiet: 80, .. }));
+}

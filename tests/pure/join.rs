@@ -70,3 +70,76 @@ fn a_socket_connected_to_itself_is_not_its_own_peer() {
     )]);
     assert_eq!(Joined::new(&s).peer(0), None);
 }
+
+#[test]
+fn ends_on_the_same_ports_at_other_addresses_are_not_peers() {
+    let s = sample(vec![
+        // A server end whose client is on another host ...
+        sock(Established, "127.0.0.1:5000", "127.0.0.1:40000", 1),
+        // ... and a connection between two other hosts' addresses on the same ports.
+        sock(Established, "10.0.0.5:40000", "10.0.0.6:5000", 2),
+        sock(Established, "10.0.0.6:5001", "10.0.0.7:40001", 3),
+        sock(Established, "10.0.0.7:40001", "10.0.0.6:5001", 4),
+    ]);
+    let j = Joined::new(&s);
+    assert_eq!((j.peer(0), j.peer(1)), (None, None));
+    assert_eq!((j.peer(2), j.peer(3)), (Some(3), Some(2)));
+}
+
+#[test]
+fn the_same_ports_in_many_namespaces_pair_only_within_one() {
+    // In namespace 10 the server ends of 8 clients; the clients themselves, on the same ports,
+    // in namespace 10 and in 7 others.
+    let mut sockets = Vec::new();
+    for k in 0..8u16 {
+        sockets.push(
+            sock(
+                Established,
+                "127.0.0.1:5000",
+                &format!("127.0.0.1:{}", 40000 + k),
+                1,
+            )
+            .netns(10),
+        );
+    }
+    for ns in 0..8u64 {
+        for k in 0..8u16 {
+            sockets.push(
+                sock(
+                    Established,
+                    &format!("127.0.0.1:{}", 40000 + k),
+                    "127.0.0.1:5000",
+                    1,
+                )
+                .netns(10 + ns),
+            );
+        }
+    }
+    let s = sample(sockets);
+    let j = Joined::new(&s);
+    for k in 0..8 {
+        assert_eq!(j.peer(k), Some(8 + k), "server end {k}");
+        assert_eq!(
+            j.peer(8 + k),
+            Some(k),
+            "client {k} in the server's namespace"
+        );
+    }
+    for i in 16..s.sockets.len() {
+        assert_eq!(j.peer(i), None, "client {i} in another namespace");
+    }
+}
+
+#[test]
+fn a_listener_on_one_address_serves_that_address_only() {
+    let s = sample(vec![
+        sock(Listen, "10.0.0.1:5000", "0.0.0.0:0", 1),
+        sock(Listen, "[::1]:6443", "[::]:0", 2),
+    ]);
+    let j = Joined::new(&s);
+    assert!(j.listening(0, "10.0.0.1:5000".parse().unwrap()));
+    assert!(!j.listening(0, "10.0.0.2:5000".parse().unwrap()));
+    assert!(j.listening(0, "[::1]:6443".parse().unwrap()));
+    assert!(!j.listening(0, "127.0.0.1:6443".parse().unwrap()));
+    assert!(!j.listening(0, "10.0.0.1:5001".parse().unwrap()));
+}

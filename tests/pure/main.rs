@@ -12,6 +12,7 @@ mod decode_fixtures;
 mod detect;
 mod join;
 mod old_kernels;
+mod owner_cache;
 mod owners;
 mod privilege;
 mod proc_join;

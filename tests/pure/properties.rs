@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use shimcheck::collect::decode::{DumpDecoder, Feed};
 use shimcheck::model::{Socket, TcpInfo, TcpState};
 
-use crate::support::builders::{self, process};
+use crate::support::builders::{self, diag_done, diag_message, process};
 
 fn state() -> impl Strategy<Value = TcpState> {
     proptest::sample::select(TcpState::ALL.to_vec())
@@ -60,70 +60,6 @@ fn socket() -> impl Strategy<Value = Socket> {
     })
 }
 
-/// One `SOCK_DIAG_BY_FAMILY` reply message for `s`, laid out as the kernel lays it out
-/// (`struct inet_diag_msg`, then `INET_DIAG_INFO` and `INET_DIAG_CGROUP_ID` attributes).
-fn encode(s: &Socket, seq: u32) -> Vec<u8> {
-    let mut body = Vec::new();
-    let family: u8 = if s.local().is_ipv6() { 10 } else { 2 };
-    body.extend([family, s.state.kernel_number(), 0, 0]);
-    body.extend(s.local().port().to_be_bytes());
-    body.extend(s.remote().port().to_be_bytes());
-    for a in [s.local().ip(), s.remote().ip()] {
-        let mut bytes = [0u8; 16];
-        match a {
-            IpAddr::V4(v4) => bytes[..4].copy_from_slice(&v4.octets()),
-            IpAddr::V6(v6) => bytes = v6.octets(),
-        }
-        body.extend(bytes);
-    }
-    body.extend(0u32.to_ne_bytes()); // interface
-    let cookie = s.cookie().unwrap_or_default();
-    body.extend((cookie as u32).to_ne_bytes());
-    body.extend(((cookie >> 32) as u32).to_ne_bytes());
-    body.extend(0u32.to_ne_bytes()); // expires
-    // Queues and uid, which shimcheck does not read: any values.
-    body.extend([0xA5; 12]);
-    body.extend((s.inode as u32).to_ne_bytes());
-    let mut attr = |kind: u16, value: &[u8]| {
-        body.extend(((4 + value.len()) as u16).to_ne_bytes());
-        body.extend(kind.to_ne_bytes());
-        body.extend(value);
-        while body.len() % 4 != 0 {
-            body.push(0);
-        }
-    };
-    if let Some(t) = s.tcp_info {
-        let mut info = vec![0u8; 232];
-        info[44..48].copy_from_slice(&t.last_data_sent_ms.to_ne_bytes());
-        info[52..56].copy_from_slice(&t.last_data_recv_ms.to_ne_bytes());
-        info[56..60].copy_from_slice(&t.last_ack_recv_ms.to_ne_bytes());
-        attr(2, &info);
-    }
-    if let Some(id) = s.cgroup_id() {
-        attr(21, &id.to_ne_bytes());
-    }
-    let mut msg = Vec::new();
-    msg.extend(((16 + body.len()) as u32).to_ne_bytes());
-    msg.extend(20u16.to_ne_bytes());
-    msg.extend(2u16.to_ne_bytes()); // NLM_F_MULTI
-    msg.extend(seq.to_ne_bytes());
-    msg.extend(0u32.to_ne_bytes());
-    msg.extend(body);
-    msg
-}
-
-/// `NLMSG_DONE` with status 0.
-fn done() -> Vec<u8> {
-    let mut msg = Vec::new();
-    msg.extend(20u32.to_ne_bytes());
-    msg.extend(3u16.to_ne_bytes());
-    msg.extend(2u16.to_ne_bytes());
-    msg.extend(0u32.to_ne_bytes());
-    msg.extend(0u32.to_ne_bytes());
-    msg.extend(0i32.to_ne_bytes());
-    msg
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -159,10 +95,10 @@ proptest! {
             .collect();
         let mut d = DumpDecoder::new();
         for chunk in sockets.chunks(per_datagram) {
-            let datagram: Vec<u8> = chunk.iter().flat_map(|s| encode(s, 1)).collect();
+            let datagram: Vec<u8> = chunk.iter().flat_map(|s| diag_message(s, 1)).collect();
             prop_assert_eq!(d.feed(&datagram).unwrap(), Feed::More);
         }
-        prop_assert_eq!(d.feed(&done()).unwrap(), Feed::Done);
+        prop_assert_eq!(d.feed(&diag_done()).unwrap(), Feed::Done);
         let dump = d.finish().unwrap();
         prop_assert_eq!(dump.sockets, sockets);
     }

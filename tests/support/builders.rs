@@ -10,6 +10,8 @@
 //!   `.sockets(..)`, `.owner(inode, pid)`, `.process(..)`, `.fds(..)` ..., then `.build()`.
 //! - `query(by, states)`: `shimcheck ports --by BY --state ...` with no filter and no `--top`;
 //!   `Query { top: Some(3), ..query(by, states) }` for the rest.
+//! - `diag_message(&socket, seq)`, `diag_done()`: a socket as a sock_diag reply message, and
+//!   the end of a dump, as the kernel encodes them (for the decoder).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
@@ -320,4 +322,69 @@ pub fn query(by: GroupBy, states: &[TcpState]) -> Query {
 /// Warnings as the operator reads them.
 pub fn texts(warnings: &[Warning]) -> Vec<String> {
     warnings.iter().map(ToString::to_string).collect()
+}
+
+/// One `SOCK_DIAG_BY_FAMILY` reply message for `s`, laid out as the kernel lays it out
+/// (`struct inet_diag_msg`, then `INET_DIAG_INFO` and `INET_DIAG_CGROUP_ID` attributes).
+pub fn diag_message(s: &Socket, seq: u32) -> Vec<u8> {
+    use std::net::IpAddr;
+    let mut body = Vec::new();
+    let family: u8 = if s.local().is_ipv6() { 10 } else { 2 };
+    body.extend([family, s.state.kernel_number(), 0, 0]);
+    body.extend(s.local().port().to_be_bytes());
+    body.extend(s.remote().port().to_be_bytes());
+    for a in [s.local().ip(), s.remote().ip()] {
+        let mut bytes = [0u8; 16];
+        match a {
+            IpAddr::V4(v4) => bytes[..4].copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => bytes = v6.octets(),
+        }
+        body.extend(bytes);
+    }
+    body.extend(0u32.to_ne_bytes()); // interface
+    let cookie = s.cookie().unwrap_or_default();
+    body.extend((cookie as u32).to_ne_bytes());
+    body.extend(((cookie >> 32) as u32).to_ne_bytes());
+    body.extend(0u32.to_ne_bytes()); // expires
+    // Queues and uid, which shimcheck does not read: any values.
+    body.extend([0xA5; 12]);
+    body.extend((s.inode as u32).to_ne_bytes());
+    let mut attr = |kind: u16, value: &[u8]| {
+        body.extend(((4 + value.len()) as u16).to_ne_bytes());
+        body.extend(kind.to_ne_bytes());
+        body.extend(value);
+        while body.len() % 4 != 0 {
+            body.push(0);
+        }
+    };
+    if let Some(t) = s.tcp_info {
+        let mut info = vec![0u8; 232];
+        info[44..48].copy_from_slice(&t.last_data_sent_ms.to_ne_bytes());
+        info[52..56].copy_from_slice(&t.last_data_recv_ms.to_ne_bytes());
+        info[56..60].copy_from_slice(&t.last_ack_recv_ms.to_ne_bytes());
+        attr(2, &info);
+    }
+    if let Some(id) = s.cgroup_id() {
+        attr(21, &id.to_ne_bytes());
+    }
+    let mut msg = Vec::new();
+    msg.extend(((16 + body.len()) as u32).to_ne_bytes());
+    msg.extend(20u16.to_ne_bytes());
+    msg.extend(2u16.to_ne_bytes()); // NLM_F_MULTI
+    msg.extend(seq.to_ne_bytes());
+    msg.extend(0u32.to_ne_bytes());
+    msg.extend(body);
+    msg
+}
+
+/// `NLMSG_DONE` with status 0.
+pub fn diag_done() -> Vec<u8> {
+    let mut msg = Vec::new();
+    msg.extend(20u32.to_ne_bytes());
+    msg.extend(3u16.to_ne_bytes());
+    msg.extend(2u16.to_ne_bytes());
+    msg.extend(0u32.to_ne_bytes());
+    msg.extend(0u32.to_ne_bytes());
+    msg.extend(0i32.to_ne_bytes());
+    msg
 }
