@@ -212,6 +212,26 @@ fn drop_repeats_without_cookie(sockets: &mut Vec<Socket>) -> usize {
     repeats
 }
 
+/// Runs `dump`, which feeds one whole dump's datagrams to the decoder it is given, until a dump
+/// comes back without `NLM_F_DUMP_INTR` (the socket table changed under the walk), at most
+/// `attempts` times: the transport's retry, kept apart from its socket so that captured replies
+/// drive it in tests.
+pub fn until_uninterrupted(
+    attempts: u32,
+    capacity: usize,
+    mut dump: impl FnMut(&mut DumpDecoder) -> Result<(), CollectError>,
+) -> Result<Vec<Socket>, CollectError> {
+    for _ in 0..attempts {
+        let mut decoder = DumpDecoder::with_capacity(capacity);
+        dump(&mut decoder)?;
+        let dump = decoder.finish()?;
+        if !dump.interrupted {
+            return Ok(dump.sockets);
+        }
+    }
+    Err(CollectError::Interrupted(attempts))
+}
+
 /// The cookie a socket can be told apart by, across samples too: `None` for one that names
 /// nothing stable. Since Linux 4.1 the kernel numbers sockets from a counter the first time
 /// one is dumped, so a cookie is never 0 and never reaches 2^63. Before 4.1 `idiag_cookie` was

@@ -21,7 +21,7 @@ use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, Stat
 use netlink_sys::{Socket as NlSocket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
 
 use super::counters::{Counters, Stillness};
-use super::decode::{DumpDecoder, Feed, TCPDIAG_GETSOCK};
+use super::decode::{self, Feed, TCPDIAG_GETSOCK};
 use super::{CollectError, SocketSource};
 use crate::model::{Socket, StateSet};
 
@@ -146,15 +146,9 @@ impl NetlinkSource {
         states: StateSet,
         capacity: usize,
     ) -> Result<Vec<Socket>, CollectError> {
-        for _ in 0..MAX_ATTEMPTS {
-            let mut decoder = DumpDecoder::with_capacity(capacity);
-            self.dump_raw(request, states, &mut |d| decoder.feed(d))?;
-            let dump = decoder.finish()?;
-            if !dump.interrupted {
-                return Ok(dump.sockets);
-            }
-        }
-        Err(CollectError::Interrupted(MAX_ATTEMPTS))
+        decode::until_uninterrupted(MAX_ATTEMPTS, capacity, |decoder| {
+            self.dump_raw(request, states, &mut |d| decoder.feed(d))
+        })
     }
 
     /// Every socket through two `SOCK_DIAG_BY_FAMILY` dumps, IPv4 then IPv6: what a kernel

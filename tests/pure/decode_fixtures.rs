@@ -164,25 +164,62 @@ fn a_socket_reported_twice_under_churn_is_kept_once() {
     assert!(dump.duplicates > 0);
 }
 
-#[test]
-fn a_dump_the_kernel_flags_interrupted_is_reported_for_a_retry() {
-    let mut dgs = datagrams("v4-multipart.bin");
-    // Set NLM_F_DUMP_INTR (0x10) in the first message's flags (bytes 6-7 of its header), as
-    // the kernel does when the table changed during the dump.
+/// The dump as the kernel sends it when the table changed during the walk: NLM_F_DUMP_INTR
+/// (0x10) set in the first message's flags (bytes 6-7 of its header).
+fn interrupted(name: &str) -> Vec<Vec<u8>> {
+    let mut dgs = datagrams(name);
     let flags = u16::from_ne_bytes([dgs[0][6], dgs[0][7]]) | 0x10;
     dgs[0][6..8].copy_from_slice(&flags.to_ne_bytes());
-    let mut d = DumpDecoder::new();
-    for dg in &dgs {
-        if d.feed(dg).unwrap() == Feed::Done {
+    dgs
+}
+
+/// Feeds `dgs` as one dump.
+fn replay(dgs: &[Vec<u8>], d: &mut DumpDecoder) -> Result<(), CollectError> {
+    for dg in dgs {
+        if d.feed(dg)? == Feed::Done {
             break;
         }
     }
-    let dump = d.finish().unwrap();
-    assert!(
-        dump.interrupted,
-        "the transport retries a dump flagged NLM_F_DUMP_INTR"
-    );
-    assert!(!decode("v4-multipart.bin").unwrap().interrupted);
+    Ok(())
+}
+
+#[test]
+fn a_dump_the_kernel_flags_interrupted_is_taken_again() {
+    use shimcheck::collect::decode::until_uninterrupted;
+    let clean = decode("v4-multipart.bin").unwrap();
+    assert!(!clean.interrupted);
+    let flagged = interrupted("v4-multipart.bin");
+    // Two walks the table changed under, then a clean one: its sockets, each once.
+    let mut walks = 0;
+    let sockets = until_uninterrupted(3, 0, |d| {
+        walks += 1;
+        let dgs = if walks < 3 {
+            flagged.clone()
+        } else {
+            datagrams("v4-multipart.bin")
+        };
+        replay(&dgs, d)
+    })
+    .unwrap();
+    assert_eq!((walks, sockets), (3, clean.sockets));
+    // Interrupted every time: an error naming the attempts, never a partial table.
+    let mut walks = 0;
+    let err = until_uninterrupted(3, 0, |d| {
+        walks += 1;
+        replay(&flagged, d)
+    })
+    .unwrap_err();
+    assert_eq!(walks, 3);
+    assert!(matches!(err, CollectError::Interrupted(3)), "{err}");
+    // A walk that fails is not retried: the error is the answer.
+    let mut walks = 0;
+    let err = until_uninterrupted(3, 0, |d| {
+        walks += 1;
+        replay(&datagrams("error.bin"), d)
+    })
+    .unwrap_err();
+    assert_eq!(walks, 1);
+    assert!(matches!(err, CollectError::Kernel(_)), "{err}");
 }
 
 #[test]
