@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::support::Population;
+use crate::support::{PATIENCE, Population, wait_until};
 
 fn findings(report: &Value) -> &Vec<Value> {
     report["findings"].as_array().unwrap()
@@ -25,7 +25,12 @@ fn an_idle_pile_up_is_flagged_in_one_look_and_exits_1() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    std::thread::sleep(std::time::Duration::from_millis(2500));
+    // Then idle for 2 s: wait until all 60 are (a finding that needs 60 idle sockets), however
+    // long a loaded machine takes, and look with the default threshold (50).
+    wait_until("60 connections idle for 2 s", PATIENCE, || {
+        let out = pop.shimcheck(&["ports", "--idle-after", "2s", "--idle-min-count", "60"]);
+        out.status.code() == Some(1)
+    });
     let out = pop.shimcheck(&["ports", "-o", "json", "--idle-after", "2s"]);
     assert_eq!(out.status.code(), Some(1));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -2,9 +2,14 @@
 //! `tests/support/leak_repro.py` (the leaky image-cri-shim, the fixed one, a churning client,
 //! a stable pool), watched and compared with a baseline, in a namespace each test makes.
 
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
 use serde_json::Value;
 
-use crate::support::{Population, watch};
+use crate::support::{Killed, PATIENCE, Population, poll_until, watch};
 
 #[test]
 fn watch_flags_the_leaky_shim_within_12_samples_and_nothing_else_in_30() {
@@ -144,10 +149,18 @@ fn baseline_finds_growth_since_a_snapshot() {
             .status
             .success()
     );
-    // 10 s: the leak opens 20 connections; those under a quarter of that old (2.5 s) may
-    // still be busy as far as a baseline can tell, and at least 10 must be judged quiet.
-    std::thread::sleep(std::time::Duration::from_secs(10));
-    let report = pop.report(&["--baseline", snap.to_str().unwrap(), "--by", "pair"]);
+    // Until growth is found, however long a loaded machine takes: some 10 s, in which the
+    // leak opens 20 connections; those under a quarter of that old (2.5 s) may still be busy
+    // as far as a baseline can tell, and at least 10 must be judged quiet.
+    let report = poll_until("a growth finding against the baseline", PATIENCE, || {
+        let report = pop.report(&["--baseline", snap.to_str().unwrap(), "--by", "pair"]);
+        let grew = report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["kind"] == "growth");
+        grew.then_some(report)
+    });
     let shim = pop.pid("image-cri-shim");
     let growth: Vec<&Value> = report["findings"]
         .as_array()
@@ -173,21 +186,50 @@ fn ctrl_c_ends_a_watch_with_a_summary_of_what_grew() {
     skip_unless_live!();
     let pop = Population::leak_reproducer();
     let bin = crate::support::shimcheck_bin();
-    let child = pop
-        .command(bin.to_str().unwrap())
-        .args(["ports", "--watch", "--interval", "1s", "--by", "pair"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let mut child = Killed(
+        pop.command(bin.to_str().unwrap())
+            .args(["ports", "--watch", "--interval", "1s", "--by", "pair"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + PATIENCE;
+    let mut text = String::new();
+    let next_line = |text: &mut String| -> bool {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                text.push_str(&line);
+                text.push('\n');
+                true
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => false,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("waited {PATIENCE:?}: {text}"),
+        }
+    };
+    // Ctrl-C once the third sample is out, however long that took.
+    while !text.contains("shimcheck ports --watch: sample 3") {
+        assert!(
+            next_line(&mut text),
+            "the watch ended before sample 3: {text}"
+        );
+    }
     // nsenter forwards the signal to shimcheck, as a terminal's Ctrl-C would reach it.
-    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    let pid = rustix::process::Pid::from_raw(child.0.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(matches!(out.status.code(), Some(0 | 1)), "{:?}", out.status);
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("shimcheck ports --watch: sample 3"), "{text}");
+    while next_line(&mut text) {}
+    let status = child.0.wait().unwrap();
+    assert!(matches!(status.code(), Some(0 | 1)), "{status:?}");
     let summary = text
         .split("watched ")
         .nth(1)
@@ -236,13 +278,56 @@ fn watch_in_tmux(pop: &Population, cols: u16, rows: u16) -> (String, String) {
         &rows.to_string(),
         &command,
     ]);
-    std::thread::sleep(std::time::Duration::from_secs(5));
-    let screen = tmux(&["capture-pane", "-p", "-t", &session]);
+    let _server = TmuxServer(session.clone());
+    // The screen once the third sample is drawn (its totals line too), however long it took.
+    let screen = poll_screen("the third sample", || {
+        let screen = tmux(&["capture-pane", "-p", "-t", &session]);
+        let sample: u64 = screen
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("shimcheck ports --watch: sample "))
+            .and_then(|l| l.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        (sample >= 3 && screen.contains(" sockets ("), screen)
+    });
     tmux(&["send-keys", "-t", &session, "C-c"]);
-    std::thread::sleep(std::time::Duration::from_millis(800));
-    let after = tmux(&["capture-pane", "-p", "-t", &session]);
-    tmux(&["kill-server"]);
+    let after = poll_screen("the summary after Ctrl-C", || {
+        let after = tmux(&["capture-pane", "-p", "-t", &session]);
+        (
+            after.contains("watched ") && after.contains("samples over"),
+            after,
+        )
+    });
     (screen, after)
+}
+
+/// The tmux server of one `watch_in_tmux`, killed when it ends, passed or failed.
+struct TmuxServer(String);
+
+impl Drop for TmuxServer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["-L", &self.0, "kill-server"])
+            .output();
+    }
+}
+
+/// Captures the screen (`look` says whether it shows `what`, and what it shows) every 100 ms
+/// until it shows `what`; fails with the last screen after `PATIENCE`.
+fn poll_screen(what: &str, mut look: impl FnMut() -> (bool, String)) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (done, screen) = look();
+        if done {
+            return screen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited {PATIENCE:?} for {what}; the screen:\n{screen}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// In a real terminal during the leak, at 80x24 and at 200x50: nothing wider than the

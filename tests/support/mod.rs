@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -351,20 +351,58 @@ pub fn shimcheck_json(args: &[&str]) -> Value {
 /// JSON line as it arrives (and the watcher's pid); returns the exit status.
 pub fn watch(pop: &Population, args: &[&str], mut each: impl FnMut(&Value, u32)) -> Option<i32> {
     let bin = shimcheck_bin();
-    let mut child = pop
-        .command(bin.to_str().unwrap())
-        .args(["ports", "--watch", "-o", "json"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut cmd = pop.command(bin.to_str().unwrap());
+    cmd.args(["ports", "--watch", "-o", "json"]).args(args);
+    watch_with(cmd, |v, pid| {
+        each(v, pid);
+        true
+    })
+}
+
+/// Runs `cmd`, a `shimcheck ports --watch -o json` command line, and calls `each` with every
+/// JSON line as it arrives (and the watcher's pid) until `each` returns false, when the
+/// watcher is killed (status `None`), or until the watcher ends (its exit status). A panic in
+/// `each` kills the watcher too.
+pub fn watch_with(mut cmd: Command, mut each: impl FnMut(&Value, u32) -> bool) -> Option<i32> {
+    let mut child = Killed(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id();
+    let stdout = child.0.stdout.take().unwrap();
     for line in BufReader::new(stdout).lines() {
         let v: Value = serde_json::from_str(&line.unwrap()).expect("one JSON object per line");
-        each(&v, child.id());
+        if !each(&v, pid) {
+            return None;
+        }
     }
-    child.wait().unwrap().code()
+    child.0.wait().unwrap().code()
+}
+
+/// How long a live test waits for a condition before it fails: generous, so that a loaded
+/// machine (two cores shared with a fuzzer or a mutation run) slows a test but does not fail
+/// it. A condition that holds on an idle box within a second or two.
+pub const PATIENCE: Duration = Duration::from_secs(120);
+
+/// Polls `done` every 100 ms until it holds; fails naming `what` once `limit` has passed.
+/// Live tests wait on conditions (a sample number, a count reached), never on a sleep.
+pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    poll_until(what, limit, || done().then_some(()));
+}
+
+/// Polls `poll` every 100 ms until it returns a value; fails naming `what` once `limit` has
+/// passed.
+pub fn poll_until<T>(what: &str, limit: Duration, mut poll: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = poll() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "waited {limit:?} for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Installs a seccomp filter in `cmd`'s child before exec, inherited by everything it runs,
