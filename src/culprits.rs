@@ -1,7 +1,7 @@
 //! Known culprits: data, one entry per program whose leak shimcheck recognises by name. The
 //! detector attaches the entry's diagnosis and remediation to any finding about a process of
-//! that name. Adding the next culprit is adding one entry here (and a line in
-//! docs/culprits.md).
+//! that name. Adding the next culprit is adding one entry here (and a row in the "Known
+//! culprits" table of docs/detection.md).
 
 /// A program with a known connection-leak bug.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

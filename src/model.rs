@@ -467,6 +467,14 @@ impl OwnerIndex {
     }
 }
 
+/// The pairs of a scan, sorted, with no process described yet: the one-shot sampler sorts them
+/// on the scan's thread while the dump is still running.
+impl From<Vec<(u64, u32)>> for OwnerIndex {
+    fn from(pairs: Vec<(u64, u32)>) -> OwnerIndex {
+        OwnerIndex::from_pairs(pairs, HashMap::new())
+    }
+}
+
 /// What the scan could not see.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScanStats {

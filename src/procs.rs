@@ -372,11 +372,11 @@ impl ProcScanner {
     /// described keeps its sockets under the name `?`.
     pub fn index(
         &self,
-        pairs: Vec<(u64, u32)>,
+        pairs: impl Into<OwnerIndex>,
         inodes: impl Iterator<Item = u64>,
         extra: impl Iterator<Item = u32>,
     ) -> OwnerIndex {
-        let mut index = OwnerIndex::from_pairs(pairs, HashMap::new());
+        let mut index: OwnerIndex = pairs.into();
         let mut inodes: Vec<u64> = inodes.collect();
         inodes.sort_unstable();
         inodes.dedup();

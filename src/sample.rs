@@ -128,38 +128,41 @@ impl Sampler {
         }
         let source = &mut self.source;
         let scanner = &self.scanner;
+        // The dump (the longer of the two) on one thread; the fd walk on this one, which then
+        // sorts the pairs while the dump goes on.
         let (dumped, scan) = std::thread::scope(|s| {
-            let dump = s.spawn(|| {
-                source.dump(dump_states).map(|d| {
-                    let d = tagged(d, own);
-                    let topology = Topology::new(&d.sockets);
-                    (d, topology)
-                })
-            });
-            let scan = scanner.socket_fds(self.threads, false);
+            let dump = s.spawn(|| source.dump(dump_states).map(|d| tagged(d, own)));
+            let scan = scanner
+                .socket_fds(self.threads, false)
+                .map(|scan| (OwnerIndex::from(scan.pairs), scan.stats, scan.fds));
             (dump.join(), scan)
         });
-        let (dump, topology) = dumped
+        let dump = dumped
             .map_err(|_| anyhow!("the socket collector thread panicked"))?
             .map_err(collect_failed)?;
-        let scan = scan.with_context(|| proc_failed(scanner.root()))?;
+        let (pairs, stats, fds) = scan.with_context(|| proc_failed(scanner.root()))?;
         // Processes at half their fd limit or more get a name too: a finding or a metric may
         // be about them.
-        let near_limit: Vec<u32> = scan
-            .fds
+        let near_limit: Vec<u32> = fds
             .iter()
             .filter(|(_, f)| f.at_least(FD_NAMED_SHARE))
             .map(|(pid, _)| *pid)
             .collect();
-        let owners = scanner.index(
-            scan.pairs,
-            dump.sockets.iter().map(|s| s.inode),
-            near_limit.into_iter(),
-        );
+        // Then the peer match and the description of the owners, side by side.
+        let (topology, owners) = std::thread::scope(|s| {
+            let topology = s.spawn(|| Topology::new(&dump.sockets));
+            let owners = scanner.index(
+                pairs,
+                dump.sockets.iter().map(|s| s.inode),
+                near_limit.into_iter(),
+            );
+            (topology.join(), owners)
+        });
+        let topology = topology.map_err(|_| anyhow!("the peer match thread panicked"))?;
         let found = Found {
             owners,
-            stats: scan.stats,
-            fds: scan.fds.into_iter().collect(),
+            stats,
+            fds: fds.into_iter().collect(),
         };
         Ok(self.build(dump, topology, found, own, taken_at))
     }
