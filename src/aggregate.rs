@@ -260,16 +260,6 @@ impl LazyGroups<'_> {
         (0..self.kept.len()).map(|k| self.spell(k)).collect()
     }
 
-    /// The number of groups.
-    pub fn len(&self) -> usize {
-        self.kept.len()
-    }
-
-    /// True when no group is kept.
-    pub fn is_empty(&self) -> bool {
-        self.kept.is_empty()
-    }
-
     /// The `k`th group kept: its counts and holders, read off its sockets.
     fn spell(&self, k: usize) -> Group {
         let (start, len) = self.kept[k];

@@ -1018,8 +1018,7 @@ fn a_streamed_report_is_the_materialized_report() {
             };
             let materialized = aggregate(&joined, &q);
             let streamed = aggregate_streamed(&joined, &q);
-            assert_eq!(streamed.groups.len(), materialized.groups.len());
-            assert!(!streamed.groups.is_empty());
+            assert!(!materialized.groups.is_empty());
             let mut a = Vec::new();
             let mut b = Vec::new();
             shimcheck::render::json::render(&materialized, &mut a).unwrap();
