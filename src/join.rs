@@ -92,7 +92,7 @@ impl Topology {
     /// Matches every socket with its reverse 4-tuple and collects the listening endpoints.
     /// Both ends of a connection fold to the same `canon`, so after a sort they sit side by
     /// side; where a dump under churn holds the same tuple twice, the later socket is the one
-    /// matched, and a self-connect (its tuple its own reverse) has no peer.
+    /// matched, and a self-connect (its tuple its own reverse) has none.
     pub fn new(sockets: &[Socket]) -> Topology {
         let mut numbering = Numbering::default();
         let mut listeners = FxHashSet::default();
@@ -125,15 +125,11 @@ impl Topology {
                     .max()
             };
             let (forward, backward) = (last(false), last(true));
-            let canon = u128::from(run[0].hi) << 64 | u128::from(run[0].lo);
-            let self_reverse = reversed(canon) == canon;
             for e in run {
-                let other = if self_reverse || e.reverse {
-                    forward
-                } else {
-                    backward
-                };
-                if let Some(j) = other.filter(|&j| j != e.at) {
+                // A self-connect's tuple is its own reverse: all its reports are forward ones,
+                // and no backward one answers them.
+                let other = if e.reverse { forward } else { backward };
+                if let Some(j) = other {
                     peer[e.at as usize] = j;
                 }
             }
@@ -281,6 +277,21 @@ mod tests {
             sock(Established, "127.0.0.1:5000", "127.0.0.1:40000"),
         ];
         assert_eq!(peers(&Topology::new(&sockets)), [Some(1), Some(2), Some(1)]);
+    }
+
+    #[test]
+    fn a_self_connect_reported_twice_has_no_peer() {
+        use TcpState::*;
+        let sockets = [
+            sock(Established, "127.0.0.1:43000", "127.0.0.1:43000"),
+            sock(Established, "127.0.0.1:5000", "127.0.0.1:40000"),
+            sock(Established, "127.0.0.1:43000", "127.0.0.1:43000"),
+            sock(Established, "127.0.0.1:40000", "127.0.0.1:5000"),
+        ];
+        assert_eq!(
+            peers(&Topology::new(&sockets)),
+            [None, Some(3), None, Some(1)]
+        );
     }
 
     #[test]
