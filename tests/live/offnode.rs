@@ -7,12 +7,11 @@
 //! when the test ends, passed or failed.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-use crate::support::{Killed, require_root, shimcheck_bin, watch_with};
+use crate::support::{Killed, require_root, shimcheck_bin, spawn_ready, watch_with};
 
 /// The registry's address, on the bridge in its namespace.
 const REGISTRY: &str = "10.203.0.1";
@@ -63,24 +62,9 @@ impl Netns {
     /// Runs the Python `script ARGS` in the namespace and returns once it has printed its
     /// first line (it is ready); killed when the test ends.
     fn python(&self, script: &str, args: &[&str]) -> Killed {
-        let mut child = Killed(
-            self.command("python3")
-                .args(["-c", script])
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-        let mut line = String::new();
-        BufReader::new(child.0.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            !line.is_empty(),
-            "{args:?}: the script ended before it was ready"
-        );
-        child
+        let mut python = self.command("python3");
+        python.args(["-c", script]).args(args).stdin(Stdio::null());
+        spawn_ready(python, &format!("{args:?}"))
     }
 
     /// `shimcheck ports --watch -o json ARGS` in the namespace.

@@ -928,6 +928,20 @@ fn default_findings(s: &Sample) -> Vec<Finding> {
     detect::findings(&Joined::new(s), None, &DetectConfig::default())
 }
 
+/// The samples `at(n)` make no finding below `warn`, a warning from `warn` on, and a critical
+/// finding from `critical` on.
+fn warns_then_turns_critical(at: impl Fn(u64) -> Sample, warn: u64, critical: u64) {
+    let below = default_findings(&at(warn - 1));
+    assert!(below.is_empty(), "{}: {below:#?}", warn - 1);
+    for (n, severity) in [
+        (warn, Severity::Warning),
+        (critical - 1, Severity::Warning),
+        (critical, Severity::Critical),
+    ] {
+        assert_eq!(default_findings(&at(n))[0].severity, severity, "at {n}");
+    }
+}
+
 #[test]
 fn close_wait_needs_close_wait_min_sockets_and_ten_times_that_is_critical() {
     let f = default_findings(&close_waits(50));
@@ -936,15 +950,7 @@ fn close_wait_needs_close_wait_min_sockets_and_ten_times_that_is_critical() {
         (f[0].kind, f[0].count, f[0].severity),
         (Kind::CloseWait, 50, Severity::Warning)
     );
-    assert!(default_findings(&close_waits(49)).is_empty());
-    assert_eq!(
-        default_findings(&close_waits(500))[0].severity,
-        Severity::Critical
-    );
-    assert_eq!(
-        default_findings(&close_waits(499))[0].severity,
-        Severity::Warning
-    );
+    warns_then_turns_critical(close_waits, 50, 500);
 }
 
 #[test]
@@ -993,15 +999,7 @@ fn port_exhaustion_starts_at_half_the_range_and_is_critical_at_90_percent() {
         "{}",
         f[0].message
     );
-    assert!(default_findings(&ports_used(499)).is_empty());
-    assert_eq!(
-        default_findings(&ports_used(900))[0].severity,
-        Severity::Critical
-    );
-    assert_eq!(
-        default_findings(&ports_used(899))[0].severity,
-        Severity::Warning
-    );
+    warns_then_turns_critical(ports_used, 500, 900);
 }
 
 #[test]
@@ -1087,9 +1085,7 @@ fn fd_limit_starts_at_80_percent_and_is_critical_at_95() {
         "{}",
         f[0].message
     );
-    assert!(default_findings(&fds(799)).is_empty());
-    assert_eq!(default_findings(&fds(950))[0].severity, Severity::Critical);
-    assert_eq!(default_findings(&fds(949))[0].severity, Severity::Warning);
+    warns_then_turns_critical(fds, 800, 950);
 }
 
 // The server-side view: a server whose clients are on other hosts is judged per client address

@@ -502,27 +502,25 @@ impl Drop for Killed {
     }
 }
 
+/// Spawns `command` with its stdout piped and returns once it has printed its first line,
+/// which says it is ready; `what` names it if it ends first. Killed when dropped.
+pub fn spawn_ready(mut command: Command, what: &str) -> Killed {
+    let mut child = Killed(command.stdout(Stdio::piped()).spawn().unwrap());
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(!line.is_empty(), "ended before it was ready: {what}");
+    child
+}
+
 impl Population {
     /// Runs the Python `script` in the namespace (stdin kept open) and returns once it has
     /// printed its first line, which says it is ready.
     pub fn script(&self, script: &str) -> Killed {
-        let mut child = Killed(
-            self.command("python3")
-                .args(["-c", script])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-        let mut line = String::new();
-        BufReader::new(child.0.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            !line.is_empty(),
-            "the script ended before it was ready: {script}"
-        );
-        child
+        let mut python = self.command("python3");
+        python.args(["-c", script]).stdin(Stdio::piped());
+        spawn_ready(python, script)
     }
 }
 
