@@ -23,8 +23,8 @@ pub struct Topology {
 /// A connection's endpoints as one exact 120-bit key: every network namespace and every
 /// address the dump holds gets a small number the first time it is seen (IPv4 as its
 /// IPv6-mapped form, so a v4 client of a dual-stack server and the server's `::ffff:` view of
-/// it compare equal; loopback in two namespaces is two places). The peer map then holds 20
-/// bytes a socket and a match needs no look back at the sockets: the key is the tuple.
+/// it compare equal; loopback in two namespaces is two places). A match then needs no look
+/// back at the sockets: the key is the tuple.
 /// (It replaced 64-bit fingerprints confirmed against the sockets: those confirmations, one
 /// random read of a socket record each, were most of the peer match's cost at 120,000 sockets.)
 #[derive(Default)]

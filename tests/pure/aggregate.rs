@@ -1107,3 +1107,82 @@ fn a_report_for_publishing_carries_no_command_lines() {
         assert_eq!(keys(&published), keys(&full), "--by {by:?}");
     }
 }
+
+/// `--watch` and `--baseline`: each group's change since the previous sample (`delta`) and since
+/// the first (`delta_total`), a group absent from an earlier sample counting 0 there, and no
+/// `delta` without a previous sample.
+#[test]
+fn deltas_count_from_the_previous_and_the_first_sample() {
+    use shimcheck::aggregate::{aggregate_with_counts, annotate_deltas};
+    use shimcheck::join::Joined;
+    // image-cri-shim's connections to the registry: 1, then 3, then 6; a CLOSE_WAIT socket
+    // only in the last sample.
+    let leak = |n: u64, close_wait: bool| {
+        let mut sockets: Vec<Socket> = (0..n)
+            .map(|i| {
+                let client = format!("10.0.0.101:{}", 40001 + i);
+                sock(Established, &client, "10.0.0.101:5000", 10 + i)
+            })
+            .collect();
+        let mut pairs: Vec<(u64, u32)> = (0..n).map(|i| (10 + i, SHIM)).collect();
+        if close_wait {
+            sockets.push(sock(CloseWait, "127.0.0.1:33000", "127.0.0.1:7000", 70));
+            pairs.push((70, CONTAINERD));
+        }
+        sample(
+            sockets,
+            pairs,
+            &[(SHIM, "image-cri-shim"), (CONTAINERD, "containerd")],
+        )
+    };
+    let q = query(GroupBy::Pair, &[Established, CloseWait]);
+    let samples = [leak(1, false), leak(3, false), leak(6, true)];
+    let counted: Vec<_> = samples
+        .iter()
+        .map(|s| aggregate_with_counts(&Joined::new(s), &q))
+        .collect();
+    let (first, second, third) = (&counted[0].1, &counted[1].1, &counted[2].1);
+    let deltas = |r: &Report| -> Vec<(String, usize, Option<i64>, Option<i64>)> {
+        r.groups
+            .iter()
+            .map(|g| (g.key.clone(), g.count, g.delta, g.delta_total))
+            .collect()
+    };
+    let mut last = counted[2].0.clone();
+    annotate_deltas(&mut last, Some(second), first);
+    assert_eq!(
+        deltas(&last),
+        [
+            (
+                "image-cri-shim(2811249) -> 10.0.0.101:5000".to_string(),
+                6,
+                Some(3),
+                Some(5)
+            ),
+            (
+                "containerd(500) -> 127.0.0.1:7000".to_string(),
+                1,
+                Some(1),
+                Some(1)
+            ),
+        ]
+    );
+    // Against a baseline there is no previous sample: only the total change.
+    let mut against_baseline = counted[2].0.clone();
+    annotate_deltas(&mut against_baseline, None, first);
+    assert_eq!(
+        deltas(&against_baseline)
+            .iter()
+            .map(|d| (d.2, d.3))
+            .collect::<Vec<_>>(),
+        [(None, Some(5)), (None, Some(1))]
+    );
+    // The same sample against itself: nothing changed.
+    let mut same = counted[2].0.clone();
+    annotate_deltas(&mut same, Some(third), third);
+    assert!(
+        same.groups
+            .iter()
+            .all(|g| g.delta == Some(0) && g.delta_total == Some(0))
+    );
+}
