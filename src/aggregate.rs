@@ -12,7 +12,7 @@ use serde::{Serialize, Serializer};
 
 use crate::cgroup::PodRef;
 use crate::detect::Finding;
-use crate::join::Joined;
+use crate::join::{Joined, Numbers};
 use crate::model::{Attribution, NetnsRef, Place, Sample, StateSet, TcpState, Warning};
 
 /// The JSON schema version this module writes.
@@ -326,36 +326,6 @@ struct KeyParts {
     addrs: Numbers<IpAddr>,
 }
 
-/// Values numbered in the order first seen.
-struct Numbers<T> {
-    ids: FxHashMap<T, u32>,
-    list: Vec<T>,
-}
-
-impl<T> Default for Numbers<T> {
-    fn default() -> Self {
-        Numbers {
-            ids: FxHashMap::default(),
-            list: Vec::new(),
-        }
-    }
-}
-
-impl<T: Copy + Eq + std::hash::Hash> Numbers<T> {
-    fn number(&mut self, v: T) -> u64 {
-        let next = self.list.len() as u32;
-        let id = *self.ids.entry(v).or_insert(next);
-        if id == next {
-            self.list.push(v);
-        }
-        u64::from(id)
-    }
-
-    fn get(&self, id: u64) -> T {
-        self.list[id as usize]
-    }
-}
-
 const NS_BITS: u32 = 28;
 
 impl KeyParts {
@@ -369,9 +339,10 @@ impl KeyParts {
             RawKey::Peer(ns, a) => (4, 0, Some(ns), None, Some(a)),
             RawKey::Pair(h, ns, a) => (5, holder(h), Some(ns), None, Some(a)),
         };
-        let ns = ns.map_or(0, |ns| self.netns.number(ns));
-        let local = local.map_or(0, |ip| self.addrs.number(ip));
-        let (addr, port) = remote.map_or((0, 0), |a| (self.addrs.number(a.ip()), a.port()));
+        let ns = ns.map_or(0, |ns| u64::from(self.netns.number(ns)));
+        let local = local.map_or(0, |ip| u64::from(self.addrs.number(ip)));
+        let (addr, port) =
+            remote.map_or((0, 0), |a| (u64::from(self.addrs.number(a.ip())), a.port()));
         debug_assert!(ns < 1 << NS_BITS, "2^28 namespaces");
         Member {
             a: kind << 61 | holder << NS_BITS | ns,
@@ -384,14 +355,20 @@ impl KeyParts {
     fn raw(&self, m: &Member) -> RawKey {
         let holder = ((m.a >> NS_BITS) & ((1 << 33) - 1)) as u32;
         let holder = holder.checked_sub(1);
+        // Every number in a member was handed out by `pack`: the lookups cannot miss.
         let ns = self
             .netns
-            .list
-            .get((m.a & ((1 << NS_BITS) - 1)) as usize)
+            .get((m.a & ((1 << NS_BITS) - 1)) as u32)
             .copied()
             .unwrap_or(0);
-        let local = || self.addrs.get(m.b >> 32);
-        let remote = || SocketAddr::new(self.addrs.get(m.b & u64::from(u32::MAX)), m.port);
+        let addr = |id: u64| {
+            self.addrs
+                .get(id as u32)
+                .copied()
+                .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+        };
+        let local = || addr(m.b >> 32);
+        let remote = || SocketAddr::new(addr(m.b & u64::from(u32::MAX)), m.port);
         match m.a >> 61 {
             0 => RawKey::Place(holder),
             1 => RawKey::Port(ns, remote()),
@@ -492,7 +469,7 @@ fn group<'a>(
             // No visible holder: the cgroup that created the socket may still name it.
             GroupBy::Pod if owners.is_empty() => {
                 match s.cgroup_id().and_then(|id| sample.cgroup_places.get(&id)) {
-                    Some(place) => add(RawKey::Place(Some(places.intern(place.clone())))),
+                    Some(place) => add(RawKey::Place(Some(places.number(place.clone())))),
                     None => add(RawKey::Place(None)),
                 }
             }
@@ -500,7 +477,7 @@ fn group<'a>(
                 // Once per place, however many of its processes share the socket.
                 let mut ids: Vec<u32> = owners
                     .iter()
-                    .map(|&p| places.intern(place_of(sample, p)))
+                    .map(|&p| places.number(place_of(sample, p)))
                     .collect();
                 ids.sort_unstable();
                 ids.dedup();
@@ -635,23 +612,7 @@ fn place_of(sample: &Sample, pid: u32) -> Place {
 }
 
 /// The places seen, numbered so that group keys stay small and `Copy`.
-#[derive(Default)]
-struct Places {
-    ids: FxHashMap<Place, u32>,
-    list: Vec<Place>,
-}
-
-impl Places {
-    fn intern(&mut self, place: Place) -> u32 {
-        if let Some(&id) = self.ids.get(&place) {
-            return id;
-        }
-        let id = self.list.len() as u32;
-        self.list.push(place.clone());
-        self.ids.insert(place, id);
-        id
-    }
-}
+type Places = Numbers<Place>;
 
 fn make_group(
     joined: &Joined<'_>,
@@ -747,10 +708,7 @@ fn make_group(
             },
         ),
         RawKey::Place(id) => {
-            let Place { pod, unit } = id
-                .and_then(|i| places.list.get(i as usize))
-                .cloned()
-                .unwrap_or_default();
+            let Place { pod, unit } = id.and_then(|i| places.get(i)).cloned().unwrap_or_default();
             let key = match (&pod, &unit, id) {
                 (Some(p), _, _) => format!("pod {}/{}", p.namespace, p.name),
                 (None, Some(u), _) => format!("unit {u}"),

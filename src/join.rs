@@ -29,8 +29,8 @@ pub struct Topology {
 /// random read of a socket record each, were most of the peer match's cost at 120,000 sockets.)
 #[derive(Default)]
 struct Numbering {
-    netns: FxHashMap<u64, u128>,
-    addrs: FxHashMap<u128, u128>,
+    netns: Numbers<u64>,
+    addrs: Numbers<u128>,
 }
 
 /// Bits of each part of a key: namespace, then (address, port) of each end.
@@ -38,14 +38,48 @@ const NETNS_BITS: u32 = 24;
 const ADDR_BITS: u32 = 32;
 const END_BITS: u32 = ADDR_BITS + 16;
 
+/// Values numbered 0, 1, 2 ... in the order first seen, and back: the peer match's and the
+/// grouping's way to pack endpoints into small fixed-size keys.
+pub(crate) struct Numbers<T> {
+    ids: FxHashMap<T, u32>,
+    list: Vec<T>,
+}
+
+impl<T> Default for Numbers<T> {
+    fn default() -> Self {
+        Numbers {
+            ids: FxHashMap::default(),
+            list: Vec::new(),
+        }
+    }
+}
+
+impl<T: Clone + Eq + std::hash::Hash> Numbers<T> {
+    /// The number of `v`, given it the first time it is seen.
+    pub(crate) fn number(&mut self, v: T) -> u32 {
+        if let Some(&id) = self.ids.get(&v) {
+            return id;
+        }
+        let id = self.list.len() as u32;
+        self.list.push(v.clone());
+        self.ids.insert(v, id);
+        id
+    }
+
+    /// The value numbered `id`.
+    pub(crate) fn get(&self, id: u32) -> Option<&T> {
+        self.list.get(id as usize)
+    }
+}
+
 impl Numbering {
-    fn number<K: std::hash::Hash + Eq>(
-        map: &mut FxHashMap<K, u128>,
-        k: K,
+    /// `v`'s number when it fits in `bits`.
+    fn fitting<T: Clone + Eq + std::hash::Hash>(
+        numbers: &mut Numbers<T>,
+        v: T,
         bits: u32,
     ) -> Option<u128> {
-        let next = map.len() as u128;
-        let n = *map.entry(k).or_insert(next);
+        let n = u128::from(numbers.number(v));
         (n < 1 << bits).then_some(n)
     }
 
@@ -54,14 +88,14 @@ impl Numbering {
             IpAddr::V4(v4) => v4.to_ipv6_mapped(),
             IpAddr::V6(v6) => v6,
         };
-        let n = Numbering::number(&mut self.addrs, u128::from(ip), ADDR_BITS)?;
+        let n = Numbering::fitting(&mut self.addrs, u128::from(ip), ADDR_BITS)?;
         Some(n << 16 | u128::from(addr.port()))
     }
 
     /// `(namespace, local end, remote end)` packed; `None` past 2^24 namespaces or 2^32
     /// addresses, which no node holds.
     fn key(&mut self, s: &Socket) -> Option<u128> {
-        let ns = Numbering::number(&mut self.netns, s.netns, NETNS_BITS)?;
+        let ns = Numbering::fitting(&mut self.netns, s.netns, NETNS_BITS)?;
         let (local, remote) = (self.end(s.local())?, self.end(s.remote())?);
         Some(ns << (2 * END_BITS) | local << END_BITS | remote)
     }
