@@ -14,6 +14,7 @@
 //! program-load, link-create and iter-create commands are all it needs.
 
 mod btf;
+pub mod events;
 mod sys;
 
 use std::io::Read;
@@ -90,7 +91,7 @@ impl TaskFiles {
     pub fn load() -> Result<TaskFiles, BpfError> {
         let offsets = btf::Offsets::of_running_kernel()?;
         let program = program(&offsets);
-        let prog = sys::load_iter_program(&program, offsets.attach_id)?;
+        let prog = sys::load_tracing(&program, sys::BPF_TRACE_ITER, offsets.attach_id)?;
         let link = sys::link_iter(&prog)?;
         Ok(TaskFiles { link })
     }

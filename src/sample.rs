@@ -76,12 +76,13 @@ impl Sampler {
     /// `--all-netns`, else /proc/net with a warning) and a scanner of `node.proc_root`.
     pub fn open(node: &NodeArgs, mode: Mode) -> Sampler {
         let threads = worker_threads();
-        let (source, opened) = collect::open(
-            &node.proc_root,
-            node.all_netns,
-            threads,
-            mode == Mode::Incremental,
-        );
+        let reuse = match mode {
+            Mode::OneShot => collect::Reuse::Nothing,
+            // --no-bpf: no BPF program of any kind.
+            Mode::Incremental if node.no_bpf => collect::Reuse::Unmoved,
+            Mode::Incremental => collect::Reuse::Events,
+        };
+        let (source, opened) = collect::open(&node.proc_root, node.all_netns, threads, reuse);
         let mut scanner = ProcScanner::with_pods(&node.proc_root, &node.pods_dir);
         if !node.no_bpf {
             scanner.use_bpf();

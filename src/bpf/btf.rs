@@ -1,5 +1,6 @@
-//! The kernel's BTF (`/sys/kernel/btf/vmlinux`), read for exactly what the iterator program
-//! needs: five member offsets and one function id.
+//! The kernel's BTF (`/sys/kernel/btf/vmlinux`), read for exactly what the two programs need:
+//! the iterator's five member offsets and function id (`Offsets`), the state-change program's
+//! socket member offsets and tracepoint id (`SockOffsets`).
 //!
 //! Why not a BTF crate: btf-rs 2.0 indexes every type and name of the 5.5 MB file first, which
 //! took 234–528 ms here (measured with a scratch binary resolving the same five members), more
@@ -24,7 +25,62 @@ pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
 const KIND_FUNC: u32 = 12;
+const KIND_TYPE_TAG: u32 = 18;
+
+/// Byte offsets of the socket members the state-change program (`events`) reads, and the BTF
+/// id of the `inet_sock_set_state` tracepoint's type (`btf_trace_inet_sock_set_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SockOffsets {
+    /// `sock.__sk_common.skc_addrpair`: the IPv4 destination, then the bound source.
+    pub addrpair: u32,
+    /// `skc_portpair`: the destination port (network order), then the local port (host order).
+    pub portpair: u32,
+    pub family: u32,
+    pub bound_dev_if: u32,
+    pub v6_daddr: u32,
+    pub v6_rcv_saddr: u32,
+    /// `skc_net.net`: the pointer to the socket's `struct net`...
+    pub net: u32,
+    /// ... and `net.ns.inum` in it: the namespace's inode number.
+    pub net_inum: u32,
+    pub protocol: u32,
+    pub attach_id: u32,
+}
+
+impl SockOffsets {
+    /// The running kernel's.
+    pub fn of_running_kernel() -> Result<SockOffsets, BpfError> {
+        let bytes = std::fs::read(VMLINUX).map_err(|e| BpfError::Btf(format!("{VMLINUX}: {e}")))?;
+        SockOffsets::from_btf(&bytes)
+    }
+
+    /// From a BTF blob.
+    pub fn from_btf(bytes: &[u8]) -> Result<SockOffsets, BpfError> {
+        let btf = Btf::parse(bytes).map_err(BpfError::Btf)?;
+        let at = |path: &str| btf.path_bytes(path);
+        Ok(SockOffsets {
+            addrpair: at("sock.__sk_common.skc_addrpair")?,
+            portpair: at("sock.__sk_common.skc_portpair")?,
+            family: at("sock.__sk_common.skc_family")?,
+            bound_dev_if: at("sock.__sk_common.skc_bound_dev_if")?,
+            v6_daddr: at("sock.__sk_common.skc_v6_daddr")?,
+            v6_rcv_saddr: at("sock.__sk_common.skc_v6_rcv_saddr")?,
+            net: at("sock.__sk_common.skc_net.net")?,
+            net_inum: at("net.ns.inum")?,
+            protocol: at("sock.sk_protocol")?,
+            attach_id: btf
+                .find(KIND_TYPEDEF, "btf_trace_inet_sock_set_state", false)
+                .ok_or_else(|| {
+                    BpfError::Btf("no inet_sock_set_state tracepoint in the kernel's BTF".into())
+                })?,
+        })
+    }
+}
 
 impl Offsets {
     /// The running kernel's.
@@ -36,25 +92,12 @@ impl Offsets {
     /// From a BTF blob.
     pub fn from_btf(bytes: &[u8]) -> Result<Offsets, BpfError> {
         let btf = Btf::parse(bytes).map_err(BpfError::Btf)?;
-        let member = |ty: &str, name: &str| {
-            let id = btf
-                .struct_named(ty)
-                .ok_or_else(|| BpfError::Btf(format!("no struct {ty}")))?;
-            let bits = btf
-                .member_offset(id, name, 0)
-                .ok_or_else(|| BpfError::Btf(format!("no member {ty}.{name}")))?;
-            // Byte-aligned, and within a load's 16-bit offset.
-            if bits % 8 != 0 || bits / 8 > i16::MAX as u32 {
-                return Err(BpfError::Btf(format!("{ty}.{name} at bit {bits}")));
-            }
-            Ok(bits / 8)
-        };
         Ok(Offsets {
-            file_f_inode: member("file", "f_inode")?,
-            inode_i_mode: member("inode", "i_mode")?,
-            inode_i_ino: member("inode", "i_ino")?,
-            task_pid: member("task_struct", "pid")?,
-            task_tgid: member("task_struct", "tgid")?,
+            file_f_inode: btf.path_bytes("file.f_inode")?,
+            inode_i_mode: btf.path_bytes("inode.i_mode")?,
+            inode_i_ino: btf.path_bytes("inode.i_ino")?,
+            task_pid: btf.path_bytes("task_struct.pid")?,
+            task_tgid: btf.path_bytes("task_struct.tgid")?,
             attach_id: btf.func_named("bpf_iter_task_file").ok_or_else(|| {
                 BpfError::Btf("no bpf_iter_task_file: the kernel has no task_file iterator".into())
             })?,
@@ -139,9 +182,55 @@ impl<'a> Btf<'a> {
         self.find(KIND_FUNC, name, false)
     }
 
-    /// The bit offset of member `name` of struct or union `id`, looking into anonymous
-    /// struct and union members; `base` is the offset of `id` itself.
-    fn member_offset(&self, id: u32, name: &str, base: u32) -> Option<u32> {
+    /// The byte offset of `struct.member.member...` from the start of the struct, each member
+    /// looked up in the type of the one before (through typedefs and qualifiers); every member
+    /// byte-aligned and not a bitfield's part, the whole within a load's 16-bit offset.
+    fn path_bytes(&self, path: &str) -> Result<u32, BpfError> {
+        let mut names = path.split('.');
+        let first = names.next().unwrap_or_default();
+        let mut id = self
+            .struct_named(first)
+            .ok_or_else(|| BpfError::Btf(format!("no struct {first}")))?;
+        let mut bits = 0u32;
+        for name in names {
+            let (at, ty) = self
+                .member(id, name, 0)
+                .ok_or_else(|| BpfError::Btf(format!("no member {name} in {path}")))?;
+            bits += at;
+            id = self.resolved(ty);
+        }
+        if !bits.is_multiple_of(8) || bits / 8 > i16::MAX as u32 {
+            return Err(BpfError::Btf(format!("{path} at bit {bits}")));
+        }
+        Ok(bits / 8)
+    }
+
+    /// Type `id` with typedefs and qualifiers taken off.
+    fn resolved(&self, mut id: u32) -> u32 {
+        // A bounded walk: a malformed blob's cycle must not hang.
+        for _ in 0..32 {
+            match self.header(id) {
+                Some((_, info, _))
+                    if matches!(
+                        (info >> 24) & 0x1f,
+                        KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG
+                    ) =>
+                {
+                    let p = self.at[(id - 1) as usize] as usize;
+                    match u32_at(self.types, p + 8) {
+                        Some(next) => id = next,
+                        None => return id,
+                    }
+                }
+                _ => return id,
+            }
+        }
+        id
+    }
+
+    /// The bit offset and the type of member `name` of struct or union `id`, looking into
+    /// anonymous struct and union members; `base` is the offset of `id` itself.
+    fn member(&self, id: u32, name: &str, base: u32) -> Option<(u32, u32)> {
         let (_, info, members) = self.header(id)?;
         let kind = (info >> 24) & 0x1f;
         if kind != KIND_STRUCT && kind != KIND_UNION {
@@ -161,12 +250,16 @@ impl<'a> Btf<'a> {
                 } else {
                     m_off
                 };
+            // A bitfield member (its size in the top byte) is no load's target.
+            if bitfields && m_off >> 24 != 0 {
+                continue;
+            }
             if m_name == 0 {
-                if let Some(found) = self.member_offset(m_type, name, bits) {
+                if let Some(found) = self.member(self.resolved(m_type), name, bits) {
                     return Some(found);
                 }
             } else if self.name(m_name) == name.as_bytes() {
-                return Some(bits);
+                return Some((bits, m_type));
             }
         }
         None
@@ -190,6 +283,23 @@ mod tests {
         // i_mode opens struct inode on every kernel; pid comes right before tgid.
         assert_eq!(o.inode_i_mode, 0);
         assert_eq!(o.task_tgid, o.task_pid + 4);
+        assert!(o.attach_id > 0);
+    }
+
+    #[test]
+    fn the_running_kernels_socket_offsets_are_found_where_it_has_btf() {
+        let Ok(bytes) = std::fs::read(VMLINUX) else {
+            return;
+        };
+        let o = match SockOffsets::from_btf(&bytes) {
+            Ok(o) => o,
+            Err(e) => panic!("{e}"),
+        };
+        // struct sock_common opens with the address pair, then the hash, then the ports.
+        assert_eq!(o.addrpair, 0);
+        assert_eq!(o.portpair, 12);
+        assert_eq!(o.family, 16);
+        assert!(o.v6_rcv_saddr == o.v6_daddr + 16, "{o:?}");
         assert!(o.attach_id > 0);
     }
 

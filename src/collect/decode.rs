@@ -232,6 +232,38 @@ pub fn until_uninterrupted(
     Err(CollectError::Interrupted(attempts))
 }
 
+/// The reply to one exact lookup (`SOCK_DIAG_BY_FAMILY` without `NLM_F_DUMP`): the socket, or
+/// `None` when the kernel answered `ENOENT` (no socket with that 4-tuple and cookie: it is gone).
+/// Any other error, a malformed reply or an empty one is an error.
+pub fn lookup_reply(datagram: &[u8]) -> Result<Option<Socket>, CollectError> {
+    let malformed = |reason: String| CollectError::Malformed { offset: 0, reason };
+    let buf = NetlinkBuffer::new_checked(datagram)
+        .map_err(|e| malformed(format!("bad netlink header: {e}")))?;
+    if matches!(buf.message_type(), SOCK_DIAG_BY_FAMILY | TCPDIAG_GETSOCK) {
+        return to_socket(buf.payload()).map(Some).map_err(malformed);
+    }
+    let len = (buf.length() as usize).min(datagram.len());
+    let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&datagram[..len])
+        .map_err(|e| malformed(format!("{e}")))?;
+    match msg.payload {
+        NetlinkPayload::Error(err) => {
+            let code = err.raw_code().saturating_abs();
+            if code == ENOENT {
+                Ok(None)
+            } else {
+                Err(CollectError::Kernel(io::Error::from_raw_os_error(code)))
+            }
+        }
+        other => Err(malformed(format!(
+            "unexpected message type {} in a lookup's reply",
+            other.message_type()
+        ))),
+    }
+}
+
+/// `ENOENT`: what the kernel answers a lookup of a socket that is not there.
+const ENOENT: i32 = 2;
+
 /// The cookie a socket can be told apart by, across samples too: `None` for one that names
 /// nothing stable. Since Linux 4.1 the kernel numbers sockets from a counter the first time
 /// one is dumped, so a cookie is never 0 and never reaches 2^63. Before 4.1 `idiag_cookie` was

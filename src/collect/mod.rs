@@ -3,12 +3,14 @@
 //! Input: the set of states to show. Output: a `Dump` (sockets, the namespaces they came from,
 //! warnings). The `SocketSource` trait is the seam, and `open` the one place a source is
 //! chosen: `netlink` asks the kernel over NETLINK_SOCK_DIAG (filtered in the kernel, with
-//! tcp_info and cookies); `netns::AllNetns` does that in every network namespace
+//! tcp_info and cookies); `events` keeps a loop's table of them by the kernel's state-change
+//! events, looking up only what changed; `netns::AllNetns` dumps every network namespace
 //! (`--all-netns`); `procnet` reads /proc/net/tcp{,6} when sock_diag cannot be opened;
 //! `decode` is the pure byte decoder both the transport and the fixture tests use.
 
 pub mod counters;
 pub mod decode;
+pub mod events;
 pub mod netlink;
 pub mod netns;
 pub mod procnet;
@@ -91,23 +93,46 @@ pub trait SocketSource {
     }
 }
 
+/// What a loop keeps between its samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// Nothing: every sample dumps (one-shot commands).
+    Nothing,
+    /// A namespace whose counters did not move since its last dump is not dumped again
+    /// (`counters`).
+    Unmoved,
+    /// That, and where BPF may be loaded (one namespace), a table kept by state-change events
+    /// (`events`).
+    Events,
+}
+
 /// The best source this host allows for one namespace or, with `all_netns`, every namespace
 /// (dumped on `threads` worker threads): sock_diag, else /proc/net/tcp{,6} of shimcheck's own
-/// namespace with a warning saying what was lost. With `reuse` (loops), a namespace whose
-/// counters did not move since its last dump is not dumped again (`counters`).
+/// namespace with a warning saying what was lost; for a loop, what `reuse` allows.
 pub fn open(
     proc_root: &Path,
     all_netns: bool,
     threads: usize,
-    reuse: bool,
+    reuse: Reuse,
 ) -> (Box<dyn SocketSource + Send>, Option<Warning>) {
-    choose_source(
-        netlink::NetlinkSource::open(),
-        proc_root,
-        all_netns,
-        threads,
-        reuse,
-    )
+    let netlink = netlink::NetlinkSource::open();
+    // Changes of this thread's namespace only: the one the netlink socket dumps.
+    let events = (reuse == Reuse::Events && !all_netns && netlink.is_ok())
+        .then(|| {
+            let own = netns::inode_of(Path::new("/proc/thread-self/ns/net"))?;
+            crate::bpf::events::StateChanges::load(u32::try_from(own).ok()).ok()
+        })
+        .flatten();
+    match (netlink, events) {
+        (Ok(src), Some(changes)) => (Box::new(events::EventSource::new(src, changes)), None),
+        (netlink, _) => choose_source(
+            netlink,
+            proc_root,
+            all_netns,
+            threads,
+            reuse != Reuse::Nothing,
+        ),
+    }
 }
 
 fn choose_source(

@@ -10,6 +10,7 @@ mod support;
 
 mod bpf;
 mod collect;
+mod events;
 mod faults;
 mod findings;
 mod incremental;

@@ -10,6 +10,7 @@ mod aggregate;
 mod cli;
 mod decode_fixtures;
 mod detect;
+mod events;
 mod join;
 mod old_kernels;
 mod owner_cache;

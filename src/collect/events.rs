@@ -1,0 +1,312 @@
+//! Stage 1, collector, for loops (`--watch`, `serve`): a socket table kept by the kernel's
+//! state-change events, so that a later sample costs what changed, not what exists.
+//!
+//! Input: the state changes since the last sample (`bpf::events`) and, for each socket that
+//! changed, the kernel's answer to an exact lookup (`NetlinkSource::lookup`: its inode,
+//! tcp_info and cgroup now). Output: the same `Vec<Socket>` a dump of the same states gives.
+//!
+//! How: the first sample dumps, and the table remembers every socket by cookie. Each later
+//! sample drains the changes, keeps the latest per cookie, and for each one either drops the
+//! socket (it entered a state not shown, or closed) or looks it up and puts what the kernel
+//! says in its place. A socket waiting in a listener's accept queue has no inode until the
+//! application accepts it, and accepting is no state change: such sockets are looked up again
+//! every sample. Every other socket's tcp_info clocks are moved on by the time since the last
+//! sample, as if it carried no data since (no event says it did).
+//!
+//! What falls back to a whole dump: the first sample; a change of states asked for; states the
+//! events cannot follow (`follows`: TIME_WAIT and FIN_WAIT2 live on in mini-sockets, SYN_RECV
+//! and SYN_SENT have no complete 4-tuple at their change); a listener opening or closing (a
+//! lookup by 4-tuple cannot tell listeners sharing a port apart); a change lost to a full ring
+//! buffer; and, to keep the table honest about what no event reports (tcp_info clocks of
+//! connections that carried data), every `RESYNC_EVERY` updates and `RESYNC_AFTER`.
+
+use std::path::Path;
+use std::time::Instant;
+
+use rustc_hash::FxHashMap;
+
+use super::counters::{Counters, RESYNC_AFTER, RESYNC_EVERY, Stillness};
+use super::netlink::{Exact, NetlinkSource, THREAD_NET};
+use super::{CollectError, SocketSource};
+use crate::bpf::events::{StateChange, StateChanges};
+use crate::model::{Socket, StateSet, TcpState};
+
+/// The states whose sockets the events follow exactly: every way into and out of them is a
+/// change of a full socket with its 4-tuple complete.
+const FOLLOWED: [TcpState; 6] = [
+    TcpState::Established,
+    TcpState::FinWait1,
+    TcpState::CloseWait,
+    TcpState::LastAck,
+    TcpState::Listen,
+    TcpState::Closing,
+];
+
+/// True when a table of `states` can be kept by events.
+pub fn follows(states: StateSet) -> bool {
+    states.iter().all(|s| FOLLOWED.contains(&s))
+}
+
+/// The changes drained since the last update, the latest per socket.
+#[derive(Debug, Default)]
+pub struct Pending {
+    latest: FxHashMap<u64, StateChange>,
+    /// A listener opened or closed.
+    listeners: bool,
+}
+
+impl Pending {
+    /// Takes one change, in the order the kernel made them.
+    pub fn add(&mut self, c: StateChange) {
+        let listen = TcpState::Listen.kernel_number();
+        if c.new == listen || c.old == listen {
+            self.listeners = true;
+        }
+        self.latest.insert(c.cookie, c);
+    }
+
+    fn clear(&mut self) {
+        self.latest.clear();
+        self.listeners = false;
+    }
+}
+
+/// Why an update could not be made from the changes: the caller dumps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redump {
+    /// A listener opened or closed.
+    Listener,
+    /// A socket in a shown state has no local port yet.
+    NoPort,
+}
+
+/// Every socket of the shown states, by cookie.
+#[derive(Debug)]
+pub struct Table {
+    sockets: Vec<Socket>,
+    at: FxHashMap<u64, u32>,
+    states: StateSet,
+}
+
+impl Table {
+    /// The table of a whole dump of `states`; `None` when a socket has no stable cookie (a
+    /// kernel before 4.1): such a table cannot be kept by events.
+    pub fn new(sockets: Vec<Socket>, states: StateSet) -> Option<Table> {
+        let mut at = FxHashMap::with_capacity_and_hasher(sockets.len(), Default::default());
+        for (i, s) in sockets.iter().enumerate() {
+            at.insert(s.cookie()?, u32::try_from(i).ok()?);
+        }
+        Some(Table {
+            sockets,
+            at,
+            states,
+        })
+    }
+
+    pub fn states(&self) -> StateSet {
+        self.states
+    }
+
+    pub fn sockets(&self) -> &[Socket] {
+        &self.sockets
+    }
+
+    /// Moves every socket's clocks on by `ms`.
+    pub fn age(&mut self, ms: u32) {
+        self.sockets.iter_mut().for_each(|s| s.age(ms));
+    }
+
+    /// Brings the table up to date with `pending`, asking `lookup` about each socket that
+    /// changed and about each one still waiting to be accepted; returns the lookups made, or
+    /// why a dump is needed instead (the table is then left as it was or partly updated: the
+    /// caller replaces it).
+    pub fn apply(
+        &mut self,
+        pending: &Pending,
+        lookup: &mut dyn FnMut(&Exact) -> Result<Option<Socket>, CollectError>,
+    ) -> Result<Result<usize, Redump>, CollectError> {
+        if pending.listeners {
+            return Ok(Err(Redump::Listener));
+        }
+        let mut lookups = 0;
+        for (&cookie, c) in &pending.latest {
+            let shown = TcpState::from_kernel(c.new).is_some_and(|s| self.states.contains(s));
+            if !shown {
+                self.remove(cookie);
+                continue;
+            }
+            if c.local.port() == 0 {
+                return Ok(Err(Redump::NoPort));
+            }
+            lookups += 1;
+            let exact = Exact {
+                local: c.local,
+                remote: c.remote,
+                cookie,
+                bound_dev_if: c.bound_dev_if,
+            };
+            match lookup(&exact)? {
+                Some(s) if s.cookie() == Some(cookie) && self.states.contains(s.state) => {
+                    self.put(cookie, s)
+                }
+                _ => self.remove(cookie),
+            }
+        }
+        // Accepted by the kernel, not yet by the application: no inode until `accept`, which
+        // no event reports. (An orphan, closed by its application, is in no such state.)
+        let waiting: Vec<u32> = self
+            .sockets
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.inode == 0 && matches!(s.state, TcpState::Established | TcpState::CloseWait)
+            })
+            .filter(|(_, s)| s.cookie().is_some_and(|c| !pending.latest.contains_key(&c)))
+            .map(|(i, _)| i as u32)
+            .collect();
+        for i in waiting {
+            let s = &self.sockets[i as usize];
+            let Some(cookie) = s.cookie() else { continue };
+            let exact = Exact {
+                local: s.local(),
+                remote: s.remote(),
+                cookie,
+                // Not known from a dump; a socket bound to a device is then not found, and
+                // stays as it was (its close is an event of its own).
+                bound_dev_if: 0,
+            };
+            lookups += 1;
+            if let Some(found) = lookup(&exact)?
+                && found.cookie() == Some(cookie)
+                && self.states.contains(found.state)
+            {
+                self.sockets[i as usize] = found;
+            }
+        }
+        Ok(Ok(lookups))
+    }
+
+    fn put(&mut self, cookie: u64, s: Socket) {
+        match self.at.get(&cookie) {
+            Some(&i) => self.sockets[i as usize] = s,
+            None => {
+                self.at.insert(cookie, self.sockets.len() as u32);
+                self.sockets.push(s);
+            }
+        }
+    }
+
+    fn remove(&mut self, cookie: u64) {
+        let Some(i) = self.at.remove(&cookie) else {
+            return;
+        };
+        self.sockets.swap_remove(i as usize);
+        if let Some(moved) = self.sockets.get(i as usize).and_then(Socket::cookie) {
+            self.at.insert(moved, i);
+        }
+    }
+}
+
+/// sock_diag kept up to date by state-change events (one namespace: shimcheck's own).
+pub struct EventSource {
+    netlink: NetlinkSource,
+    changes: StateChanges,
+    pending: Pending,
+    table: Option<Table>,
+    /// Whether the last sample still holds, by this namespace's counters.
+    still: Stillness,
+    /// When the table was last dumped whole and updated, and updates since the dump.
+    dumped_at: Instant,
+    updated_at: Instant,
+    updates: u32,
+    /// The lookups the last sample made, `None` when it dumped.
+    last: Option<usize>,
+}
+
+impl EventSource {
+    /// Over `netlink`, with the changes of `changes` (loaded for the namespace `netlink`
+    /// dumps).
+    pub fn new(netlink: NetlinkSource, changes: StateChanges) -> EventSource {
+        let now = Instant::now();
+        EventSource {
+            netlink,
+            changes,
+            pending: Pending::default(),
+            table: None,
+            still: Stillness::default(),
+            dumped_at: now,
+            updated_at: now,
+            updates: 0,
+            last: None,
+        }
+    }
+
+    /// How the last sample was made: `Some(lookups)` from the changes, `None` by a dump.
+    pub fn last_lookups(&self) -> Option<usize> {
+        self.last
+    }
+
+    /// The table brought up to `now`: by the changes where it can be, by a dump where not.
+    fn update(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError> {
+        let counters = Counters::read(Path::new(THREAD_NET));
+        let now = Instant::now();
+        let pending = &mut self.pending;
+        let drained = self.changes.drain(|c| pending.add(c));
+        let resync = self.updates + 1 >= RESYNC_EVERY
+            && now.saturating_duration_since(self.dumped_at) >= RESYNC_AFTER;
+        let mut table = self.table.take().filter(|t| t.states() == states);
+        if drained.as_ref().map_or(true, |d| d.lost > 0) || resync || !follows(states) {
+            table = None;
+        }
+        if let Some(mut t) = table {
+            let netlink = &mut self.netlink;
+            let applied = t.apply(&self.pending, &mut |exact| netlink.lookup(exact))?;
+            self.pending.clear();
+            if let Ok(lookups) = applied {
+                self.last = Some(lookups);
+                let ms = u32::try_from(now.saturating_duration_since(self.updated_at).as_millis())
+                    .unwrap_or(u32::MAX);
+                t.age(ms);
+                self.record(counters, states, now);
+                self.updates += 1;
+                let sockets = t.sockets().to_vec();
+                self.table = Some(t);
+                return Ok(sockets);
+            }
+        }
+        // Changes drained before the dump starts are in it; those after stay in the ring.
+        self.pending.clear();
+        let sockets = self.netlink.sockets(states)?;
+        if follows(states) {
+            self.table = Table::new(sockets.clone(), states);
+        }
+        self.record(counters, states, now);
+        self.dumped_at = now;
+        self.updates = 0;
+        self.last = None;
+        Ok(sockets)
+    }
+
+    fn record(&mut self, counters: Option<Counters>, states: StateSet, now: Instant) {
+        self.updated_at = now;
+        match counters {
+            Some(c) => self.still.dumped(c, states, now),
+            None => self.still.forget(),
+        }
+    }
+}
+
+impl SocketSource for EventSource {
+    fn name(&self) -> &'static str {
+        "sock_diag"
+    }
+
+    fn sockets(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError> {
+        self.update(states)
+    }
+
+    fn still(&mut self, states: StateSet) -> bool {
+        Counters::read(Path::new(THREAD_NET))
+            .is_some_and(|c| self.still.still(&c, states, Instant::now()))
+    }
+}

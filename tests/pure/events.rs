@@ -1,0 +1,306 @@
+//! The event-kept socket table (`collect::events`): what a loop's later sample makes of the
+//! kernel's state changes and its answers to lookups, with the lookups played by a map.
+use std::collections::BTreeMap;
+
+use shimcheck::bpf::events::StateChange;
+use shimcheck::collect::CollectError;
+use shimcheck::collect::events::{Pending, Redump, Table, follows};
+use shimcheck::collect::netlink::Exact;
+use shimcheck::model::{Socket, StateSet, TcpState};
+
+use crate::support::builders::{SocketWith, sock};
+
+fn states(list: &[TcpState]) -> StateSet {
+    list.iter().copied().collect()
+}
+
+fn shown() -> StateSet {
+    states(&[TcpState::Listen, TcpState::Established, TcpState::CloseWait])
+}
+
+fn change(cookie: u64, old: TcpState, new: TcpState, local: &str, remote: &str) -> StateChange {
+    StateChange {
+        cookie,
+        netns: 1,
+        family: 2,
+        old: old.kernel_number(),
+        new: new.kernel_number(),
+        local: local.parse().unwrap(),
+        remote: remote.parse().unwrap(),
+        bound_dev_if: 0,
+    }
+}
+
+/// The kernel as the lookups see it: sockets by cookie, and every lookup asked.
+#[derive(Default)]
+struct Kernel {
+    now: BTreeMap<u64, Socket>,
+    asked: Vec<Exact>,
+}
+
+impl Kernel {
+    fn lookup(&mut self, e: &Exact) -> Result<Option<Socket>, CollectError> {
+        self.asked.push(*e);
+        Ok(self
+            .now
+            .get(&e.cookie)
+            .filter(|s| s.local() == e.local && s.remote() == e.remote)
+            .cloned())
+    }
+}
+
+fn apply(table: &mut Table, pending: &Pending, kernel: &mut Kernel) -> Result<usize, Redump> {
+    table.apply(pending, &mut |e| kernel.lookup(e)).unwrap()
+}
+
+fn cookies(table: &Table) -> Vec<(u64, TcpState, u64)> {
+    let mut v: Vec<_> = table
+        .sockets()
+        .iter()
+        .map(|s| (s.cookie().unwrap(), s.state, s.inode))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+const SERVER: &str = "127.0.0.1:5000";
+
+fn est(cookie: u64, port: u16, inode: u64) -> Socket {
+    sock(
+        TcpState::Established,
+        &format!("127.0.0.1:{port}"),
+        SERVER,
+        inode,
+    )
+    .cookie(cookie)
+}
+
+#[test]
+fn new_sockets_are_looked_up_and_closed_ones_dropped_without_a_lookup() {
+    let mut table = Table::new(vec![est(1, 40001, 11), est(2, 40002, 12)], shown()).unwrap();
+    let mut kernel = Kernel::default();
+    kernel.now.insert(3, est(3, 40003, 13));
+    let mut pending = Pending::default();
+    pending.add(change(
+        3,
+        TcpState::SynSent,
+        TcpState::Established,
+        "127.0.0.1:40003",
+        SERVER,
+    ));
+    pending.add(change(
+        1,
+        TcpState::Established,
+        TcpState::FinWait1,
+        "127.0.0.1:40001",
+        SERVER,
+    ));
+    assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(1));
+    assert_eq!(
+        cookies(&table),
+        vec![
+            (2, TcpState::Established, 12),
+            (3, TcpState::Established, 13)
+        ]
+    );
+    assert_eq!(kernel.asked.len(), 1, "FIN_WAIT1 is not shown: no lookup");
+    assert_eq!(kernel.asked[0].cookie, 3);
+}
+
+#[test]
+fn the_latest_change_of_a_socket_wins_and_the_kernel_has_the_last_word() {
+    let mut table = Table::new(vec![est(1, 40001, 11)], shown()).unwrap();
+    let mut kernel = Kernel::default();
+    // Gone to CLOSE_WAIT, then (before the lookup) to LAST_ACK: the kernel says so.
+    let mut moved = est(1, 40001, 11);
+    moved.state = TcpState::LastAck;
+    kernel.now.insert(1, moved);
+    let mut pending = Pending::default();
+    pending.add(change(
+        1,
+        TcpState::Established,
+        TcpState::CloseWait,
+        "127.0.0.1:40001",
+        SERVER,
+    ));
+    assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(1));
+    assert!(table.sockets().is_empty(), "LAST_ACK is not shown");
+
+    // Opened and closed between two samples: its last change says closed, nothing to ask.
+    let mut pending = Pending::default();
+    pending.add(change(
+        9,
+        TcpState::SynSent,
+        TcpState::Established,
+        "127.0.0.1:40009",
+        SERVER,
+    ));
+    pending.add(change(
+        9,
+        TcpState::Established,
+        TcpState::Close,
+        "127.0.0.1:40009",
+        SERVER,
+    ));
+    kernel.asked.clear();
+    assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(0));
+    assert!(table.sockets().is_empty());
+    assert!(kernel.asked.is_empty());
+}
+
+#[test]
+fn a_socket_the_kernel_no_longer_has_or_has_under_another_cookie_is_dropped() {
+    let mut table = Table::new(vec![est(1, 40001, 11), est(2, 40002, 12)], shown()).unwrap();
+    let mut kernel = Kernel::default();
+    // Same 4-tuple, another socket (the port was reused): not the one that changed.
+    kernel.now.insert(1, est(7, 40001, 17));
+    let mut pending = Pending::default();
+    pending.add(change(
+        1,
+        TcpState::Established,
+        TcpState::CloseWait,
+        "127.0.0.1:40001",
+        SERVER,
+    ));
+    pending.add(change(
+        2,
+        TcpState::Established,
+        TcpState::CloseWait,
+        "127.0.0.1:40002",
+        SERVER,
+    ));
+    assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(2));
+    assert!(table.sockets().is_empty(), "{:?}", cookies(&table));
+}
+
+#[test]
+fn removing_from_the_middle_keeps_every_other_socket_findable() {
+    let all: Vec<Socket> = (1..=5).map(|c| est(c, 40000 + c as u16, 10 + c)).collect();
+    let mut table = Table::new(all, shown()).unwrap();
+    let mut kernel = Kernel::default();
+    let mut pending = Pending::default();
+    pending.add(change(
+        2,
+        TcpState::Established,
+        TcpState::Close,
+        "127.0.0.1:40002",
+        SERVER,
+    ));
+    assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(0));
+    // The socket moved into the hole (5) is updated in place, not added twice.
+    let mut five = est(5, 40005, 15);
+    five.state = TcpState::CloseWait;
+    kernel.now.insert(5, five);
+    let mut pending = Pending::default();
+    pending.add(change(
+        5,
+        TcpState::Established,
+        TcpState::CloseWait,
+        "127.0.0.1:40005",
+        SERVER,
+    ));
+    assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(1));
+    assert_eq!(
+        cookies(&table),
+        vec![
+            (1, TcpState::Established, 11),
+            (3, TcpState::Established, 13),
+            (4, TcpState::Established, 14),
+            (5, TcpState::CloseWait, 15)
+        ]
+    );
+}
+
+#[test]
+fn a_socket_waiting_to_be_accepted_is_asked_about_until_it_has_an_inode() {
+    let mut table = Table::new(vec![est(1, 40001, 0), est(2, 40002, 12)], shown()).unwrap();
+    let mut kernel = Kernel::default();
+    let pending = Pending::default();
+    assert_eq!(
+        apply(&mut table, &pending, &mut kernel),
+        Ok(1),
+        "still waiting"
+    );
+    assert_eq!(cookies(&table)[0], (1, TcpState::Established, 0));
+    kernel.now.insert(1, est(1, 40001, 21));
+    assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(1));
+    assert_eq!(cookies(&table)[0], (1, TcpState::Established, 21));
+    kernel.asked.clear();
+    assert_eq!(
+        apply(&mut table, &pending, &mut kernel),
+        Ok(0),
+        "accepted: no more lookups"
+    );
+    // An orphan (closed by its application, so no inode) in a shown state is not waiting.
+    let orphan = sock(TcpState::LastAck, "127.0.0.1:40003", SERVER, 0).cookie(3);
+    let mut table = Table::new(vec![orphan], states(&[TcpState::LastAck])).unwrap();
+    assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(0));
+}
+
+#[test]
+fn listeners_and_sockets_without_a_port_need_a_dump() {
+    let mut table = Table::new(vec![est(1, 40001, 11)], shown()).unwrap();
+    let mut kernel = Kernel::default();
+    let mut pending = Pending::default();
+    pending.add(change(
+        5,
+        TcpState::Close,
+        TcpState::Listen,
+        "0.0.0.0:6000",
+        "0.0.0.0:0",
+    ));
+    assert_eq!(
+        apply(&mut table, &pending, &mut kernel),
+        Err(Redump::Listener)
+    );
+    let mut pending = Pending::default();
+    pending.add(change(
+        6,
+        TcpState::Close,
+        TcpState::Established,
+        "127.0.0.1:0",
+        SERVER,
+    ));
+    assert_eq!(
+        apply(&mut table, &pending, &mut kernel),
+        Err(Redump::NoPort)
+    );
+    // An accepted child leaves no trace of its listener (SYN_RECV is filtered in the kernel).
+    let mut pending = Pending::default();
+    pending.add(change(
+        7,
+        TcpState::SynRecv,
+        TcpState::Established,
+        SERVER,
+        "127.0.0.1:40007",
+    ));
+    assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(1));
+}
+
+#[test]
+fn only_states_every_way_into_and_out_of_which_is_an_event_are_followed() {
+    assert!(follows(shown()));
+    assert!(follows(states(&[
+        TcpState::FinWait1,
+        TcpState::LastAck,
+        TcpState::Closing
+    ])));
+    for lives_on in [
+        TcpState::TimeWait,
+        TcpState::FinWait2,
+        TcpState::SynRecv,
+        TcpState::SynSent,
+    ] {
+        assert!(
+            !follows(states(&[TcpState::Established, lives_on])),
+            "{lives_on}"
+        );
+    }
+    assert!(!follows(StateSet::all()));
+}
+
+#[test]
+fn a_dump_with_a_socket_without_a_stable_cookie_makes_no_table() {
+    let uncookied = sock(TcpState::Established, "127.0.0.1:40001", SERVER, 11).cookie(None);
+    assert!(Table::new(vec![est(1, 40002, 12), uncookied], shown()).is_none());
+}
