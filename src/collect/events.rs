@@ -65,9 +65,10 @@ impl Pending {
         self.latest.insert(c.cookie, c);
     }
 
-    fn clear(&mut self) {
-        self.latest.clear();
-        self.listeners = false;
+    /// Takes the changes of `other`, which came after these.
+    fn merge(&mut self, other: Pending) {
+        self.latest.extend(other.latest);
+        self.listeners |= other.listeners;
     }
 }
 
@@ -152,17 +153,12 @@ impl Table {
                 _ => self.remove(cookie),
             }
         }
-        // Accepted by the kernel, not yet by the application: no inode until `accept`, which
-        // no event reports. (An orphan, closed by its application, is in no such state.)
         let waiting: Vec<u32> = self
-            .sockets
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| {
-                s.inode == 0 && matches!(s.state, TcpState::Established | TcpState::CloseWait)
+            .waiting()
+            .filter(|&i| {
+                let s = &self.sockets[i as usize];
+                s.cookie().is_some_and(|c| !pending.latest.contains_key(&c))
             })
-            .filter(|(_, s)| s.cookie().is_some_and(|c| !pending.latest.contains_key(&c)))
-            .map(|(i, _)| i as u32)
             .collect();
         for i in waiting {
             let s = &self.sockets[i as usize];
@@ -186,6 +182,19 @@ impl Table {
         Ok(Ok(lookups))
     }
 
+    /// The sockets accepted by the kernel, not yet by the application: no inode until
+    /// `accept`, which no event reports. (An orphan, closed by its application, is in no such
+    /// state.)
+    fn waiting(&self) -> impl Iterator<Item = u32> + '_ {
+        self.sockets
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.inode == 0 && matches!(s.state, TcpState::Established | TcpState::CloseWait)
+            })
+            .map(|(i, _)| i as u32)
+    }
+
     fn put(&mut self, cookie: u64, s: Socket) {
         match self.at.get(&cookie) {
             Some(&i) => self.sockets[i as usize] = s,
@@ -207,92 +216,177 @@ impl Table {
     }
 }
 
-/// sock_diag kept up to date by state-change events (one namespace: shimcheck's own).
-pub struct EventSource {
-    netlink: NetlinkSource,
-    changes: StateChanges,
-    pending: Pending,
+/// One namespace's table between samples: what the changes keep up to date, and when it was
+/// last dumped whole.
+#[derive(Debug, Default)]
+pub struct Kept {
     table: Option<Table>,
-    /// Whether the last sample still holds, by this namespace's counters.
-    still: Stillness,
-    /// When the table was last dumped whole and updated, and updates since the dump.
-    dumped_at: Instant,
-    updated_at: Instant,
+    dumped_at: Option<Instant>,
+    updated_at: Option<Instant>,
+    /// Updates since the last dump.
     updates: u32,
     /// The lookups the last sample made, `None` when it dumped.
     last: Option<usize>,
 }
 
-impl EventSource {
-    /// Over `netlink`, with the changes of `changes` (loaded for the namespace `netlink`
-    /// dumps).
-    pub fn new(netlink: NetlinkSource, changes: StateChanges) -> EventSource {
-        let now = Instant::now();
-        EventSource {
-            netlink,
-            changes,
-            pending: Pending::default(),
-            table: None,
-            still: Stillness::default(),
-            dumped_at: now,
-            updated_at: now,
-            updates: 0,
-            last: None,
-        }
-    }
-
+impl Kept {
     /// How the last sample was made: `Some(lookups)` from the changes, `None` by a dump.
     pub fn last_lookups(&self) -> Option<usize> {
         self.last
     }
 
-    /// The table brought up to `now`: by the changes where it can be, by a dump where not.
-    fn update(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError> {
-        let counters = Counters::read(Path::new(THREAD_NET));
-        let now = Instant::now();
-        let pending = &mut self.pending;
-        let drained = self.changes.drain(|c| pending.add(c));
+    /// The table, if the changes can bring it up to `now`: there is one, of `states`, no
+    /// change was lost (`lost`) and no resync is due.
+    fn usable(&mut self, states: StateSet, lost: bool, now: Instant) -> Option<&mut Table> {
         let resync = self.updates + 1 >= RESYNC_EVERY
-            && now.saturating_duration_since(self.dumped_at) >= RESYNC_AFTER;
-        let mut table = self.table.take().filter(|t| t.states() == states);
-        if drained.as_ref().map_or(true, |d| d.lost > 0) || resync || !follows(states) {
-            table = None;
+            && self
+                .dumped_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= RESYNC_AFTER);
+        if lost || resync || !follows(states) {
+            return None;
         }
-        if let Some(mut t) = table {
-            let netlink = &mut self.netlink;
-            let applied = t.apply(&self.pending, &mut |exact| netlink.lookup(exact))?;
-            self.pending.clear();
+        self.table.as_mut().filter(|t| t.states() == states)
+    }
+
+    /// The table brought to `now` without asking the kernel anything, where nothing changed in
+    /// the namespace (`pending` empty or none) and no socket waits to be accepted; `None` where
+    /// the kernel must be asked (`update`).
+    pub fn quietly(
+        &mut self,
+        states: StateSet,
+        pending: Option<&Pending>,
+        lost: bool,
+        now: Instant,
+    ) -> Option<Vec<Socket>> {
+        if pending.is_some_and(|p| !p.latest.is_empty() || p.listeners) {
+            return None;
+        }
+        if self.usable(states, lost, now)?.waiting().next().is_some() {
+            return None;
+        }
+        self.update(None, states, &Pending::default(), lost, now)
+            .ok()
+    }
+
+    /// The table brought up to `now` from `pending` (this namespace's changes) and lookups
+    /// through `netlink` (a sock_diag socket in the namespace) where it can be, else by a dump
+    /// through it. Without `netlink`, only an update that needs no lookup can be made.
+    pub fn update(
+        &mut self,
+        netlink: Option<&mut NetlinkSource>,
+        states: StateSet,
+        pending: &Pending,
+        lost: bool,
+        now: Instant,
+    ) -> Result<Vec<Socket>, CollectError> {
+        let since = self.updated_at;
+        let mut netlink = netlink;
+        if let Some(t) = self.usable(states, lost, now) {
+            let applied = t.apply(pending, &mut |exact| match netlink.as_deref_mut() {
+                Some(n) => n.lookup(exact),
+                None => Err(CollectError::Kernel(std::io::Error::other(
+                    "a lookup without a sock_diag socket",
+                ))),
+            })?;
             if let Ok(lookups) = applied {
-                self.last = Some(lookups);
-                let ms = u32::try_from(now.saturating_duration_since(self.updated_at).as_millis())
-                    .unwrap_or(u32::MAX);
+                let ms = since.map_or(0, |at| {
+                    u32::try_from(now.saturating_duration_since(at).as_millis()).unwrap_or(u32::MAX)
+                });
                 t.age(ms);
-                self.record(counters, states, now);
-                self.updates += 1;
                 let sockets = t.sockets().to_vec();
-                self.table = Some(t);
+                self.last = Some(lookups);
+                self.updates += 1;
+                self.updated_at = Some(now);
                 return Ok(sockets);
             }
         }
-        // Changes drained before the dump starts are in it; those after stay in the ring.
-        self.pending.clear();
-        let sockets = self.netlink.sockets(states)?;
-        if follows(states) {
-            self.table = Table::new(sockets.clone(), states);
-        }
-        self.record(counters, states, now);
-        self.dumped_at = now;
-        self.updates = 0;
-        self.last = None;
+        let Some(netlink) = netlink else {
+            return Err(CollectError::Kernel(std::io::Error::other(
+                "a dump without a sock_diag socket",
+            )));
+        };
+        let sockets = netlink.sockets(states)?;
+        self.dumped(sockets.clone(), states, now);
         Ok(sockets)
     }
 
-    fn record(&mut self, counters: Option<Counters>, states: StateSet, now: Instant) {
-        self.updated_at = now;
+    /// Starts the table over from a whole dump of `states` made at `now`.
+    pub fn dumped(&mut self, sockets: Vec<Socket>, states: StateSet, now: Instant) {
+        self.table = if follows(states) {
+            Table::new(sockets, states)
+        } else {
+            None
+        };
+        self.dumped_at = Some(now);
+        self.updated_at = Some(now);
+        self.updates = 0;
+        self.last = None;
+    }
+}
+
+/// The changes of one drain, split by namespace.
+#[derive(Debug, Default)]
+pub struct Drain {
+    pub by_netns: FxHashMap<u32, Pending>,
+    /// Changes were lost (the ring was full) or could not be read: no table holds.
+    pub lost: bool,
+}
+
+impl Drain {
+    /// Everything the ring holds now.
+    pub fn from(changes: &mut StateChanges) -> Drain {
+        let mut drain = Drain::default();
+        let by_netns = &mut drain.by_netns;
+        let read = changes.drain(|c| by_netns.entry(c.netns).or_default().add(c));
+        drain.lost = read.map_or(true, |d| d.lost > 0);
+        drain
+    }
+}
+
+/// sock_diag kept up to date by state-change events (one namespace: shimcheck's own).
+pub struct EventSource {
+    netlink: NetlinkSource,
+    changes: StateChanges,
+    kept: Kept,
+    /// Whether the last sample still holds, by this namespace's counters.
+    still: Stillness,
+}
+
+impl EventSource {
+    /// Over `netlink`, with the changes of `changes` (loaded for the namespace `netlink`
+    /// dumps: every change drained is taken as one of its).
+    pub fn new(netlink: NetlinkSource, changes: StateChanges) -> EventSource {
+        EventSource {
+            netlink,
+            changes,
+            kept: Kept::default(),
+            still: Stillness::default(),
+        }
+    }
+
+    /// How the last sample was made: `Some(lookups)` from the changes, `None` by a dump.
+    pub fn last_lookups(&self) -> Option<usize> {
+        self.kept.last_lookups()
+    }
+
+    /// The table brought up to `now`: by the changes where it can be, by a dump where not.
+    /// Changes drained before a dump starts are in it; those after stay in the ring.
+    fn update(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError> {
+        let counters = Counters::read(Path::new(THREAD_NET));
+        let now = Instant::now();
+        let drain = Drain::from(&mut self.changes);
+        let mut pending = Pending::default();
+        for p in drain.by_netns.into_values() {
+            pending.merge(p);
+        }
+        let sockets =
+            self.kept
+                .update(Some(&mut self.netlink), states, &pending, drain.lost, now)?;
         match counters {
             Some(c) => self.still.dumped(c, states, now),
             None => self.still.forget(),
         }
+        Ok(sockets)
     }
 }
 

@@ -116,14 +116,24 @@ pub fn open(
     reuse: Reuse,
 ) -> (Box<dyn SocketSource + Send>, Option<Warning>) {
     let netlink = netlink::NetlinkSource::open();
-    // Changes of this thread's namespace only: the one the netlink socket dumps.
-    let events = (reuse == Reuse::Events && !all_netns && netlink.is_ok())
+    let changes = (reuse == Reuse::Events && netlink.is_ok())
         .then(|| {
-            let own = netns::inode_of(Path::new("/proc/thread-self/ns/net"))?;
-            crate::bpf::events::StateChanges::load(u32::try_from(own).ok()).ok()
+            // With --all-netns, the changes of every namespace, kept apart by inode; else only
+            // those of this thread's namespace, the one the netlink socket dumps.
+            let only = if all_netns {
+                None
+            } else {
+                let own = netns::inode_of(Path::new("/proc/thread-self/ns/net"))?;
+                Some(u32::try_from(own).ok()?)
+            };
+            crate::bpf::events::StateChanges::load(only).ok()
         })
         .flatten();
-    match (netlink, events) {
+    match (netlink, changes) {
+        (Ok(src), Some(changes)) if all_netns => (
+            Box::new(netns::AllNetns::new(src, proc_root, threads, true).with_events(changes)),
+            None,
+        ),
         (Ok(src), Some(changes)) => (Box::new(events::EventSource::new(src, changes)), None),
         (netlink, _) => choose_source(
             netlink,

@@ -5,6 +5,11 @@
 //! `AllNetns` is the `SocketSource` for `--all-netns`. Input: a procfs root and a `StateSet`.
 //! Output: a `Dump` of tagged sockets, the namespaces dumped, and warnings for namespaces that
 //! could not be looked at or entered.
+//!
+//! In a loop, each namespace's sockets are kept between samples: by state-change events where
+//! BPF may be loaded (`events::Kept`: a namespace where nothing changed is not entered at all,
+//! one where something did is entered for lookups of what changed), else by its counters
+//! (`counters::LastDump`: a namespace whose counters did not move is not dumped again).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,8 +23,10 @@ use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 use rustc_hash::FxHashMap;
 
 use super::counters::{Counters, LastDump};
+use super::events::{Drain, Kept, Pending};
 use super::netlink::{NetlinkSource, THREAD_NET};
 use super::{CollectError, Dump, SocketSource};
+use crate::bpf::events::StateChanges;
 use crate::model::{Socket, StateSet, Warning};
 
 /// Where `ip netns add NAME` mounts its namespaces.
@@ -98,8 +105,18 @@ pub struct AllNetns {
     proc_root: PathBuf,
     ip_netns_dir: PathBuf,
     threads: usize,
-    /// Loops (`own` reuses unchanged dumps): each other namespace's last dump, by inode.
-    last: Option<FxHashMap<u64, LastDump>>,
+    /// Loops: what each namespace keeps between samples, by inode.
+    last: Option<FxHashMap<u64, Slot>>,
+    /// Loops where BPF may be loaded: the state changes of every namespace.
+    changes: Option<StateChanges>,
+}
+
+/// What a loop keeps of one namespace between samples: its table kept by events, or (without
+/// them) its last dump and counters.
+#[derive(Debug, Default)]
+struct Slot {
+    kept: Kept,
+    last: LastDump,
 }
 
 impl AllNetns {
@@ -114,7 +131,23 @@ impl AllNetns {
             ip_netns_dir: PathBuf::from(IP_NETNS_DIR),
             threads,
             last,
+            changes: None,
         }
+    }
+
+    /// How the last sample got namespace `inode`'s sockets, kept by events: `Some(lookups)`
+    /// from its changes (0: nothing changed there, and it was not entered), `None` by a dump
+    /// or not at all.
+    pub fn last_lookups(&self, inode: u64) -> Option<usize> {
+        self.changes.as_ref()?;
+        self.last.as_ref()?.get(&inode)?.kept.last_lookups()
+    }
+
+    /// A loop's: each namespace's sockets kept by `changes` (loaded for every namespace).
+    pub fn with_events(mut self, changes: StateChanges) -> AllNetns {
+        self.last.get_or_insert_with(FxHashMap::default);
+        self.changes = Some(changes);
+        self
     }
 }
 
@@ -132,10 +165,13 @@ impl SocketSource for AllNetns {
         let (targets, denied) = discover(&self.proc_root, &pids, &self.ip_netns_dir);
         let own_inode = own(&self.proc_root).unwrap_or(0);
         let mut last = self.last.take();
+        // Before any dump starts: what changes after stays in the ring for the next sweep.
+        let drain = self.changes.as_mut().map(Drain::from);
         let sweep = Sweep {
             proc_root: &self.proc_root,
             states,
             reuse: last.is_some(),
+            drain: drain.as_ref(),
         };
         let (sockets, mut warnings) = sweep.run(
             &mut self.own,
@@ -177,6 +213,8 @@ struct Sweep<'a> {
     states: StateSet,
     /// Keep each namespace's dump for the next sweep.
     reuse: bool,
+    /// Keep each namespace's table by these changes instead.
+    drain: Option<&'a Drain>,
 }
 
 impl Sweep<'_> {
@@ -193,7 +231,7 @@ impl Sweep<'_> {
         own_source: &mut NetlinkSource,
         targets: &[Target],
         own_inode: u64,
-        last: Option<&mut FxHashMap<u64, LastDump>>,
+        last: Option<&mut FxHashMap<u64, Slot>>,
         threads: usize,
     ) -> (Vec<Socket>, Vec<Warning>) {
         let failures: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
@@ -221,19 +259,28 @@ impl Sweep<'_> {
             // This thread is in shimcheck's own namespace: its counters are the thread's.
             let mut slot = kept.remove(&t.inode).unwrap_or_default();
             let counters = Counters::read(Path::new(THREAD_NET));
-            let got = self.one_with(counters, &mut slot, || {
-                own_source.sockets(self.states).map_err(|e| e.to_string())
-            });
+            let got = match self.drain {
+                Some(drain) => self.kept_with(
+                    t,
+                    &mut slot.kept,
+                    drain,
+                    move || counters,
+                    || Ok(own_source),
+                ),
+                None => self.one_with(counters, &mut slot.last, || {
+                    own_source.sockets(self.states).map_err(|e| e.to_string())
+                }),
+            };
             match got {
                 Ok(sockets) => all.extend(tag(sockets, t.inode)),
                 Err(e) => {
-                    slot.forget();
+                    slot = Slot::default();
                     fail(t.inode, e);
                 }
             }
             own_last.push((t.inode, slot));
         }
-        let slots: Vec<Mutex<LastDump>> = others
+        let slots: Vec<Mutex<Slot>> = others
             .iter()
             .map(|t| Mutex::new(kept.remove(&t.inode).unwrap_or_default()))
             .collect();
@@ -252,10 +299,14 @@ impl Sweep<'_> {
                     );
                     continue;
                 };
-                match self.one(t, &mut last) {
+                let got = match self.drain {
+                    Some(drain) => self.other_kept(t, &mut last.kept, drain),
+                    None => self.one(t, &mut last.last),
+                };
+                match got {
                     Ok(sockets) => out.extend(tag(sockets, t.inode)),
                     Err(e) => {
-                        last.forget();
+                        *last = Slot::default();
                         fail(t.inode, e);
                     }
                 }
@@ -295,15 +346,70 @@ impl Sweep<'_> {
         (all, warnings)
     }
 
-    /// One namespace other than shimcheck's own, on a worker thread.
-    fn one(&self, t: &Target, last: &mut LastDump) -> Result<Vec<Socket>, String> {
-        // Through a process living in it, the counters need no `setns`; the process must
-        // still be there (its pid not reused by one in another namespace).
-        let seen_from_pid = t.pid.and_then(|pid| {
+    /// The counters of a namespace other than shimcheck's own, read through a process living
+    /// in it: no `setns` needed. The process must still be there (its pid not reused by one in
+    /// another namespace).
+    fn counters_via_pid(&self, t: &Target) -> Option<Counters> {
+        t.pid.and_then(|pid| {
             let c = Counters::read(&self.proc_root.join(format!("{pid}/net")))?;
             let still = inode_of(&self.proc_root.join(format!("{pid}/ns/net")));
             (still == Some(t.inode)).then_some(c)
-        });
+        })
+    }
+
+    /// One namespace other than shimcheck's own kept by events, on a worker thread: entered
+    /// only when something changed in it.
+    fn other_kept(
+        &self,
+        t: &Target,
+        kept: &mut Kept,
+        drain: &Drain,
+    ) -> Result<Vec<Socket>, String> {
+        let counters = || self.counters_via_pid(t);
+        let mut source = None;
+        self.kept_with(t, kept, drain, counters, || {
+            enter(t)?;
+            Ok(source.insert(NetlinkSource::open().map_err(|e| e.to_string())?))
+        })
+    }
+
+    /// One namespace kept by events: untouched where nothing changed in it, empty without a
+    /// dump where its counters (`counters`, read only if needed) say it holds no TCP socket,
+    /// else brought up to date through the sock_diag socket `netlink` gives (lookups of what
+    /// changed, or a dump).
+    fn kept_with<'n>(
+        &self,
+        t: &Target,
+        kept: &mut Kept,
+        drain: &Drain,
+        counters: impl FnOnce() -> Option<Counters>,
+        netlink: impl FnOnce() -> Result<&'n mut NetlinkSource, String>,
+    ) -> Result<Vec<Socket>, String> {
+        let now = Instant::now();
+        let pending = u32::try_from(t.inode)
+            .ok()
+            .and_then(|i| drain.by_netns.get(&i));
+        if let Some(sockets) = kept.quietly(self.states, pending, drain.lost, now) {
+            return Ok(sockets);
+        }
+        if counters().is_some_and(|c| c.sockets() == 0) {
+            kept.dumped(Vec::new(), self.states, now);
+            return Ok(Vec::new());
+        }
+        let none = Pending::default();
+        kept.update(
+            Some(netlink()?),
+            self.states,
+            pending.unwrap_or(&none),
+            drain.lost,
+            now,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// One namespace other than shimcheck's own, on a worker thread.
+    fn one(&self, t: &Target, last: &mut LastDump) -> Result<Vec<Socket>, String> {
+        let seen_from_pid = self.counters_via_pid(t);
         let entered = seen_from_pid.is_none();
         let counters = match seen_from_pid {
             Some(c) => Some(c),
