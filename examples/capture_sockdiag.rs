@@ -17,7 +17,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6};
 use shimcheck::collect::decode::DumpDecoder;
-use shimcheck::collect::netlink::{NetlinkSource, Request};
+use shimcheck::collect::netlink::{Exact, NetlinkSource, Request};
 use shimcheck::model::StateSet;
 
 /// Offset of the `tcp_info` attribute's own length field, from the start of an inet_diag
@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
     if !up.success() {
         bail!("ip link set lo up failed");
     }
-    let _population = populate()?;
+    let population = populate()?;
     let mut nl = NetlinkSource::open()?;
     let all = StateSet::all();
 
@@ -72,6 +72,41 @@ fn main() -> anyhow::Result<()> {
     // The compat request: both families in one walk, message type TCPDIAG_GETSOCK.
     let both = record(&mut nl, Request::Both, all)?;
     write(&dir.join("both.bin"), &both)?;
+
+    // Exact lookups (what a loop asks about a socket that changed): a v4 client, a v6 one, and
+    // the v4 one under a cookie it does not have (-ENOENT: gone).
+    let mut decoder = DumpDecoder::new();
+    for d in &both {
+        decoder.feed(d)?;
+    }
+    let dumped = decoder.finish()?.sockets;
+    let exact = |local: std::net::SocketAddr, remote: &str| -> anyhow::Result<Exact> {
+        let remote = remote.parse()?;
+        let s = dumped
+            .iter()
+            .find(|s| s.local() == local && s.remote() == remote)
+            .context("the socket to look up is not in the dump")?;
+        Ok(Exact {
+            local,
+            remote,
+            cookie: s.cookie().context("no cookie")?,
+            bound_dev_if: 0,
+        })
+    };
+    let v4 = exact(population[0].local_addr()?, "127.0.0.1:5000")?;
+    let v6 = exact(population[240].local_addr()?, "[::1]:8443")?;
+    let gone = Exact {
+        cookie: v4.cookie + 1_000_000,
+        ..v4
+    };
+    for (name, e) in [
+        ("lookup-v4.bin", v4),
+        ("lookup-v6.bin", v6),
+        ("lookup-gone.bin", gone),
+    ] {
+        let reply = nl.lookup_raw(&e, <[u8]>::to_vec)?;
+        write(&dir.join(name), &[reply])?;
+    }
     println!("wrote fixtures to {}", dir.display());
     Ok(())
 }

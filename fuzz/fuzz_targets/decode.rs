@@ -1,9 +1,10 @@
-//! Fuzz target: the sock_diag reply decoder (stage 1) on datagrams as `fixtures/netlink/` stores
-//! them (a little-endian u32 length, then the bytes); the rest of the input is a last datagram.
+//! Fuzz target: the sock_diag reply decoders (stage 1) on datagrams as `fixtures/netlink/`
+//! stores them (a little-endian u32 length, then the bytes); the rest of the input is a last
+//! datagram. Each datagram goes to the dump decoder and, alone, to a lookup's.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shimcheck::collect::decode::{DumpDecoder, Feed};
+use shimcheck::collect::decode::{DumpDecoder, Feed, lookup_reply};
 
 fuzz_target!(|data: &[u8]| {
     let mut d = DumpDecoder::new();
@@ -17,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
             None => (rest, &[][..]),
         };
         rest = next;
+        let _ = lookup_reply(datagram);
         match d.feed(datagram) {
             Ok(Feed::More) => {}
             Ok(Feed::Done) | Err(_) => break,

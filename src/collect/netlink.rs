@@ -179,6 +179,16 @@ impl NetlinkSource {
     /// `None` when no socket with that 4-tuple and cookie exists any more. The kernel finds it
     /// through its hash tables: a few microseconds, whatever the number of sockets.
     pub fn lookup(&mut self, exact: &Exact) -> Result<Option<Socket>, CollectError> {
+        self.lookup_raw(exact, decode::lookup_reply)?
+    }
+
+    /// Sends the lookup of `exact` and hands its reply, as it came off the socket, to `sink`
+    /// (the capture tool records it; `lookup` decodes it).
+    pub fn lookup_raw<R>(
+        &mut self,
+        exact: &Exact,
+        sink: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, CollectError> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let req = lookup_request(seq, exact);
@@ -193,7 +203,7 @@ impl NetlinkSource {
             // A late reply to an earlier request (one that timed out) is not this one's.
             let stale = NetlinkBuffer::new_checked(reply).is_ok_and(|b| b.sequence_number() != seq);
             if !stale {
-                return decode::lookup_reply(reply);
+                return Ok(sink(reply));
             }
         }
     }

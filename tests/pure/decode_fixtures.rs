@@ -390,3 +390,57 @@ fn a_malformed_message_is_located_by_its_byte_in_the_whole_dump() {
     }
     assert!(err.to_string().contains(&format!("at byte {at}")), "{err}");
 }
+
+/// The one datagram of a lookup fixture.
+fn reply(name: &str) -> Vec<u8> {
+    let mut all = datagrams(name);
+    assert_eq!(all.len(), 1, "{name}: a lookup's reply is one datagram");
+    all.remove(0)
+}
+
+#[test]
+fn a_lookup_reply_is_the_socket_as_a_dump_reports_it() {
+    use shimcheck::collect::decode::lookup_reply;
+    let v4 = lookup_reply(&reply("lookup-v4.bin")).unwrap().unwrap();
+    assert_eq!(v4.state, TcpState::Established);
+    assert_eq!(v4.remote(), "127.0.0.1:5000".parse().unwrap());
+    assert!(
+        v4.inode != 0 && v4.cookie().is_some() && v4.tcp_info.is_some(),
+        "{v4:?}"
+    );
+    let v6 = lookup_reply(&reply("lookup-v6.bin")).unwrap().unwrap();
+    assert_eq!(v6.remote(), "[::1]:8443".parse().unwrap());
+    assert!(
+        v6.inode != 0 && v6.cookie().is_some() && v6.tcp_info.is_some(),
+        "{v6:?}"
+    );
+}
+
+#[test]
+fn a_lookup_of_a_socket_that_is_gone_is_none_and_echoes_the_cookie_asked_for() {
+    use shimcheck::collect::decode::lookup_reply;
+    let gone = reply("lookup-gone.bin");
+    assert_eq!(lookup_reply(&gone).unwrap(), None);
+    // NLMSG_ERROR: header (16), error (4), then the request echoed: its header (16) and the
+    // inet_diag_req_v2 (family, protocol, ext, pad, states u32, then the socket id, whose
+    // cookie is its last 8 bytes at 8 + 40).
+    let cookie_at = 16 + 4 + 16 + 8 + 40;
+    let lo = u32::from_ne_bytes(gone[cookie_at..cookie_at + 4].try_into().unwrap());
+    let hi = u32::from_ne_bytes(gone[cookie_at + 4..cookie_at + 8].try_into().unwrap());
+    let asked = (u64::from(hi) << 32) | u64::from(lo);
+    let found = lookup_reply(&reply("lookup-v4.bin")).unwrap().unwrap();
+    assert_eq!(Some(asked), found.cookie().map(|c| c + 1_000_000));
+}
+
+#[test]
+fn a_lookup_reply_that_is_not_one_is_an_error_not_a_panic() {
+    use shimcheck::collect::decode::lookup_reply;
+    assert!(lookup_reply(&[]).is_err());
+    let mut cut = reply("lookup-v4.bin");
+    cut.truncate(40);
+    assert!(lookup_reply(&cut).is_err());
+    // Another error than ENOENT is the kernel's error.
+    let mut eperm = reply("lookup-gone.bin");
+    eperm[16..20].copy_from_slice(&(-1i32).to_ne_bytes());
+    assert!(matches!(lookup_reply(&eperm), Err(CollectError::Kernel(_))));
+}
