@@ -304,3 +304,48 @@ fn a_dump_with_a_socket_without_a_stable_cookie_makes_no_table() {
     let uncookied = sock(TcpState::Established, "127.0.0.1:40001", SERVER, 11).cookie(None);
     assert!(Table::new(vec![est(1, 40002, 12), uncookied], shown()).is_none());
 }
+
+#[test]
+fn more_changes_than_a_dump_costs_are_not_looked_up_one_by_one() {
+    use shimcheck::collect::events::Kept;
+    use std::time::Instant;
+    let now = Instant::now();
+    let table: Vec<Socket> = (1..=800)
+        .map(|c| est(c, (c % 60000) as u16 + 1, c))
+        .collect();
+    // Changes that need no lookup (into a state not shown): without a sock_diag socket, the
+    // update succeeds as long as it does not decide to dump instead.
+    let closing = |n: u64| {
+        let mut p = Pending::default();
+        for c in 1..=n {
+            let local = format!("127.0.0.1:{}", (c % 60000) as u16 + 1);
+            p.add(change(
+                c,
+                TcpState::Established,
+                TcpState::FinWait1,
+                &local,
+                SERVER,
+            ));
+        }
+        p
+    };
+    for (changes, updated) in [(256, true), (257, false)] {
+        let mut kept = Kept::default();
+        kept.dumped(table.clone(), shown(), now);
+        let got = kept.update(None, shown(), &closing(changes), false, now);
+        assert_eq!(got.is_ok(), updated, "{changes} changes of 800 sockets");
+        if updated {
+            assert_eq!(got.unwrap().len(), 800 - changes as usize);
+        }
+    }
+    // A bigger table takes a quarter of its size in lookups.
+    let big: Vec<Socket> = (1..=4000)
+        .map(|c| est(c, (c % 60000) as u16 + 1, c))
+        .collect();
+    for (changes, updated) in [(1000, true), (1001, false)] {
+        let mut kept = Kept::default();
+        kept.dumped(big.clone(), shown(), now);
+        let got = kept.update(None, shown(), &closing(changes), false, now);
+        assert_eq!(got.is_ok(), updated, "{changes} changes of 4,000 sockets");
+    }
+}
