@@ -72,6 +72,11 @@ impl Pending {
         self.latest.insert(c.cookie, c);
     }
 
+    /// No change at all.
+    pub fn is_empty(&self) -> bool {
+        self.latest.is_empty() && !self.listeners
+    }
+
     /// Takes the changes of `other`, which came after these.
     fn merge(&mut self, other: Pending) {
         self.latest.extend(other.latest);
@@ -230,8 +235,8 @@ pub struct Kept {
     table: Option<Table>,
     dumped_at: Option<Instant>,
     updated_at: Option<Instant>,
-    /// Updates since the last dump.
-    updates: u32,
+    /// Samples answered from the table since the last dump.
+    looks: u32,
     /// The lookups the last sample made, `None` when it dumped.
     last: Option<usize>,
 }
@@ -245,7 +250,7 @@ impl Kept {
     /// The table, if the changes can bring it up to `now`: there is one, of `states`, no
     /// change was lost (`lost`) and no resync is due.
     fn usable(&mut self, states: StateSet, lost: bool, now: Instant) -> Option<&mut Table> {
-        let resync = self.updates + 1 >= RESYNC_EVERY
+        let resync = self.looks + 1 >= RESYNC_EVERY
             && self
                 .dumped_at
                 .is_none_or(|at| now.saturating_duration_since(at) >= RESYNC_AFTER);
@@ -265,14 +270,23 @@ impl Kept {
         lost: bool,
         now: Instant,
     ) -> Option<Vec<Socket>> {
-        if pending.is_some_and(|p| !p.latest.is_empty() || p.listeners) {
-            return None;
-        }
-        if self.usable(states, lost, now)?.waiting().next().is_some() {
+        if pending.is_some_and(|p| !p.is_empty()) || lost || !self.quiet(states, now) {
             return None;
         }
         self.update(None, states, &Pending::default(), lost, now)
             .ok()
+    }
+
+    /// Counts a sample answered from the table as it was (the source saw nothing move).
+    pub fn looked(&mut self) {
+        self.looks += 1;
+    }
+
+    /// True when, if nothing changed in the namespace, its table holds at `now` as it is:
+    /// there is one, of `states`, no resync is due and no socket waits to be accepted.
+    pub fn quiet(&mut self, states: StateSet, now: Instant) -> bool {
+        self.usable(states, false, now)
+            .is_some_and(|t| t.waiting().next().is_none())
     }
 
     /// The table brought up to `now` from `pending` (this namespace's changes) and lookups
@@ -307,7 +321,7 @@ impl Kept {
                 t.age(ms);
                 let sockets = t.sockets().to_vec();
                 self.last = Some(lookups);
-                self.updates += 1;
+                self.looks += 1;
                 self.updated_at = Some(now);
                 return Ok(sockets);
             }
@@ -331,7 +345,7 @@ impl Kept {
         };
         self.dumped_at = Some(now);
         self.updated_at = Some(now);
-        self.updates = 0;
+        self.looks = 0;
         self.last = None;
     }
 }
@@ -345,6 +359,19 @@ pub struct Drain {
 }
 
 impl Drain {
+    /// True when something changed, or may have (changes were lost).
+    pub fn moved(&self) -> bool {
+        self.lost || self.by_netns.values().any(|p| !p.is_empty())
+    }
+
+    /// Takes the changes of `later`, drained after these.
+    pub fn merge(&mut self, later: Drain) {
+        for (netns, p) in later.by_netns {
+            self.by_netns.entry(netns).or_default().merge(p);
+        }
+        self.lost |= later.lost;
+    }
+
     /// Everything the ring holds now.
     pub fn from(changes: &mut StateChanges) -> Drain {
         let mut drain = Drain::default();

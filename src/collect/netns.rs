@@ -107,8 +107,11 @@ pub struct AllNetns {
     threads: usize,
     /// Loops: what each namespace keeps between samples, by inode.
     last: Option<FxHashMap<u64, Slot>>,
-    /// Loops where BPF may be loaded: the state changes of every namespace.
+    /// Loops where BPF may be loaded: the state changes of every namespace...
     changes: Option<StateChanges>,
+    /// ... those drained by `still` and not yet applied, and the states of the last sweep.
+    held: Drain,
+    swept: Option<StateSet>,
 }
 
 /// What a loop keeps of one namespace between samples: its table kept by events, or (without
@@ -132,6 +135,8 @@ impl AllNetns {
             threads,
             last,
             changes: None,
+            held: Drain::default(),
+            swept: None,
         }
     }
 
@@ -156,6 +161,28 @@ impl SocketSource for AllNetns {
         "sock_diag in every network namespace"
     }
 
+    /// Kept by events: true when no socket changed state in any namespace since the last
+    /// sweep of `states`, none waits to be accepted and no namespace is due a resync. (A
+    /// namespace that appeared holds no socket yet, or its sockets' changes would say so.)
+    fn still(&mut self, states: StateSet) -> bool {
+        let (Some(changes), Some(last)) = (self.changes.as_mut(), self.last.as_mut()) else {
+            return false;
+        };
+        let drain = Drain::from(changes);
+        let moved = drain.moved();
+        self.held.merge(drain);
+        let now = Instant::now();
+        let still = self.swept == Some(states)
+            && !moved
+            && last.values_mut().all(|slot| slot.kept.quiet(states, now));
+        if still {
+            // Each such sample counts toward a resync: what no event reports (the tcp_info
+            // clocks of connections that carried data) is refreshed after as many as updates.
+            last.values_mut().for_each(|slot| slot.kept.looked());
+        }
+        still
+    }
+
     fn sockets(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError> {
         self.dump(states).map(|d| d.sockets)
     }
@@ -166,7 +193,12 @@ impl SocketSource for AllNetns {
         let own_inode = own(&self.proc_root).unwrap_or(0);
         let mut last = self.last.take();
         // Before any dump starts: what changes after stays in the ring for the next sweep.
-        let drain = self.changes.as_mut().map(Drain::from);
+        let drain = self.changes.as_mut().map(|c| {
+            let mut drain = std::mem::take(&mut self.held);
+            drain.merge(Drain::from(c));
+            drain
+        });
+        self.swept = Some(states);
         let sweep = Sweep {
             proc_root: &self.proc_root,
             states,

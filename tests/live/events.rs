@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use shimcheck::bpf::events::StateChanges;
-use shimcheck::collect::SocketSource;
+use shimcheck::collect::SocketSource as _;
 use shimcheck::collect::events::EventSource;
 use shimcheck::collect::netlink::NetlinkSource;
 use shimcheck::collect::netns::AllNetns;
@@ -176,7 +176,7 @@ fn every_namespace_is_kept_by_its_own_changes_and_a_quiet_one_is_not_entered() {
         })
     };
     let (na, nb) = (a.netns_inode(), b.netns_inode());
-    let mut look = |what: &str| {
+    let look = |sweep: &mut AllNetns, what: &str| {
         settled(&a);
         settled(&b);
         let all = sweep.sockets(states).unwrap();
@@ -184,16 +184,21 @@ fn every_namespace_is_kept_by_its_own_changes_and_a_quiet_one_is_not_entered() {
         assert_eq!(of(&all, nb), dump_in(&b), "{what}: namespace b");
         (sweep.last_lookups(na), sweep.last_lookups(nb))
     };
-    assert_eq!(look("the first sweep"), (None, None));
-    assert_eq!(look("nothing"), (Some(0), Some(0)));
+    assert_eq!(look(&mut sweep, "the first sweep"), (None, None));
+    assert_eq!(look(&mut sweep, "nothing"), (Some(0), Some(0)));
+    // Nothing changed anywhere since: the loop may reuse its last sample whole.
+    assert!(sweep.still(states));
     let opened: Vec<TcpStream> = in_netns(a.ns_pid, || {
         (0..6)
             .map(|_| TcpStream::connect("127.0.0.1:5000").unwrap())
             .collect()
     });
-    assert_eq!(look("6 opened in a"), (Some(12), Some(0)));
+    settled(&a);
+    // Something changed: not still; the changes it read are kept for the sweep.
+    assert!(!sweep.still(states));
+    assert_eq!(look(&mut sweep, "6 opened in a"), (Some(12), Some(0)));
     drop(opened);
-    let (in_a, in_b) = look("6 closed in a");
+    let (in_a, in_b) = look(&mut sweep, "6 closed in a");
     assert!(in_a.is_some_and(|n| n > 0), "{in_a:?}");
     assert_eq!(in_b, Some(0));
 }

@@ -349,3 +349,27 @@ fn more_changes_than_a_dump_costs_are_not_looked_up_one_by_one() {
         assert_eq!(got.is_ok(), updated, "{changes} changes of 3,000 sockets");
     }
 }
+
+#[test]
+fn samples_answered_from_the_table_count_toward_a_resync_as_updates_do() {
+    use shimcheck::collect::counters::{RESYNC_AFTER, RESYNC_EVERY};
+    use shimcheck::collect::events::Kept;
+    use std::time::Instant;
+    let at = Instant::now();
+    let later = at + RESYNC_AFTER;
+    let mut kept = Kept::default();
+    kept.dumped(vec![est(1, 40001, 11)], shown(), at);
+    for _ in 0..RESYNC_EVERY - 2 {
+        kept.looked();
+    }
+    assert!(kept.quiet(shown(), later), "one sample short of a resync");
+    kept.looked();
+    assert!(
+        kept.quiet(shown(), at),
+        "enough samples, but not a minute yet"
+    );
+    assert!(!kept.quiet(shown(), later), "both: a resync is due");
+    // A table of other states, or none at all, never holds.
+    assert!(!kept.quiet(StateSet::all(), at));
+    assert!(!Kept::default().quiet(shown(), at));
+}
