@@ -120,6 +120,23 @@ pub struct AllNetns {
 struct Slot {
     kept: Kept,
     last: LastDump,
+    /// Kept by events: the namespace's counters as read at its last look, and where they are
+    /// read (`None`: shimcheck's own namespace, through this thread).
+    seen: Option<Counters>,
+    via: Option<Target>,
+}
+
+impl Slot {
+    /// True when the namespace's counters are those of its last look: no segment moved, no
+    /// connection opened, nothing hashed or unhashed (`counters`): its sockets, tcp_info
+    /// clocks included, are the last look's, older by the time since.
+    fn unmoved(&self, proc_root: &Path) -> bool {
+        let now = match &self.via {
+            None => Counters::read(Path::new(THREAD_NET)),
+            Some(t) => counters_via_pid(proc_root, t),
+        };
+        now.is_some() && now == self.seen
+    }
 }
 
 impl AllNetns {
@@ -162,8 +179,9 @@ impl SocketSource for AllNetns {
     }
 
     /// Kept by events: true when no socket changed state in any namespace since the last
-    /// sweep of `states`, none waits to be accepted and no namespace is due a resync. (A
-    /// namespace that appeared holds no socket yet, or its sockets' changes would say so.)
+    /// sweep of `states`, no namespace's counters moved, none waits to be accepted and no
+    /// namespace is due a resync. (A namespace that appeared holds no socket yet, or its
+    /// sockets' changes would say so.)
     fn still(&mut self, states: StateSet) -> bool {
         let (Some(changes), Some(last)) = (self.changes.as_mut(), self.last.as_mut()) else {
             return false;
@@ -172,9 +190,14 @@ impl SocketSource for AllNetns {
         let moved = drain.moved();
         self.held.merge(drain);
         let now = Instant::now();
+        // The changes say no socket opened, closed or changed state; the counters, that no
+        // data moved either (else the clocks of the last sample would not hold).
+        let proc_root = &self.proc_root;
         let still = self.swept == Some(states)
             && !moved
-            && last.values_mut().all(|slot| slot.kept.quiet(states, now));
+            && last
+                .values_mut()
+                .all(|slot| slot.kept.quiet(states, now) && slot.unmoved(proc_root));
         if still {
             // Each such sample counts toward a resync: what no event reports (the tcp_info
             // clocks of connections that carried data) is refreshed after as many as updates.
@@ -292,13 +315,10 @@ impl Sweep<'_> {
             let mut slot = kept.remove(&t.inode).unwrap_or_default();
             let counters = Counters::read(Path::new(THREAD_NET));
             let got = match self.drain {
-                Some(drain) => self.kept_with(
-                    t,
-                    &mut slot.kept,
-                    drain,
-                    move || counters,
-                    || Ok(own_source),
-                ),
+                Some(drain) => {
+                    slot.via = None;
+                    self.kept_with(t, &mut slot, drain, counters, || Ok(own_source))
+                }
                 None => self.one_with(counters, &mut slot.last, || {
                     own_source.sockets(self.states).map_err(|e| e.to_string())
                 }),
@@ -332,7 +352,7 @@ impl Sweep<'_> {
                     continue;
                 };
                 let got = match self.drain {
-                    Some(drain) => self.other_kept(t, &mut last.kept, drain),
+                    Some(drain) => self.other_kept(t, &mut last, drain),
                     None => self.one(t, &mut last.last),
                 };
                 match got {
@@ -378,53 +398,41 @@ impl Sweep<'_> {
         (all, warnings)
     }
 
-    /// The counters of a namespace other than shimcheck's own, read through a process living
-    /// in it: no `setns` needed. The process must still be there (its pid not reused by one in
-    /// another namespace).
-    fn counters_via_pid(&self, t: &Target) -> Option<Counters> {
-        t.pid.and_then(|pid| {
-            let c = Counters::read(&self.proc_root.join(format!("{pid}/net")))?;
-            let still = inode_of(&self.proc_root.join(format!("{pid}/ns/net")));
-            (still == Some(t.inode)).then_some(c)
-        })
-    }
-
     /// One namespace other than shimcheck's own kept by events, on a worker thread: entered
     /// only when something changed in it.
-    fn other_kept(
-        &self,
-        t: &Target,
-        kept: &mut Kept,
-        drain: &Drain,
-    ) -> Result<Vec<Socket>, String> {
-        let counters = || self.counters_via_pid(t);
+    fn other_kept(&self, t: &Target, slot: &mut Slot, drain: &Drain) -> Result<Vec<Socket>, String> {
+        let counters = counters_via_pid(self.proc_root, t);
+        slot.via = Some(t.clone());
         let mut source = None;
-        self.kept_with(t, kept, drain, counters, || {
+        self.kept_with(t, slot, drain, counters, || {
             enter(t)?;
             Ok(source.insert(NetlinkSource::open().map_err(|e| e.to_string())?))
         })
     }
 
-    /// One namespace kept by events: untouched where nothing changed in it, empty without a
-    /// dump where its counters (`counters`, read only if needed) say it holds no TCP socket,
+    /// One namespace kept by events, its `counters` read just now: untouched where nothing
+    /// changed in it, empty without a dump where its counters say it holds no TCP socket,
     /// else brought up to date through the sock_diag socket `netlink` gives (lookups of what
     /// changed, or a dump).
     fn kept_with<'n>(
         &self,
         t: &Target,
-        kept: &mut Kept,
+        slot: &mut Slot,
         drain: &Drain,
-        counters: impl FnOnce() -> Option<Counters>,
+        counters: Option<Counters>,
         netlink: impl FnOnce() -> Result<&'n mut NetlinkSource, String>,
     ) -> Result<Vec<Socket>, String> {
         let now = Instant::now();
+        let empty = counters.as_ref().is_some_and(|c| c.sockets() == 0);
+        slot.seen = counters;
+        let kept = &mut slot.kept;
         let pending = u32::try_from(t.inode)
             .ok()
             .and_then(|i| drain.by_netns.get(&i));
         if let Some(sockets) = kept.quietly(self.states, pending, drain.lost, now) {
             return Ok(sockets);
         }
-        if counters().is_some_and(|c| c.sockets() == 0) {
+        if empty {
             kept.dumped(Vec::new(), self.states, now);
             return Ok(Vec::new());
         }
@@ -441,7 +449,7 @@ impl Sweep<'_> {
 
     /// One namespace other than shimcheck's own, on a worker thread.
     fn one(&self, t: &Target, last: &mut LastDump) -> Result<Vec<Socket>, String> {
-        let seen_from_pid = self.counters_via_pid(t);
+        let seen_from_pid = counters_via_pid(self.proc_root, t);
         let entered = seen_from_pid.is_none();
         let counters = match seen_from_pid {
             Some(c) => Some(c),
@@ -494,6 +502,17 @@ impl Sweep<'_> {
         }
         Some(Vec::new())
     }
+}
+
+/// The counters of a namespace other than shimcheck's own, read through a process living in
+/// it: no `setns` needed. The process must still be there (its pid not reused by one in
+/// another namespace).
+fn counters_via_pid(proc_root: &Path, t: &Target) -> Option<Counters> {
+    t.pid.and_then(|pid| {
+        let c = Counters::read(&proc_root.join(format!("{pid}/net")))?;
+        let still = inode_of(&proc_root.join(format!("{pid}/ns/net")));
+        (still == Some(t.inode)).then_some(c)
+    })
 }
 
 /// Moves this (worker) thread into one namespace.
