@@ -711,9 +711,25 @@ impl History {
         self.judge(&Digest::new(j), j.sample, cfg)
     }
 
-    /// Growth findings for the newest sample observed, whose sockets `digest` describes. Only
-    /// the pairs that rose enough are looked at socket by socket.
-    fn judge(&self, digest: &Digest, sample: &Sample, cfg: &DetectConfig) -> Vec<Finding> {
+    /// The sockets whose tcp_info clocks decide the growth findings of the newest sample
+    /// observed: those opened within the window, of the pairs that rose enough, kept what they
+    /// had and rose often enough (`rising`). A loop whose collector aged clocks instead of
+    /// reading them (`collect::events`) reads these again before judging.
+    pub fn clocks_wanted(&self, digest: &Digest, sample: &Sample, cfg: &DetectConfig) -> Vec<u32> {
+        self.rising(digest, sample, cfg)
+            .into_iter()
+            .flat_map(|r| r.young)
+            .collect()
+    }
+
+    /// The pairs that rose enough, kept what they had and rose often enough: everything a
+    /// growth finding needs but the activity of the sockets opened since the window's start.
+    fn rising<'d>(
+        &'d self,
+        digest: &'d Digest,
+        sample: &Sample,
+        cfg: &DetectConfig,
+    ) -> Vec<Rising<'d>> {
         let (Some((t0, base)), Some((t1, now))) = (self.samples.front(), self.samples.back())
         else {
             return Vec::new();
@@ -721,14 +737,6 @@ impl History {
         if self.samples.len() < 2 {
             return Vec::new();
         }
-        let elapsed = t1.duration_since(*t0).unwrap_or_default();
-        let minutes = (elapsed.as_secs_f64() / 60.0).max(1.0 / 60.0);
-        // Against a baseline the span is the time since the snapshot, however short.
-        let quiet_after = if self.baseline {
-            cfg.window.min(elapsed) / QUIET_DIVISOR
-        } else {
-            cfg.window / QUIET_DIVISOR
-        };
         let mut out = Vec::new();
         let mut grown: Vec<(&PairKey, &u32)> = now.iter().collect();
         grown.sort();
@@ -739,19 +747,19 @@ impl History {
                 continue;
             }
             // The pair's sockets open now that were already open at the window's start, and
-            // how the ones opened since behave.
+            // the ones opened since.
             let (members, mirror) = digest
                 .pair(key)
                 .map_or((&[][..], ""), |p| (&p.members[..], p.mirror.as_str()));
             let mut kept = 0u32;
-            let mut a = Activity::default();
+            let mut young = Vec::new();
             for &i in members {
                 let s = &sample.sockets[i as usize];
                 let seen = self.first_seen.get(&identity(s)).map_or(*t1, |seen| seen.0);
                 if seen <= *t0 {
                     kept += 1;
                 } else {
-                    a.add(self.activity(sample.data_idle_ms(s), *t1, seen, quiet_after));
+                    young.push(i);
                 }
             }
             let retained = if start == 0 {
@@ -772,6 +780,50 @@ impl History {
                 .count();
             if rises < self.min_rises {
                 continue;
+            }
+            out.push(Rising {
+                key,
+                start,
+                count,
+                retained,
+                mirror,
+                young,
+            });
+        }
+        out
+    }
+
+    /// Growth findings for the newest sample observed, whose sockets `digest` describes. Only
+    /// the pairs that rose enough are looked at socket by socket.
+    fn judge(&self, digest: &Digest, sample: &Sample, cfg: &DetectConfig) -> Vec<Finding> {
+        let (Some((t0, _)), Some((t1, _))) = (self.samples.front(), self.samples.back()) else {
+            return Vec::new();
+        };
+        let elapsed = t1.duration_since(*t0).unwrap_or_default();
+        let minutes = (elapsed.as_secs_f64() / 60.0).max(1.0 / 60.0);
+        // Against a baseline the span is the time since the snapshot, however short.
+        let quiet_after = if self.baseline {
+            cfg.window.min(elapsed) / QUIET_DIVISOR
+        } else {
+            cfg.window / QUIET_DIVISOR
+        };
+        let mut out = Vec::new();
+        for r in self.rising(digest, sample, cfg) {
+            let Rising {
+                key,
+                start,
+                count,
+                retained,
+                mirror,
+                young,
+            } = r;
+            let rise = count.saturating_sub(start) as usize;
+            // How the ones opened since behave.
+            let mut a = Activity::default();
+            for &i in &young {
+                let s = &sample.sockets[i as usize];
+                let seen = self.first_seen.get(&identity(s)).map_or(*t1, |seen| seen.0);
+                a.add(self.activity(sample.data_idle_ms(s), *t1, seen, quiet_after));
             }
             // A pool growing under load keeps using its new connections; a leak's go quiet.
             // Where the kernel gave no tcp_info (/proc/net/tcp), activity is not judged.
@@ -821,6 +873,17 @@ impl History {
         }
         out
     }
+}
+
+/// A pair that rose enough, kept what it had and rose often enough (`History::rising`).
+struct Rising<'d> {
+    key: &'d PairKey,
+    start: u32,
+    count: u32,
+    retained: f64,
+    mirror: &'d str,
+    /// Its sockets opened since the window's start.
+    young: Vec<u32>,
 }
 
 /// How one socket opened within the window behaves.

@@ -200,6 +200,14 @@ impl Sampler {
         }))
     }
 
+    /// Reads again the tcp_info clocks of the sockets at `which` of `sample` (the last new
+    /// sample this sampler took), where the collector aged them instead of reading them
+    /// (state-change events say nothing of data); returns how many it read. What the detector
+    /// judges by these clocks (`History::clocks_wanted`) is then judged on clocks read now.
+    pub fn fresh_clocks(&mut self, sample: &mut Sample, which: &[u32]) -> usize {
+        self.source.fresh_clocks(&mut sample.sockets, which)
+    }
+
     /// `fds` without shimcheck's own.
     fn others(&self, mut fds: BTreeMap<u32, FdUse>) -> BTreeMap<u32, FdUse> {
         if let Some(pid) = self.own_pid {

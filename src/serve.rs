@@ -195,8 +195,8 @@ fn sample_loop(
             Err(e) => Err(e),
         };
         match looked {
-            Ok((sample, topology, last)) => {
-                let joined = Joined::with_topology(&sample, topology.clone());
+            Ok((mut sample, topology, last)) => {
+                let mut joined = Joined::with_topology(&sample, topology.clone());
                 let (digest, mut r) = match last {
                     // Nothing moved but time: the groups stand, the findings are judged anew.
                     Some((digest, mut last)) => {
@@ -213,6 +213,17 @@ fn sample_loop(
                         (Digest::new(&joined), r)
                     }
                 };
+                // Where the collector aged tcp_info clocks instead of reading them, those a
+                // growth finding is judged by are read again (clocks a reuse brought forward,
+                // `tcp_info_age_ms`, are exact: nothing moved).
+                if sample.tcp_info_age_ms == 0 {
+                    let wanted = history.clocks_wanted(&digest, &sample, &cfg);
+                    if !wanted.is_empty() {
+                        drop(joined);
+                        sampler.fresh_clocks(&mut sample, &wanted);
+                        joined = Joined::with_topology(&sample, topology.clone());
+                    }
+                }
                 r.findings = digest.findings(&sample, Some(&history), &cfg);
                 families = metrics::families(&joined, &r.findings, &cfg, args.max_series);
                 report = Bytes::from(serde_json::to_vec_pretty(&r)?);

@@ -71,11 +71,14 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
         // A new sample replaces the last: drop it first, never hold two.
         let look = sampler.look(query.states, || state.kept = None)?;
         let mut report = match look {
-            Look::New(taken) => state.full(taken, &query, &cfg),
+            Look::New(taken) => state.full(taken, &query, &cfg, &mut sampler),
             Look::Same(moved) => match state.kept.take() {
-                Some(kept) => state.same(kept, moved, &query, &cfg),
+                Some(kept) => state.same(kept, moved, &query, &cfg, &mut sampler),
                 // No sample to reuse yet (the first look always dumps): take one.
-                None => state.full(sampler.sample(query.states)?, &query, &cfg),
+                None => {
+                    let taken = sampler.sample(query.states)?;
+                    state.full(taken, &query, &cfg, &mut sampler)
+                }
             },
         };
         report.sample = Some(n);
@@ -279,9 +282,20 @@ struct Kept {
 }
 
 impl State {
-    /// The report of a new sample, every stage run.
-    fn full(&mut self, taken: Taken, query: &Query, cfg: &DetectConfig) -> Report {
-        let Taken { sample, topology } = taken;
+    /// The report of a new sample, every stage run. Where the collector aged tcp_info clocks
+    /// instead of reading them, those a growth finding is judged by are read again through
+    /// `sampler` first.
+    fn full(
+        &mut self,
+        taken: Taken,
+        query: &Query,
+        cfg: &DetectConfig,
+        sampler: &mut Sampler,
+    ) -> Report {
+        let Taken {
+            mut sample,
+            topology,
+        } = taken;
         let joined = Joined::with_topology(&sample, topology.clone());
         self.history.observe(&joined);
         let (mut report, counts) = aggregate::aggregate_with_counts(&joined, query);
@@ -295,6 +309,13 @@ impl State {
         self.previous = Some(counts);
         let digest = Digest::new(&joined);
         drop(joined);
+        // Clocks brought forward by a reuse (`tcp_info_age_ms`) are exact: nothing moved.
+        if sample.tcp_info_age_ms == 0 {
+            let wanted = self.history.clocks_wanted(&digest, &sample, cfg);
+            if !wanted.is_empty() {
+                sampler.fresh_clocks(&mut sample, &wanted);
+            }
+        }
         self.judge(sample, topology, digest, report, cfg)
     }
 
@@ -302,7 +323,14 @@ impl State {
     /// since, and the findings judged again at this time from the detector's digest, without
     /// a pass over the sockets. If a holder exited, the owners changed: every stage runs
     /// again on the same sockets.
-    fn same(&mut self, kept: Kept, moved: Moved, query: &Query, cfg: &DetectConfig) -> Report {
+    fn same(
+        &mut self,
+        kept: Kept,
+        moved: Moved,
+        query: &Query,
+        cfg: &DetectConfig,
+        sampler: &mut Sampler,
+    ) -> Report {
         // The report's warnings stay: the collector's and the last full scan's are the same.
         let Kept {
             mut sample,
@@ -311,7 +339,7 @@ impl State {
             mut report,
         } = kept;
         if sample.apply(moved) {
-            return self.full(Taken { sample, topology }, query, cfg);
+            return self.full(Taken { sample, topology }, query, cfg, sampler);
         }
         self.history.observe_same(sample.taken_at);
         report.taken_at = aggregate::rfc3339(sample.taken_at);

@@ -29,7 +29,7 @@ use super::counters::{Counters, RESYNC_AFTER, RESYNC_EVERY, Stillness};
 use super::netlink::{Exact, NetlinkSource, THREAD_NET};
 use super::{CollectError, SocketSource};
 use crate::bpf::events::{StateChange, StateChanges};
-use crate::model::{Socket, StateSet, TcpState};
+use crate::model::{Socket, StateSet, TcpInfo, TcpState};
 
 /// The states whose sockets the events follow exactly: every way into and out of them is a
 /// change of a full socket with its 4-tuple complete.
@@ -207,6 +207,13 @@ impl Table {
             .map(|(i, _)| i as u32)
     }
 
+    /// Replaces the tcp_info of the socket `cookie`, if the table has it.
+    fn set_clocks(&mut self, cookie: u64, info: Option<TcpInfo>) {
+        if let Some(&i) = self.at.get(&cookie) {
+            self.sockets[i as usize].tcp_info = info;
+        }
+    }
+
     fn put(&mut self, cookie: u64, s: Socket) {
         match self.at.get(&cookie) {
             Some(&i) => self.sockets[i as usize] = s,
@@ -275,6 +282,43 @@ impl Kept {
         }
         self.update(None, states, &Pending::default(), lost, now)
             .ok()
+    }
+
+    /// Reads again, through `netlink` (a sock_diag socket of the namespace), the tcp_info
+    /// clocks of the sockets at `which` of `sockets` (a sample's, of this namespace), into
+    /// the sample and the table; nothing when the last sample dumped (its clocks are all
+    /// read). Returns how many it read. A socket gone since, or not found (bound to a
+    /// device), keeps its clocks: its own change is on its way.
+    pub fn fresh_clocks(
+        &mut self,
+        netlink: &mut NetlinkSource,
+        sockets: &mut [Socket],
+        which: &[u32],
+    ) -> usize {
+        let Some(table) = self.table.as_mut().filter(|_| self.last.is_some()) else {
+            return 0;
+        };
+        let mut read = 0;
+        for &i in which {
+            let Some(s) = sockets.get_mut(i as usize) else {
+                continue;
+            };
+            let Some(cookie) = s.cookie() else { continue };
+            let exact = Exact {
+                local: s.local(),
+                remote: s.remote(),
+                cookie,
+                bound_dev_if: 0,
+            };
+            if let Ok(Some(found)) = netlink.lookup(&exact)
+                && found.cookie() == Some(cookie)
+            {
+                s.tcp_info = found.tcp_info;
+                table.set_clocks(cookie, found.tcp_info);
+                read += 1;
+            }
+        }
+        read
     }
 
     /// Counts a sample answered from the table as it was (the source saw nothing move).
@@ -432,6 +476,10 @@ impl EventSource {
 impl SocketSource for EventSource {
     fn name(&self) -> &'static str {
         "sock_diag"
+    }
+
+    fn fresh_clocks(&mut self, sockets: &mut [Socket], which: &[u32]) -> usize {
+        self.kept.fresh_clocks(&mut self.netlink, sockets, which)
     }
 
     fn sockets(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError> {

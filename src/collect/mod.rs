@@ -91,6 +91,13 @@ pub trait SocketSource {
     fn still(&mut self, _states: StateSet) -> bool {
         false
     }
+    /// Reads again the tcp_info clocks of the sockets at `which` of `sockets` (the last
+    /// sample's, which this source gave), where it aged them instead of reading them
+    /// (`events`); returns how many it read. A source whose every sample reads every clock
+    /// has nothing to do.
+    fn fresh_clocks(&mut self, _sockets: &mut [Socket], _which: &[u32]) -> usize {
+        0
+    }
 }
 
 /// What a loop keeps between its samples.

@@ -178,6 +178,46 @@ impl SocketSource for AllNetns {
         "sock_diag in every network namespace"
     }
 
+    fn fresh_clocks(&mut self, sockets: &mut [Socket], which: &[u32]) -> usize {
+        let Some(slots) = self.last.as_mut().filter(|_| self.changes.is_some()) else {
+            return 0;
+        };
+        // The wanted sockets of each namespace, and those namespaces' sockets alone.
+        let mut by_netns: FxHashMap<u64, Vec<u32>> = FxHashMap::default();
+        for &i in which {
+            if let Some(s) = sockets.get(i as usize) {
+                by_netns.entry(s.netns).or_default().push(i);
+            }
+        }
+        let own_inode = own(&self.proc_root).unwrap_or(0);
+        let mut read = 0;
+        for (netns, wanted) in by_netns {
+            let Some(slot) = slots.get_mut(&netns) else {
+                continue;
+            };
+            if netns == own_inode {
+                read += slot.kept.fresh_clocks(&mut self.own, sockets, &wanted);
+                continue;
+            }
+            let Some(target) = slot.via.clone() else {
+                continue;
+            };
+            // Another namespace: looked up from a thread that enters it, and ends.
+            read += std::thread::scope(|s| {
+                s.spawn(|| {
+                    enter(&target).ok()?;
+                    let mut netlink = NetlinkSource::open().ok()?;
+                    Some(slot.kept.fresh_clocks(&mut netlink, sockets, &wanted))
+                })
+                .join()
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+            });
+        }
+        read
+    }
+
     /// Kept by events: true when no socket changed state in any namespace since the last
     /// sweep of `states`, no namespace's counters moved, none waits to be accepted and no
     /// namespace is due a resync. (A namespace that appeared holds no socket yet, or its
@@ -400,7 +440,12 @@ impl Sweep<'_> {
 
     /// One namespace other than shimcheck's own kept by events, on a worker thread: entered
     /// only when something changed in it.
-    fn other_kept(&self, t: &Target, slot: &mut Slot, drain: &Drain) -> Result<Vec<Socket>, String> {
+    fn other_kept(
+        &self,
+        t: &Target,
+        slot: &mut Slot,
+        drain: &Drain,
+    ) -> Result<Vec<Socket>, String> {
         let counters = counters_via_pid(self.proc_root, t);
         slot.via = Some(t.clone());
         let mut source = None;

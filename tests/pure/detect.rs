@@ -1351,3 +1351,61 @@ fn against_a_baseline_connections_opened_since_that_carry_data_are_a_pool_not_a_
     assert_eq!(f.len(), 1, "silent for 15 minutes: quiet");
     assert!(matches!(f[0].detail, Detail::Growth { quiet: 80, .. }));
 }
+
+/// A loop whose collector aged the clocks of sockets it did not look at (`collect::events`)
+/// makes a pool under load look quiet: `clocks_wanted` names exactly the sockets whose clocks
+/// the growth judgement reads (the pool's, opened within the window), and with those read
+/// again the pool is not flagged.
+#[test]
+fn the_clocks_a_growth_judgement_reads_are_named_so_a_loop_can_read_them_again() {
+    use shimcheck::detect::Digest;
+    let c = cfg(10);
+    let mut h = History::new(c.window, MIN_RISES);
+    let mut opened = HashMap::new();
+    let mut prev = None;
+    let mut last = None;
+    // The pool (300) ramps up by one connection a second, every one carrying data each
+    // second; the registry's own 5 sockets (900) never change.
+    for t in 0..=20u64 {
+        let s = Pop::new()
+            .clients(300, 0, t + 1, 400)
+            .clients(900, 5000, 5, QUIET)
+            .aged(t, prev, &mut opened)
+            .sample(t);
+        prev = Some(t);
+        h.observe(&Joined::new(&s));
+        last = Some(s);
+    }
+    let mut sample = last.unwrap();
+    let digest = Digest::new(&Joined::new(&sample));
+    assert!(digest.findings(&sample, Some(&h), &c).is_empty());
+
+    // The same sockets with their clocks aged 9 s instead of read: the pool looks quiet.
+    for s in &mut sample.sockets {
+        s.tcp_info = s.tcp_info.map(|mut t| {
+            t.age(9000);
+            t
+        });
+    }
+    let aged = digest.findings(&sample, Some(&h), &c);
+    assert!(aged.iter().any(|f| f.pid == Some(300)), "{aged:#?}");
+
+    // The wanted sockets: the pool's opened within the window (cookies 11..=20: seen after
+    // the window's first sample at t=10), nothing else.
+    let wanted = h.clocks_wanted(&digest, &sample, &c);
+    let mut cookies: Vec<u64> = wanted
+        .iter()
+        .map(|&i| shimcheck::model::Socket::cookie(&sample.sockets[i as usize]).unwrap())
+        .collect();
+    cookies.sort_unstable();
+    assert_eq!(cookies, (11..=20).collect::<Vec<u64>>());
+    for &i in &wanted {
+        let s = &mut sample.sockets[i as usize];
+        s.tcp_info = s.tcp_info.map(|mut t| {
+            t.last_data_sent_ms = 400;
+            t.last_data_recv_ms = 400;
+            t
+        });
+    }
+    assert!(digest.findings(&sample, Some(&h), &c).is_empty());
+}
