@@ -151,7 +151,7 @@ fn decode(r: &[u8]) -> OpenFile {
 pub fn program(o: &btf::Offsets) -> Vec<u64> {
     use sys::insn::*;
     // struct bpf_iter__task_file: meta at 0, task at 8, fd (u32) at 16, file at 24.
-    let mut p = vec![
+    let p = vec![
         mov64_reg(6, 1),
         ldx(DW, 7, 6, 8),
         jeq_imm(7, 0, EXIT),
@@ -181,10 +181,7 @@ pub fn program(o: &btf::Offsets) -> Vec<u64> {
         mov64_imm(3, 16),
         call(BPF_FUNC_SEQ_WRITE),
     ];
-    let exit_at = p.len();
-    p.extend([mov64_imm(0, 0), exit()]);
-    resolve_exits(&mut p, exit_at);
-    p
+    with_exit(p)
 }
 
 #[cfg(test)]

@@ -809,18 +809,12 @@ impl History {
         };
         let mut out = Vec::new();
         for r in self.rising(digest, sample, cfg) {
-            let Rising {
-                key,
-                start,
-                count,
-                retained,
-                mirror,
-                young,
-            } = r;
+            let (key, start, count, retained, mirror) =
+                (r.key, r.start, r.count, r.retained, r.mirror);
             let rise = count.saturating_sub(start) as usize;
             // How the ones opened since behave.
             let mut a = Activity::default();
-            for &i in &young {
+            for &i in &r.young {
                 let s = &sample.sockets[i as usize];
                 let seen = self.first_seen.get(&identity(s)).map_or(*t1, |seen| seen.0);
                 a.add(self.activity(sample.data_idle_ms(s), *t1, seen, quiet_after));

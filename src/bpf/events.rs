@@ -262,10 +262,7 @@ pub fn program(o: &SockOffsets, ring: u32, lost: u32, netns: Option<u32>) -> Vec
         mov64_imm(1, 1),
         atomic_add64(0, 1, 0),
     ]);
-    let exit_at = p.len();
-    p.extend([mov64_imm(0, 0), exit()]);
-    resolve_exits(&mut p, exit_at);
-    p
+    with_exit(p)
 }
 
 #[cfg(test)]

@@ -344,8 +344,16 @@ pub mod insn {
         op(0x95, 0, 0, 0, 0)
     }
 
+    /// Ends the program with `return 0` and points every jump written with `EXIT` there.
+    pub fn with_exit(mut p: Vec<u64>) -> Vec<u64> {
+        let exit_at = p.len();
+        p.extend([mov64_imm(0, 0), exit()]);
+        resolve_exits(&mut p, exit_at);
+        p
+    }
+
     /// Points every jump written with `EXIT` at instruction `exit_at`.
-    pub fn resolve_exits(p: &mut [u64], exit_at: usize) {
+    fn resolve_exits(p: &mut [u64], exit_at: usize) {
         for (i, insn) in p.iter_mut().enumerate() {
             let off = ((*insn >> 16) & 0xffff) as u16 as i16;
             let code = (*insn & 0xff) as u8;

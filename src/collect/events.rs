@@ -173,19 +173,14 @@ impl Table {
             })
             .collect();
         for i in waiting {
-            let s = &self.sockets[i as usize];
-            let Some(cookie) = s.cookie() else { continue };
-            let exact = Exact {
-                local: s.local(),
-                remote: s.remote(),
-                cookie,
-                // Not known from a dump; a socket bound to a device is then not found, and
-                // stays as it was (its close is an event of its own).
-                bound_dev_if: 0,
+            // A socket bound to a device is not found, and stays as it was (its close is an
+            // event of its own).
+            let Some(exact) = Exact::of(&self.sockets[i as usize]) else {
+                continue;
             };
             lookups += 1;
             if let Some(found) = lookup(&exact)?
-                && found.cookie() == Some(cookie)
+                && found.cookie() == Some(exact.cookie)
                 && self.states.contains(found.state)
             {
                 self.sockets[i as usize] = found;
@@ -303,18 +298,12 @@ impl Kept {
             let Some(s) = sockets.get_mut(i as usize) else {
                 continue;
             };
-            let Some(cookie) = s.cookie() else { continue };
-            let exact = Exact {
-                local: s.local(),
-                remote: s.remote(),
-                cookie,
-                bound_dev_if: 0,
-            };
+            let Some(exact) = Exact::of(s) else { continue };
             if let Ok(Some(found)) = netlink.lookup(&exact)
-                && found.cookie() == Some(cookie)
+                && found.cookie() == Some(exact.cookie)
             {
                 s.tcp_info = found.tcp_info;
-                table.set_clocks(cookie, found.tcp_info);
+                table.set_clocks(exact.cookie, found.tcp_info);
                 read += 1;
             }
         }

@@ -119,11 +119,7 @@ impl NetlinkSource {
         };
         self.socket.send(&req, 0).map_err(CollectError::Send)?;
         loop {
-            self.buf.clear();
-            let n = self
-                .socket
-                .recv(&mut self.buf, 0)
-                .map_err(CollectError::Recv)?;
+            let n = self.recv()?;
             if n == 0 {
                 // The socket closed under us: whatever came so far is not a whole dump.
                 return sink(&[]).and(Ok(()));
@@ -138,6 +134,14 @@ impl NetlinkSource {
                 return Ok(());
             }
         }
+    }
+
+    /// One datagram into `buf`: its length.
+    fn recv(&mut self) -> Result<usize, CollectError> {
+        self.buf.clear();
+        self.socket
+            .recv(&mut self.buf, 0)
+            .map_err(CollectError::Recv)
     }
 
     fn dump_once(
@@ -174,6 +178,19 @@ pub struct Exact {
     pub bound_dev_if: u32,
 }
 
+impl Exact {
+    /// The lookup of a socket a dump or a lookup gave (which do not say its device: a socket
+    /// bound to one is not found); `None` without a cookie.
+    pub fn of(s: &Socket) -> Option<Exact> {
+        Some(Exact {
+            local: s.local(),
+            remote: s.remote(),
+            cookie: s.cookie()?,
+            bound_dev_if: 0,
+        })
+    }
+}
+
 impl NetlinkSource {
     /// The socket `exact` names, as a dump would report it (with tcp_info and cookie), or
     /// `None` when no socket with that 4-tuple and cookie exists any more. The kernel finds it
@@ -194,11 +211,7 @@ impl NetlinkSource {
         let req = lookup_request(seq, exact);
         self.socket.send(&req, 0).map_err(CollectError::Send)?;
         loop {
-            self.buf.clear();
-            let n = self
-                .socket
-                .recv(&mut self.buf, 0)
-                .map_err(CollectError::Recv)?;
+            let n = self.recv()?;
             let reply = &self.buf[..n];
             // A late reply to an earlier request (one that timed out) is not this one's.
             let stale = NetlinkBuffer::new_checked(reply).is_ok_and(|b| b.sequence_number() != seq);
@@ -212,9 +225,6 @@ impl NetlinkSource {
 /// The exact-lookup request for one socket: `SOCK_DIAG_BY_FAMILY` without `NLM_F_DUMP`, the
 /// socket's 4-tuple, device and cookie, tcp_info asked for.
 fn lookup_request(seq: u32, exact: &Exact) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST;
-    header.sequence_number = seq;
     let v6 = exact.local.is_ipv6();
     let mut socket_id = if v6 {
         SocketId::new_v6()
@@ -230,40 +240,39 @@ fn lookup_request(seq: u32, exact: &Exact) -> Vec<u8> {
     let lo = (exact.cookie as u32).to_ne_bytes();
     let hi = ((exact.cookie >> 32) as u32).to_ne_bytes();
     socket_id.cookie = [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]];
-    let mut msg = NetlinkMessage::new(
-        header,
-        SockDiagMessage::InetRequest(InetRequest {
-            family: if v6 { AF_INET6 } else { AF_INET },
-            protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::INFO,
-            states: StateFlags::all(),
-            socket_id,
-        })
-        .into(),
-    );
-    msg.finalize();
-    let mut req = vec![0u8; msg.buffer_len()];
-    msg.serialize(&mut req);
-    req
+    let family = if v6 { AF_INET6 } else { AF_INET };
+    inet_request(seq, NLM_F_REQUEST, family, StateFlags::all(), socket_id)
 }
 
 /// `SOCK_DIAG_BY_FAMILY` for one family, built by the crate.
 fn family_request(seq: u32, family: u8, states: StateSet) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = seq;
     let socket_id = if family == AF_INET6 {
         SocketId::new_v6()
     } else {
         SocketId::new_v4()
     };
+    let states = StateFlags::from_bits_retain(states.kernel_mask());
+    inet_request(seq, NLM_F_REQUEST | NLM_F_DUMP, family, states, socket_id)
+}
+
+/// A TCP `inet_diag_req_v2` asking for tcp_info, built by the crate.
+fn inet_request(
+    seq: u32,
+    flags: u16,
+    family: u8,
+    states: StateFlags,
+    socket_id: SocketId,
+) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
     let mut msg = NetlinkMessage::new(
         header,
         SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
             extensions: ExtensionFlags::INFO,
-            states: StateFlags::from_bits_retain(states.kernel_mask()),
+            states,
             socket_id,
         })
         .into(),

@@ -65,6 +65,12 @@ fn cookies(table: &Table) -> Vec<(u64, TcpState, u64)> {
 
 const SERVER: &str = "127.0.0.1:5000";
 
+/// A change of the client socket `cookie`, on local port 40000 + `cookie`, to the server.
+fn moved(cookie: u64, old: TcpState, new: TcpState) -> StateChange {
+    let local = format!("127.0.0.1:{}", 40000 + cookie);
+    change(cookie, old, new, &local, SERVER)
+}
+
 fn est(cookie: u64, port: u16, inode: u64) -> Socket {
     sock(
         TcpState::Established,
@@ -81,20 +87,8 @@ fn new_sockets_are_looked_up_and_closed_ones_dropped_without_a_lookup() {
     let mut kernel = Kernel::default();
     kernel.now.insert(3, est(3, 40003, 13));
     let mut pending = Pending::default();
-    pending.add(change(
-        3,
-        TcpState::SynSent,
-        TcpState::Established,
-        "127.0.0.1:40003",
-        SERVER,
-    ));
-    pending.add(change(
-        1,
-        TcpState::Established,
-        TcpState::FinWait1,
-        "127.0.0.1:40001",
-        SERVER,
-    ));
+    pending.add(moved(3, TcpState::SynSent, TcpState::Established));
+    pending.add(moved(1, TcpState::Established, TcpState::FinWait1));
     assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(1));
     assert_eq!(
         cookies(&table),
@@ -112,36 +106,18 @@ fn the_latest_change_of_a_socket_wins_and_the_kernel_has_the_last_word() {
     let mut table = Table::new(vec![est(1, 40001, 11)], shown()).unwrap();
     let mut kernel = Kernel::default();
     // Gone to CLOSE_WAIT, then (before the lookup) to LAST_ACK: the kernel says so.
-    let mut moved = est(1, 40001, 11);
-    moved.state = TcpState::LastAck;
-    kernel.now.insert(1, moved);
+    let mut later = est(1, 40001, 11);
+    later.state = TcpState::LastAck;
+    kernel.now.insert(1, later);
     let mut pending = Pending::default();
-    pending.add(change(
-        1,
-        TcpState::Established,
-        TcpState::CloseWait,
-        "127.0.0.1:40001",
-        SERVER,
-    ));
+    pending.add(moved(1, TcpState::Established, TcpState::CloseWait));
     assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(1));
     assert!(table.sockets().is_empty(), "LAST_ACK is not shown");
 
     // Opened and closed between two samples: its last change says closed, nothing to ask.
     let mut pending = Pending::default();
-    pending.add(change(
-        9,
-        TcpState::SynSent,
-        TcpState::Established,
-        "127.0.0.1:40009",
-        SERVER,
-    ));
-    pending.add(change(
-        9,
-        TcpState::Established,
-        TcpState::Close,
-        "127.0.0.1:40009",
-        SERVER,
-    ));
+    pending.add(moved(9, TcpState::SynSent, TcpState::Established));
+    pending.add(moved(9, TcpState::Established, TcpState::Close));
     kernel.asked.clear();
     assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(0));
     assert!(table.sockets().is_empty());
@@ -155,20 +131,8 @@ fn a_socket_the_kernel_no_longer_has_or_has_under_another_cookie_is_dropped() {
     // Same 4-tuple, another socket (the port was reused): not the one that changed.
     kernel.now.insert(1, est(7, 40001, 17));
     let mut pending = Pending::default();
-    pending.add(change(
-        1,
-        TcpState::Established,
-        TcpState::CloseWait,
-        "127.0.0.1:40001",
-        SERVER,
-    ));
-    pending.add(change(
-        2,
-        TcpState::Established,
-        TcpState::CloseWait,
-        "127.0.0.1:40002",
-        SERVER,
-    ));
+    pending.add(moved(1, TcpState::Established, TcpState::CloseWait));
+    pending.add(moved(2, TcpState::Established, TcpState::CloseWait));
     assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(2));
     assert!(table.sockets().is_empty(), "{:?}", cookies(&table));
 }
@@ -179,26 +143,14 @@ fn removing_from_the_middle_keeps_every_other_socket_findable() {
     let mut table = Table::new(all, shown()).unwrap();
     let mut kernel = Kernel::default();
     let mut pending = Pending::default();
-    pending.add(change(
-        2,
-        TcpState::Established,
-        TcpState::Close,
-        "127.0.0.1:40002",
-        SERVER,
-    ));
+    pending.add(moved(2, TcpState::Established, TcpState::Close));
     assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(0));
     // The socket moved into the hole (5) is updated in place, not added twice.
     let mut five = est(5, 40005, 15);
     five.state = TcpState::CloseWait;
     kernel.now.insert(5, five);
     let mut pending = Pending::default();
-    pending.add(change(
-        5,
-        TcpState::Established,
-        TcpState::CloseWait,
-        "127.0.0.1:40005",
-        SERVER,
-    ));
+    pending.add(moved(5, TcpState::Established, TcpState::CloseWait));
     assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(1));
     assert_eq!(
         cookies(&table),
