@@ -10,7 +10,8 @@
 # then times every command with hyperfine inside that namespace and prints wall times, the
 # ratios the issue sets targets for, shimcheck's peak RSS (table and `--by pair -o json`), its
 # time per 1,000 sockets, and the CPU of a watch sample after the first, once with nothing
-# moving and once with benches/churn.py opening 4 and closing 2 connections every 100 ms.
+# moving and once with benches/churn.py opening 4 and closing 2 connections every 100 ms, each
+# in the population's namespace alone and with --all-netns.
 # `shimcheck ports` takes the BPF fd walk where it can (as root on 5.8+ with BTF); the
 # `--no-bpf` row is the /proc walk on the same population.
 # From 500,000 sockets up the slow anchors (ss -p, netstat -p, lsof) are left out: they take
@@ -94,17 +95,20 @@ for size in "${size_list[@]}"; do
   # Watch mode: CPU (user+sys) of 1 sample against 11; the difference over 10 is the cost of
   # a sample after the first, compared with a one-shot run's CPU. First with nothing moving,
   # then with connections opening and closing all along.
-  for count in 1 11; do
-    findings_ok "${in_ns[@]}" /usr/bin/time -f "%U %S" "$SHIMCHECK" ports --watch --interval 200ms \
-      --count "$count" 2>"$out/$size.watch$count" >/dev/null
-  done
-  for count in 1 11; do
-    "${in_ns[@]}" python3 benches/churn.py 127.0.0.1:5000 $((count / 4 + 2)) >/dev/null &
-    churn=$!
-    sleep 0.3
-    findings_ok "${in_ns[@]}" /usr/bin/time -f "%U %S" "$SHIMCHECK" ports --watch --interval 200ms \
-      --count "$count" 2>"$out/$size.churn$count" >/dev/null
-    wait "$churn"
+  # The same with --all-netns (the DaemonSet's way), which also sweeps every other namespace.
+  for all in "" --all-netns; do
+    for count in 1 11; do
+      findings_ok "${in_ns[@]}" /usr/bin/time -f "%U %S" "$SHIMCHECK" ports $all --watch \
+        --interval 200ms --count "$count" 2>"$out/$size.watch$all$count" >/dev/null
+    done
+    for count in 1 11; do
+      "${in_ns[@]}" python3 benches/churn.py 127.0.0.1:5000 $((count / 4 + 2)) >/dev/null &
+      churn=$!
+      sleep 0.3
+      findings_ok "${in_ns[@]}" /usr/bin/time -f "%U %S" "$SHIMCHECK" ports $all --watch \
+        --interval 200ms --count "$count" 2>"$out/$size.churn$all$count" >/dev/null
+      wait "$churn"
+    done
   done
   pkill -P "$pop_pid" 2>/dev/null || true
   kill "$pop_pid" 2>/dev/null || true
@@ -141,9 +145,11 @@ for size in sizes:
     cpu = lambda name: sum(map(float, open(os.path.join(out, f"{size}.{name}")).read().splitlines()[-1].split()))
     one = cpu("oneshot")
     print(f"  one-shot CPU                 {one * 1000:9.1f} ms")
-    for kind, label, goal in (("watch", "nothing moving", "0.01"), ("churn", "churning", "0.10")):
-        per = (cpu(f"{kind}11") - cpu(f"{kind}1")) / 10
-        print(f"  later watch sample, {label:<14} {per * 1000:7.1f} ms CPU = {per / one:.3f} x one-shot (target <= {goal})")
+    for all in ("", "--all-netns"):
+        for kind, label, goal in (("watch", "nothing moving", "0.01"), ("churn", "churning", "0.10")):
+            per = (cpu(f"{kind}{all}11") - cpu(f"{kind}{all}1")) / 10
+            what = f"{label}{', ' + all if all else ''}"
+            print(f"  later watch sample, {what:<27} {per * 1000:7.1f} ms CPU = {per / one:.3f} x one-shot (target <= {goal})")
     per_k.append((size, shim * 1000 / (size / 1000)))
 print("\nshimcheck time per 1,000 sockets, overall and between sizes (flat marginal = linear):")
 prev = None
