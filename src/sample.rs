@@ -171,17 +171,23 @@ impl Sampler {
     /// A loop's look: like `sample`, except that when the collector sees nothing move since
     /// the last look (incremental mode, `collect::counters`), only what moved is read and
     /// returned. `before_new` runs just before a new sample is taken: the loop drops its last
-    /// one there, so that two samples are never held at once.
-    pub fn look(&mut self, states: StateSet, before_new: impl FnOnce()) -> anyhow::Result<Look> {
+    /// one there, so that two samples are never held at once, and gives back its sockets (a
+    /// source that keeps a table lends the table's own to each sample).
+    pub fn look(
+        &mut self,
+        states: StateSet,
+        before_new: impl FnOnce() -> Option<Vec<Socket>>,
+    ) -> anyhow::Result<Look> {
         let dump_states = states.union(DETECT_STATES.into_iter().collect());
-        let Some(cache) = &mut self.cache else {
-            before_new();
-            return self.sample(states).map(Look::New);
-        };
-        if !self.source.still(dump_states) {
-            before_new();
+        if self.cache.is_none() || !self.source.still(dump_states) {
+            if let Some(sockets) = before_new() {
+                self.source.recycle(sockets);
+            }
             return self.sample(states).map(Look::New);
         }
+        let Some(cache) = &mut self.cache else {
+            return self.sample(states).map(Look::New);
+        };
         let taken_at = SystemTime::now();
         let still = cache
             .refresh_same(&self.scanner, self.threads)

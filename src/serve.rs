@@ -178,7 +178,7 @@ fn sample_loop(
     while !stop.load(Ordering::SeqCst) {
         let tick = Instant::now();
         // A new sample replaces the last: drop it first, never hold two.
-        let looked = match sampler.look(states, || kept = None) {
+        let looked = match sampler.look(states, || kept.take().map(|k| k.0.sockets)) {
             Ok(Look::Same(moved)) => match kept.take() {
                 Some((mut sample, topology, digest, last)) => {
                     if sample.apply(moved) {

@@ -69,7 +69,7 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
         n += 1;
         let tick = Instant::now();
         // A new sample replaces the last: drop it first, never hold two.
-        let look = sampler.look(query.states, || state.kept = None)?;
+        let look = sampler.look(query.states, || state.kept.take().map(|k| k.sample.sockets))?;
         let mut report = match look {
             Look::New(taken) => state.full(taken, &query, &cfg, &mut sampler),
             Look::Same(moved) => match state.kept.take() {

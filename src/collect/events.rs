@@ -99,21 +99,56 @@ pub struct Table {
     sockets: Vec<Socket>,
     at: FxHashMap<u64, u32>,
     states: StateSet,
+    /// The sockets are lent to a sample (`lend`), this many of them.
+    lent: Option<usize>,
 }
 
 impl Table {
-    /// The table of a whole dump of `states`; `None` when a socket has no stable cookie (a
-    /// kernel before 4.1): such a table cannot be kept by events.
-    pub fn new(sockets: Vec<Socket>, states: StateSet) -> Option<Table> {
+    /// The table of a whole dump of `states`; the sockets back when one has no stable
+    /// cookie (a kernel before 4.1): such a table cannot be kept by events.
+    pub fn new(sockets: Vec<Socket>, states: StateSet) -> Result<Table, Vec<Socket>> {
         let mut at = FxHashMap::with_capacity_and_hasher(sockets.len(), Default::default());
         for (i, s) in sockets.iter().enumerate() {
-            at.insert(s.cookie()?, u32::try_from(i).ok()?);
+            match (s.cookie(), u32::try_from(i)) {
+                (Some(cookie), Ok(i)) => at.insert(cookie, i),
+                _ => return Err(sockets),
+            };
         }
-        Some(Table {
+        Ok(Table {
             sockets,
             at,
             states,
+            lent: None,
         })
+    }
+
+    /// The sockets, for a sample to hold until it gives them back (`give_back`): no copy. Until
+    /// then the table cannot be updated.
+    pub fn lend(&mut self) -> Vec<Socket> {
+        let sockets = std::mem::take(&mut self.sockets);
+        self.lent = Some(sockets.len());
+        sockets
+    }
+
+    /// Takes back the sockets `lend` gave, as the sample holds them (its clocks maybe read
+    /// again, its namespace tagged); false, and the table unusable, if they are not those.
+    pub fn give_back(&mut self, sockets: Vec<Socket>) -> bool {
+        let same = self.lent == Some(sockets.len())
+            && [sockets.first(), sockets.last()]
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .all(|(end, s)| {
+                    let i = if end == 0 { 0 } else { sockets.len() - 1 };
+                    s.cookie()
+                        .and_then(|c| self.at.get(&c))
+                        .is_some_and(|&at| at as usize == i)
+                });
+        if same {
+            self.sockets = sockets;
+            self.lent = None;
+        }
+        same
     }
 
     pub fn states(&self) -> StateSet {
@@ -202,10 +237,15 @@ impl Table {
             .map(|(i, _)| i as u32)
     }
 
-    /// Replaces the tcp_info of the socket `cookie`, if the table has it.
+    /// Replaces the tcp_info of the socket `cookie`, if the table has it (and has not lent
+    /// it: the sample holding it has the new clocks then).
     fn set_clocks(&mut self, cookie: u64, info: Option<TcpInfo>) {
-        if let Some(&i) = self.at.get(&cookie) {
-            self.sockets[i as usize].tcp_info = info;
+        if let Some(s) = self
+            .at
+            .get(&cookie)
+            .and_then(|&i| self.sockets.get_mut(i as usize))
+        {
+            s.tcp_info = info;
         }
     }
 
@@ -241,9 +281,30 @@ pub struct Kept {
     looks: u32,
     /// The lookups the last sample made, `None` when it dumped.
     last: Option<usize>,
+    /// Samples hold the table's own sockets (`Table::lend`) instead of a copy.
+    lends: bool,
 }
 
 impl Kept {
+    /// A table that lends its sockets to each sample instead of copying them: one copy of the
+    /// sockets in memory, not two. The sample must give them back (`give_back`) before the
+    /// next update, or that update dumps.
+    pub fn lending() -> Kept {
+        Kept {
+            lends: true,
+            ..Kept::default()
+        }
+    }
+
+    /// Takes back the sockets the last sample held.
+    pub fn give_back(&mut self, sockets: Vec<Socket>) {
+        if let Some(t) = self.table.as_mut()
+            && !t.give_back(sockets)
+        {
+            self.table = None;
+        }
+    }
+
     /// How the last sample was made: `Some(lookups)` from the changes, `None` by a dump.
     pub fn last_lookups(&self) -> Option<usize> {
         self.last
@@ -259,7 +320,9 @@ impl Kept {
         if lost || resync || !follows(states) {
             return None;
         }
-        self.table.as_mut().filter(|t| t.states() == states)
+        self.table
+            .as_mut()
+            .filter(|t| t.states() == states && t.lent.is_none())
     }
 
     /// The table brought to `now` without asking the kernel anything, where nothing changed in
@@ -334,6 +397,7 @@ impl Kept {
         now: Instant,
     ) -> Result<Vec<Socket>, CollectError> {
         let since = self.updated_at;
+        let lends = self.lends;
         let mut netlink = netlink;
         if let Some(t) = self.usable(states, lost, now)
             // So many changes that a dump costs less than their lookups.
@@ -352,7 +416,11 @@ impl Kept {
                     u32::try_from(now.saturating_duration_since(at).as_millis()).unwrap_or(u32::MAX)
                 });
                 t.age(ms);
-                let sockets = t.sockets().to_vec();
+                let sockets = if lends {
+                    t.lend()
+                } else {
+                    t.sockets().to_vec()
+                };
                 self.last = Some(lookups);
                 self.looks += 1;
                 self.updated_at = Some(now);
@@ -365,21 +433,30 @@ impl Kept {
             )));
         };
         let sockets = netlink.sockets(states)?;
-        self.dumped(sockets.clone(), states, now);
-        Ok(sockets)
+        Ok(self.dumped(sockets, states, now))
     }
 
-    /// Starts the table over from a whole dump of `states` made at `now`.
-    pub fn dumped(&mut self, sockets: Vec<Socket>, states: StateSet, now: Instant) {
-        self.table = if follows(states) {
-            Table::new(sockets, states)
-        } else {
-            None
+    /// Starts the table over from a whole dump of `states` made at `now`; the sockets for the
+    /// sample (lent, or a copy).
+    pub fn dumped(&mut self, sockets: Vec<Socket>, states: StateSet, now: Instant) -> Vec<Socket> {
+        let (table, sockets) = match Table::new(sockets, states) {
+            Ok(mut t) if follows(states) => {
+                let sockets = if self.lends {
+                    t.lend()
+                } else {
+                    t.sockets().to_vec()
+                };
+                (Some(t), sockets)
+            }
+            Ok(t) => (None, t.sockets),
+            Err(sockets) => (None, sockets),
         };
+        self.table = table;
         self.dumped_at = Some(now);
         self.updated_at = Some(now);
         self.looks = 0;
         self.last = None;
+        sockets
     }
 }
 
@@ -431,7 +508,7 @@ impl EventSource {
         EventSource {
             netlink,
             changes,
-            kept: Kept::default(),
+            kept: Kept::lending(),
             still: Stillness::default(),
         }
     }
@@ -469,6 +546,10 @@ impl SocketSource for EventSource {
 
     fn fresh_clocks(&mut self, sockets: &mut [Socket], which: &[u32]) -> usize {
         self.kept.fresh_clocks(&mut self.netlink, sockets, which)
+    }
+
+    fn recycle(&mut self, sockets: Vec<Socket>) {
+        self.kept.give_back(sockets);
     }
 
     fn sockets(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError> {

@@ -98,6 +98,9 @@ pub trait SocketSource {
     fn fresh_clocks(&mut self, _sockets: &mut [Socket], _which: &[u32]) -> usize {
         0
     }
+    /// Takes back the sockets of the last sample this source gave, which the caller is done
+    /// with: a source that lent its own (`events`) needs them for the next; others drop them.
+    fn recycle(&mut self, _sockets: Vec<Socket>) {}
 }
 
 /// What a loop keeps between its samples.

@@ -136,7 +136,7 @@ fn every_incremental_sample_equals_a_full_sample_of_the_same_moment() {
             }
             std::thread::sleep(Duration::from_millis(200));
             let looked = std::time::Instant::now();
-            let inc = match loop_sampler.look(states, || {}).unwrap() {
+            let inc = match loop_sampler.look(states, || None).unwrap() {
                 Look::New(Taken { sample, .. }) => sample,
                 Look::Same(moved) => {
                     unchanged_at.push(step);

@@ -254,7 +254,7 @@ fn only_states_every_way_into_and_out_of_which_is_an_event_are_followed() {
 #[test]
 fn a_dump_with_a_socket_without_a_stable_cookie_makes_no_table() {
     let uncookied = sock(TcpState::Established, "127.0.0.1:40001", SERVER, 11).cookie(None);
-    assert!(Table::new(vec![est(1, 40002, 12), uncookied], shown()).is_none());
+    assert!(Table::new(vec![est(1, 40002, 12), uncookied], shown()).is_err());
 }
 
 #[test]
@@ -324,4 +324,36 @@ fn samples_answered_from_the_table_count_toward_a_resync_as_updates_do() {
     // A table of other states, or none at all, never holds.
     assert!(!kept.quiet(StateSet::all(), at));
     assert!(!Kept::default().quiet(shown(), at));
+}
+
+#[test]
+fn a_lending_table_is_updated_only_once_its_sockets_are_back() {
+    use shimcheck::collect::events::Kept;
+    use std::time::Instant;
+    let now = Instant::now();
+    let mut closed = Pending::default();
+    closed.add(moved(1, TcpState::Established, TcpState::Close));
+    let lent =
+        |kept: &mut Kept| kept.dumped(vec![est(1, 40001, 11), est(2, 40002, 12)], shown(), now);
+    // Given back as lent (the sample may have tagged them or read their clocks again): the
+    // next update needs no dump, so it works without a sock_diag socket.
+    let mut kept = Kept::lending();
+    let mut sockets = lent(&mut kept);
+    sockets.iter_mut().for_each(|s| s.netns = 7);
+    kept.give_back(sockets);
+    let next = kept.update(None, shown(), &closed, false, now).unwrap();
+    assert_eq!(next.len(), 1);
+    // Not given back, or something else given back: the next update must dump.
+    let mut kept = Kept::lending();
+    let _ = lent(&mut kept);
+    assert!(kept.update(None, shown(), &closed, false, now).is_err());
+    let mut kept = Kept::lending();
+    let mut sockets = lent(&mut kept);
+    sockets.reverse();
+    kept.give_back(sockets);
+    assert!(kept.update(None, shown(), &closed, false, now).is_err());
+    // A table that does not lend gives copies, and needs nothing back.
+    let mut kept = Kept::default();
+    let _ = lent(&mut kept);
+    assert!(kept.update(None, shown(), &closed, false, now).is_ok());
 }
