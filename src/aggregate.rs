@@ -264,32 +264,30 @@ impl LazyGroups<'_> {
     fn spell(&self, k: usize) -> Group {
         let (start, len) = self.kept[k];
         let run = &self.members[start as usize..(start + len) as usize];
-        let sockets = &self.joined.sample.sockets;
         let mut acc = Acc::default();
-        let mut holders: Vec<(bool, u32)> = Vec::new();
+        // Counted in small maps: a group's sockets have few holders between them.
+        let mut own: FxHashMap<u32, usize> = FxHashMap::default();
+        let mut peer: FxHashMap<u32, usize> = FxHashMap::default();
         for m in run {
             let i = m.at as usize;
             acc.count += 1;
-            acc.states.add(sockets[i].state);
-            holders.extend(self.joined.owners(i).map(|pid| (false, pid)));
+            acc.states.add(m.state);
+            for pid in self.joined.owners(i) {
+                *own.entry(pid).or_default() += 1;
+            }
             if let Some(j) = self.joined.peer(i) {
-                holders.extend(self.joined.owners(j).map(|pid| (true, pid)));
+                for pid in self.joined.owners(j) {
+                    *peer.entry(pid).or_default() += 1;
+                }
             }
         }
-        holders.sort_unstable();
-        let mut counted: [Vec<(u32, usize)>; 2] = [Vec::new(), Vec::new()];
-        for same in holders.chunk_by(|a, b| a == b) {
-            let (peer, pid) = same[0];
-            counted[usize::from(peer)].push((pid, same.len()));
-        }
-        let [own, peer] = counted;
         make_group(
             self.joined,
             &self.places,
             self.keys.raw(&run[0]),
             acc,
-            own,
-            peer,
+            own.into_iter().collect(),
+            peer.into_iter().collect(),
         )
     }
 }
@@ -315,8 +313,13 @@ struct Member {
     /// Local address number (folded groups), endpoint address number.
     b: u64,
     port: u16,
+    /// The socket's state, here so that counting a group's states reads no socket.
+    state: TcpState,
     at: u32,
 }
+
+// The state fits in what was padding: a member is still 24 bytes.
+const _: () = assert!(std::mem::size_of::<Member>() == 24);
 
 /// The namespaces and addresses seen, numbered, so that a key packs into a `Member` and
 /// unpacks back into a `RawKey`.
@@ -329,7 +332,7 @@ struct KeyParts {
 const NS_BITS: u32 = 28;
 
 impl KeyParts {
-    fn pack(&mut self, key: RawKey, at: u32) -> Member {
+    fn pack(&mut self, key: RawKey, state: TcpState, at: u32) -> Member {
         let holder = |h: Option<u32>| h.map_or(0, |h| u64::from(h) + 1);
         let (kind, holder, ns, local, remote) = match key {
             RawKey::Place(p) => (0, holder(p), None, None, None),
@@ -348,6 +351,7 @@ impl KeyParts {
             a: kind << 61 | holder << NS_BITS | ns,
             b: local << 32 | addr,
             port,
+            state,
             at,
         }
     }
@@ -448,10 +452,10 @@ fn group<'a>(
         } else {
             totals.attributed += 1;
         }
-        let mut add = |key: RawKey| members.push(keys.pack(key, at));
+        let mut add = |key: RawKey| members.push(keys.pack(key, s.state, at));
         match query.group_by {
             // A client end on an ephemeral port: one per socket, so folded by where it goes.
-            GroupBy::Port if query.fold && !joined.listening(s.netns, local) => add(RawKey::Fold(
+            GroupBy::Port if query.fold && !joined.listens(i) => add(RawKey::Fold(
                 owners.first().copied(),
                 s.netns,
                 local.ip(),
@@ -485,8 +489,9 @@ fn group<'a>(
             }
         }
     }
-    // A group is a run of equal keys; within it, sockets in dump order.
-    members.sort_unstable_by_key(|m| (m.a, m.b, m.port, m.at));
+    // A group is a run of equal keys; within it, sockets in dump order, as they were pushed:
+    // a stable sort keeps that order, and takes the few keys of a large group in its stride.
+    members.sort_by_key(|m| (m.a, m.b, m.port));
     let mut runs: Vec<(u32, u32)> = Vec::new();
     let mut start = 0;
     for same in members.chunk_by(|x, y| (x.a, x.b, x.port) == (y.a, y.b, y.port)) {

@@ -173,7 +173,7 @@ fn pair_keys(j: &Joined<'_>, i: usize, out: &mut Vec<PairKey>) {
     if s.state != TcpState::Established {
         return;
     }
-    let target = if j.listening(s.netns, s.local()) {
+    let target = if j.listens(i) {
         if j.peer(i).is_some() {
             return;
         }
@@ -322,7 +322,7 @@ impl Digest {
                     .filter_map(|&i| sockets[i as usize].tcp_info)
                     .map(|t| u64::from(t.data_idle_ms()))
                     .collect();
-                idle_ms.sort_unstable();
+                crate::join::radix_sort_by_key(&mut idle_ms, |&ms| ms);
                 let as_usize: Vec<usize> = members.iter().map(|&i| i as usize).collect();
                 PairFacts {
                     key,
@@ -511,17 +511,34 @@ fn port_exhaustion(j: &Joined<'_>) -> Vec<Finding> {
         return Vec::new();
     };
     let range = usize::from(hi.saturating_sub(lo)) + 1;
-    let mut by_dest: FxHashMap<(u64, IpAddr, SocketAddr), DestUse> = FxHashMap::default();
-    for (i, s) in j.sample.sockets.iter().enumerate() {
-        if s.state == TcpState::Listen || j.listening(s.netns, s.local()) {
-            continue;
-        }
-        let e = by_dest
-            .entry((s.netns, s.local().ip(), s.remote()))
-            .or_default();
-        e.ports.insert(s.local().port());
-        for pid in j.owners(i) {
-            *e.holders.entry(pid).or_default() += 1;
+    let enough = PORT_RANGE_SHARE * range as f64;
+    let client_ends = || {
+        j.sample
+            .sockets
+            .iter()
+            .enumerate()
+            .filter(|&(i, s)| s.state != TcpState::Listen && !j.listens(i))
+    };
+    let dest = |s: &Socket| (s.netns, s.local().ip(), s.remote());
+    // A destination uses no more ports than it has sockets: those are counted first, and only
+    // the destinations with enough have their ports and holders looked at.
+    let mut sockets: FxHashMap<(u64, IpAddr, SocketAddr), usize> = FxHashMap::default();
+    for (_, s) in client_ends() {
+        *sockets.entry(dest(s)).or_default() += 1;
+    }
+    let mut by_dest: FxHashMap<(u64, IpAddr, SocketAddr), DestUse> = sockets
+        .into_iter()
+        .filter(|&(_, n)| n as f64 >= enough)
+        .map(|(d, _)| (d, DestUse::default()))
+        .collect();
+    if !by_dest.is_empty() {
+        for (i, s) in client_ends() {
+            if let Some(e) = by_dest.get_mut(&dest(s)) {
+                e.ports.insert(s.local().port());
+                for pid in j.owners(i) {
+                    *e.holders.entry(pid).or_default() += 1;
+                }
+            }
         }
     }
     let mut out = Vec::new();
@@ -665,16 +682,38 @@ impl History {
             if keys.is_empty() {
                 continue;
             }
-            self.first_seen
-                .entry(identity(j.socket(i)))
-                .or_insert((t, n))
-                .1 = n;
+            self.seen(j.socket(i), t, n);
             for k in &keys {
                 *counts.entry(*k).or_default() += 1;
             }
         }
         self.first_seen.retain(|_, seen| seen.1 == n);
         self.push(t, counts);
+    }
+
+    /// `observe` for a sample already digested (a loop digests every new sample): the pairs'
+    /// counts are the digest's, so no socket's pairs are worked out twice.
+    pub fn observe_digest(&mut self, digest: &Digest, sample: &Sample) {
+        let t = sample.taken_at;
+        self.observed += 1;
+        let n = self.observed;
+        for p in &digest.pairs {
+            for &i in &p.members {
+                self.seen(&sample.sockets[i as usize], t, n);
+            }
+        }
+        self.first_seen.retain(|_, seen| seen.1 == n);
+        let counts = digest
+            .pairs
+            .iter()
+            .map(|p| (p.key, p.members.len() as u32))
+            .collect();
+        self.push(t, counts);
+    }
+
+    /// Marks socket `s` as in sample number `n`, taken at `t`: first seen then if it is new.
+    fn seen(&mut self, s: &Socket, t: SystemTime, n: u64) {
+        self.first_seen.entry(identity(s)).or_insert((t, n)).1 = n;
     }
 
     /// Adds a sample whose sockets and owners are the last one's (a loop whose collector saw

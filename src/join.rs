@@ -18,6 +18,9 @@ pub struct Topology {
     /// Per socket, the index of its other end, or `NO_PEER`.
     peer: Vec<u32>,
     listeners: FxHashSet<(u64, IpAddr, u16)>,
+    /// Per socket, one bit: a listener accepts on its local endpoint (`Joined::listens`), found
+    /// once for the stages that each ask it of every socket.
+    listens: Box<[u64]>,
 }
 
 /// A connection's endpoints as one exact 120-bit key: every network namespace and every
@@ -111,6 +114,7 @@ fn reversed(key: u128) -> u128 {
 /// A connection end in the peer match: its key folded to the smaller of the tuple and its
 /// reverse (`canon`, as two halves), which side of that it is, and its socket's index. 24
 /// bytes, sorted in place: a hash map from key to index held 64 bytes a socket at a million.
+#[derive(Clone, Copy)]
 struct End {
     hi: u64,
     lo: u64,
@@ -130,11 +134,17 @@ impl Topology {
     pub fn new(sockets: &[Socket]) -> Topology {
         let mut numbering = Numbering::default();
         let mut listeners = FxHashSet::default();
+        // The listeners' ports, a bit each: most sockets are client ends on ports no listener
+        // has, told apart without a lookup.
+        let mut ports = vec![0u64; 1 << 10];
+        let bit = |port: u16| (usize::from(port >> 6), 1u64 << (port & 63));
         let mut ends: Vec<End> = Vec::with_capacity(sockets.len());
         for (i, s) in sockets.iter().enumerate() {
             if s.state == TcpState::Listen {
                 let local = s.local();
                 listeners.insert((s.netns, local.ip().to_canonical(), local.port()));
+                let (word, mask) = bit(local.port());
+                ports[word] |= mask;
                 continue;
             }
             let Some((at, key)) = u32::try_from(i).ok().zip(numbering.key(s)) else {
@@ -149,7 +159,9 @@ impl Topology {
                 reverse,
             });
         }
-        ends.sort_unstable_by_key(|e| (e.hi, e.lo));
+        // By `lo`, then (stably) by `hi`: sorted by both.
+        radix_sort_by_key(&mut ends, |e| e.lo);
+        radix_sort_by_key(&mut ends, |e| e.hi);
         let mut peer = vec![NO_PEER; sockets.len()];
         for run in ends.chunk_by(|a, b| (a.hi, a.lo) == (b.hi, b.lo)) {
             let last = |reverse: bool| {
@@ -168,7 +180,19 @@ impl Topology {
                 }
             }
         }
-        Topology { peer, listeners }
+        let mut listens = vec![0u64; sockets.len().div_ceil(64)];
+        for (i, s) in sockets.iter().enumerate() {
+            let local = s.local();
+            let (word, mask) = bit(local.port());
+            if ports[word] & mask != 0 && listening(&listeners, s.netns, local) {
+                listens[i / 64] |= 1 << (i % 64);
+            }
+        }
+        Topology {
+            peer,
+            listeners,
+            listens: listens.into_boxed_slice(),
+        }
     }
 }
 
@@ -176,8 +200,12 @@ impl Topology {
 pub struct Joined<'a> {
     pub sample: &'a Sample,
     topology: Topology,
-    /// Per socket, its run `(start, len)` in the owner index's sorted pairs.
-    owner_runs: Vec<(u32, u32)>,
+    /// Each socket's holders, socket by socket: socket `i`'s are
+    /// `holders[holders_at[i]..holders_at[i + 1]]`. Read in socket order, as every stage
+    /// after this one reads them, where a run in the owner index (in inode order) is a cache
+    /// miss a socket.
+    holders_at: Vec<u32>,
+    holders: Vec<u32>,
 }
 
 impl<'a> Joined<'a> {
@@ -188,10 +216,12 @@ impl<'a> Joined<'a> {
 
     /// Uses a topology computed earlier from the same sockets.
     pub fn with_topology(sample: &'a Sample, topology: Topology) -> Joined<'a> {
+        let (holders_at, holders) = holders(&sample.sockets, &sample.owners);
         Joined {
             sample,
             topology,
-            owner_runs: owner_runs(&sample.sockets, &sample.owners),
+            holders_at,
+            holders,
         }
     }
 
@@ -201,12 +231,9 @@ impl<'a> Joined<'a> {
     }
 
     /// Pids holding socket `i`, ascending.
-    pub fn owners(&self, i: usize) -> impl Iterator<Item = u32> + 'a {
-        let (start, len) = self.owner_runs[i];
-        let pairs = self.sample.owners.pairs();
-        pairs[start as usize..(start + len) as usize]
-            .iter()
-            .map(|&(_, pid)| pid)
+    pub fn owners(&self, i: usize) -> impl Iterator<Item = u32> + '_ {
+        let (start, end) = (self.holders_at[i], self.holders_at[i + 1]);
+        self.holders[start as usize..end as usize].iter().copied()
     }
 
     /// The index of the socket at the other end, when it is on this node too.
@@ -221,34 +248,86 @@ impl<'a> Joined<'a> {
     /// True when a listener in namespace `netns` accepts on this endpoint: a specific address
     /// or a wildcard one.
     pub fn listening(&self, netns: u64, local: SocketAddr) -> bool {
-        let ip = local.ip().to_canonical();
-        let port = local.port();
-        let l = &self.topology.listeners;
-        l.contains(&(netns, ip, port))
-            || l.contains(&(netns, IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
-            || l.contains(&(netns, IpAddr::V6(Ipv6Addr::UNSPECIFIED), port))
+        listening(&self.topology.listeners, netns, local)
+    }
+
+    /// True when a listener accepts on socket `i`'s local endpoint: `listening` of its own
+    /// namespace and endpoint, found with the topology.
+    pub fn listens(&self, i: usize) -> bool {
+        self.topology
+            .listens
+            .get(i / 64)
+            .is_some_and(|bits| bits >> (i % 64) & 1 != 0)
     }
 }
 
-/// Finds each socket's owners by walking the sockets in inode order alongside the sorted
-/// `(inode, pid)` pairs (`OwnerIndex::walk_sorted`): one pass, no per-socket search through a
-/// large table.
-fn owner_runs(sockets: &[Socket], owners: &OwnerIndex) -> Vec<(u32, u32)> {
-    let mut runs = vec![(0u32, 0u32); sockets.len()];
+/// True when one of `listeners` in namespace `netns` accepts on this endpoint: a specific
+/// address or a wildcard one.
+fn listening(listeners: &FxHashSet<(u64, IpAddr, u16)>, netns: u64, local: SocketAddr) -> bool {
+    let ip = local.ip().to_canonical();
+    let port = local.port();
+    listeners.contains(&(netns, ip, port))
+        || listeners.contains(&(netns, IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
+        || listeners.contains(&(netns, IpAddr::V6(Ipv6Addr::UNSPECIFIED), port))
+}
+
+/// Each socket's holders, in socket order (`Joined`'s `holders_at` and `holders`): found by
+/// walking the sockets in inode order alongside the sorted `(inode, pid)` pairs
+/// (`OwnerIndex::walk_sorted`), one pass with no per-socket search through a large table, then
+/// laid out socket by socket.
+fn holders(sockets: &[Socket], owners: &OwnerIndex) -> (Vec<u32>, Vec<u32>) {
+    let mut runs = vec![0..0; sockets.len()];
     let mut by_inode: Vec<(u64, usize)> = sockets
         .iter()
         .enumerate()
         .filter(|(_, s)| s.inode != 0)
         .map(|(i, s)| (s.inode, i))
         .collect();
-    by_inode.sort_unstable();
+    radix_sort_by_key(&mut by_inode, |&(inode, _)| inode);
     let inodes: Vec<u64> = by_inode.iter().map(|&(inode, _)| inode).collect();
-    owners.walk_sorted(&inodes, |k, run| {
-        if let (Ok(start), Ok(len)) = (u32::try_from(run.start), u32::try_from(run.len())) {
-            runs[by_inode[k].1] = (start, len);
+    owners.walk_sorted(&inodes, |k, run| runs[by_inode[k].1] = run);
+    let pairs = owners.pairs();
+    let mut at = Vec::with_capacity(sockets.len() + 1);
+    let mut held = Vec::with_capacity(pairs.len());
+    at.push(0);
+    for run in runs {
+        held.extend(pairs[run].iter().map(|&(_, pid)| pid));
+        // Past 2^32 holders (no node has them) the rest are left out.
+        at.push(u32::try_from(held.len()).unwrap_or(u32::MAX));
+    }
+    (at, held)
+}
+
+/// Sorts `v` by `key`, stably, a byte at a time from the lowest (LSD radix sort), skipping
+/// the bytes all keys share: socket inodes, handed out in sequence, differ in their low three
+/// or four bytes, so 120,000 of them take three or four linear passes, where a comparison sort
+/// makes some seventeen comparisons an element.
+pub(crate) fn radix_sort_by_key<T: Copy>(v: &mut Vec<T>, key: impl Fn(&T) -> u64) {
+    // A short list (a pair's few idle clocks) is sorted sooner than counted.
+    if v.len() <= 256 {
+        v.sort_by_key(&key);
+        return;
+    }
+    let first = key(&v[0]);
+    let differ = v.iter().fold(0, |d, x| d | (key(x) ^ first));
+    let mut to = v.clone();
+    for shift in (0..64).step_by(8).filter(|&b| differ >> b & 0xff != 0) {
+        let digit = |x: &T| (key(x) >> shift & 0xff) as usize;
+        let mut at = [0usize; 256];
+        for x in v.iter() {
+            at[digit(x)] += 1;
         }
-    });
-    runs
+        let mut sum = 0;
+        for a in &mut at {
+            (*a, sum) = (sum, sum + *a);
+        }
+        for x in v.iter() {
+            let d = digit(x);
+            to[at[d]] = *x;
+            at[d] += 1;
+        }
+        std::mem::swap(v, &mut to);
+    }
 }
 
 #[cfg(test)]
@@ -326,6 +405,28 @@ mod tests {
             peers(&Topology::new(&sockets)),
             [None, Some(3), None, Some(1)]
         );
+    }
+
+    #[test]
+    fn the_radix_sort_sorts_stably() {
+        let mut v: Vec<(u64, u32)> = (0..5000u32)
+            .map(|i| (u64::from(i.wrapping_mul(2_654_435_761) % 1000) << 20 | 7, i))
+            .collect();
+        let mut expected = v.clone();
+        expected.sort_by_key(|&(k, _)| k);
+        radix_sort_by_key(&mut v, |&(k, _)| k);
+        assert_eq!(v, expected);
+        // Keys that differ in every byte.
+        let mut wide: Vec<u64> = (0..3000u64)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect();
+        let mut expected = wide.clone();
+        expected.sort_unstable();
+        radix_sort_by_key(&mut wide, |&k| k);
+        assert_eq!(wide, expected);
+        let mut one = vec![(3u64, 0u32)];
+        radix_sort_by_key(&mut one, |&(k, _)| k);
+        assert_eq!(one, [(3, 0)]);
     }
 
     #[test]

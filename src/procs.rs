@@ -581,7 +581,7 @@ impl Found {
         pairs: &[(u64, u32)],
         owners: &[(u64, u32)],
         missing: &mut FxHashSet<u64>,
-        current: &FxHashSet<u64>,
+        current: &Current,
     ) {
         let holds = |inode: u64| {
             let at = owners.partition_point(|&(i, _)| i < inode);
@@ -590,7 +590,7 @@ impl Found {
         let mut gained = false;
         for &(inode, p) in pairs {
             let known = holds(inode) || self.added_inodes.contains(&inode);
-            if (missing.remove(&inode) || known && current.contains(&inode))
+            if (missing.remove(&inode) || known && current.contains(inode))
                 && owners.binary_search(&(inode, p)).is_err()
                 && self.added.insert((inode, p))
             {
@@ -604,16 +604,38 @@ impl Found {
     }
 }
 
+/// The socket inodes of a dump, sorted and deduplicated, 0 left out: what a refresh compares
+/// its owners with, by walks of both in inode order where a hash set cost a lookup (a cache
+/// miss) a socket.
+struct Current(Vec<u64>);
+
+impl Current {
+    fn new(mut inodes: Vec<u64>) -> Current {
+        inodes.retain(|&i| i != 0);
+        crate::join::radix_sort_by_key(&mut inodes, |&i| i);
+        inodes.dedup();
+        Current(inodes)
+    }
+
+    fn contains(&self, inode: u64) -> bool {
+        self.0.binary_search(&inode).is_ok()
+    }
+
+    /// Keeps the pairs of `owners` (sorted) whose socket is current, by one walk of both.
+    fn retain_held(&self, owners: &mut Vec<(u64, u32)>) {
+        let mut current = self.0.iter().copied().peekable();
+        owners.retain(|&(inode, _)| {
+            while current.next_if(|&i| i < inode).is_some() {}
+            current.peek() == Some(&inode)
+        });
+    }
+}
+
 /// The inodes of `current` no pair of `owners` (sorted) names, by one walk of both in inode
 /// order: a search per inode costs a cache miss per step on a large map.
-fn unheld<'a>(
-    owners: &'a [(u64, u32)],
-    current: &FxHashSet<u64>,
-) -> impl Iterator<Item = u64> + 'a {
-    let mut sorted: Vec<u64> = current.iter().copied().collect();
-    sorted.sort_unstable();
+fn unheld<'a>(owners: &'a [(u64, u32)], current: &'a Current) -> impl Iterator<Item = u64> + 'a {
     let mut p = 0;
-    sorted.into_iter().filter(move |&inode| {
+    current.0.iter().copied().filter(move |&inode| {
         while p < owners.len() && owners[p].0 < inode {
             p += 1;
         }
@@ -627,7 +649,7 @@ fn unheld<'a>(
 fn slots_of(
     pid: u32,
     table: FdTable,
-    current: &FxHashSet<u64>,
+    current: &Current,
     undumped: &mut FxHashMap<u64, (u32, u32)>,
 ) -> Vec<Slot> {
     table
@@ -640,10 +662,10 @@ fn slot(
     pid: u32,
     fd: u32,
     socket: u64,
-    current: &FxHashSet<u64>,
+    current: &Current,
     undumped: &mut FxHashMap<u64, (u32, u32)>,
 ) -> Slot {
-    let dumped = current.contains(&socket);
+    let dumped = current.contains(socket);
     if socket != 0 && !dumped {
         undumped.insert(socket, (pid, fd));
     }
@@ -661,7 +683,7 @@ fn read_new_slots(
     root: &rustix::fd::OwnedFd,
     pid: u32,
     table: &mut Vec<Slot>,
-    current: &FxHashSet<u64>,
+    current: &Current,
     pairs: &mut Vec<(u64, u32)>,
     undumped: &mut FxHashMap<u64, (u32, u32)>,
 ) -> usize {
@@ -677,7 +699,7 @@ fn read_new_slots(
     let mut closed = Vec::new();
     for s in table
         .iter_mut()
-        .filter(|s| s.dumped && !current.contains(&s.socket))
+        .filter(|s| s.dumped && !current.contains(s.socket))
     {
         read += 1;
         match read_slot(&dir, s.fd) {
@@ -734,11 +756,7 @@ impl OwnerCache {
         sockets: &[Socket],
         threads: usize,
     ) -> Result<Refreshed, std::io::Error> {
-        let current: FxHashSet<u64> = sockets
-            .iter()
-            .map(|s| s.inode)
-            .filter(|&i| i != 0)
-            .collect();
+        let current = Current::new(sockets.iter().map(|s| s.inode).collect());
         self.refresh_current(scanner, current, threads)
     }
 
@@ -753,12 +771,13 @@ impl OwnerCache {
     ) -> Result<Still, std::io::Error> {
         if self.full_due() {
             // The sockets of the last refresh are those it found a holder for, and the rest.
-            let current: FxHashSet<u64> = self
-                .owners
-                .iter()
-                .map(|&(inode, _)| inode)
-                .chain(self.unowned.iter().copied())
-                .collect();
+            let current = Current::new(
+                self.owners
+                    .iter()
+                    .map(|&(inode, _)| inode)
+                    .chain(self.unowned.iter().copied())
+                    .collect(),
+            );
             let r = self.refresh_current(scanner, current, threads)?;
             return Ok(Still {
                 owners: Some(r.owners),
@@ -788,7 +807,7 @@ impl OwnerCache {
     fn refresh_current(
         &mut self,
         scanner: &ProcScanner,
-        current: FxHashSet<u64>,
+        current: Current,
         threads: usize,
     ) -> Result<Refreshed, std::io::Error> {
         let mut cost = RefreshCost::default();
@@ -810,9 +829,9 @@ impl OwnerCache {
             self.undumped = undumped;
             cost.processes_read = scan.stats.scanned;
             self.owners = scan.pairs;
-            self.owners.retain(|(inode, _)| current.contains(inode));
             self.owners.sort_unstable();
             self.owners.dedup();
+            current.retain_held(&mut self.owners);
             self.owners.shrink_to_fit();
             self.unowned = unheld(&self.owners, &current).collect();
             // Where new sockets are looked for first: the processes holding the most now.
@@ -832,8 +851,8 @@ impl OwnerCache {
             self.since_full = self.since_full.map(|n| n + 1);
             // Forget the dead and what closed.
             self.forget_exited(&live_set);
-            self.owners.retain(|(inode, _)| current.contains(inode));
-            self.unowned.retain(|i| current.contains(i));
+            current.retain_held(&mut self.owners);
+            self.unowned.retain(|&i| current.contains(i));
             let unowned = &self.unowned;
             let mut missing: FxHashSet<u64> = unheld(&self.owners, &current)
                 .filter(|i| !unowned.contains(i))
@@ -971,15 +990,14 @@ impl OwnerCache {
     /// every process at half its fd limit or more (read once per process).
     fn index(&mut self, scanner: &ProcScanner, cost: RefreshCost) -> Refreshed {
         let mut index = OwnerIndex::from_pairs(self.owners.clone(), HashMap::new());
-        let mut wanted: Vec<u32> = self.owners.iter().map(|&(_, pid)| pid).collect();
+        // A set: the holders are few, their pairs many.
+        let mut wanted: FxHashSet<u32> = self.owners.iter().map(|&(_, pid)| pid).collect();
         wanted.extend(
             self.fds
                 .iter()
                 .filter(|(_, f)| f.at_least(FD_NAMED_SHARE))
                 .map(|(p, _)| *p),
         );
-        wanted.sort_unstable();
-        wanted.dedup();
         for pid in wanted {
             let p = match self.processes.get(&pid) {
                 Some(p) => p.clone(),

@@ -205,12 +205,14 @@ fn sample_loop(
                         (digest, last)
                     }
                     None => {
-                        history.observe(&joined);
                         let mut r = aggregate::aggregate(&joined, &query);
                         if !args.report_cmdline {
                             r.drop_cmdlines();
                         }
-                        (Digest::new(&joined), r)
+                        // The history counts the digest's pairs: no second pass.
+                        let digest = Digest::new(&joined);
+                        history.observe_digest(&digest, &sample);
+                        (digest, r)
                     }
                 };
                 // Where the collector aged tcp_info clocks instead of reading them, those a

@@ -297,7 +297,6 @@ impl State {
             topology,
         } = taken;
         let joined = Joined::with_topology(&sample, topology.clone());
-        self.history.observe(&joined);
         let (mut report, counts) = aggregate::aggregate_with_counts(&joined, query);
         let base = self.first.get_or_insert_with(|| counts.clone());
         // The first sample is its own baseline: every change is 0, and every field is there.
@@ -307,7 +306,10 @@ impl State {
             base,
         );
         self.previous = Some(counts);
+        // The detector after the grouping, so that its digest is not held through the
+        // grouping's memory peak; the history counts the digest's pairs.
         let digest = Digest::new(&joined);
+        self.history.observe_digest(&digest, &sample);
         drop(joined);
         // Clocks brought forward by a reuse (`tcp_info_age_ms`) are exact: nothing moved.
         if sample.tcp_info_age_ms == 0 {

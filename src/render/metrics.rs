@@ -200,7 +200,7 @@ pub fn families(
                 .entry(vec![("netns", netns.clone())])
                 .or_default() += 1.0;
         }
-        let server = j.listening(s.netns, s.local());
+        let server = j.listens(i);
         let (side, endpoint) = if server {
             ("server", s.local())
         } else {

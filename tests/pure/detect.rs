@@ -659,6 +659,59 @@ fn a_digest_judged_later_gives_the_findings_of_a_fresh_look_then() {
     assert_eq!(judged, fresh);
 }
 
+/// A loop digests each new sample before the history sees it, and the history takes its counts
+/// from the digest (`observe_digest`): after every sample, the findings must be those of a
+/// history fed the joined samples, with sockets closing, opening, changing hands and leaking.
+#[test]
+fn a_history_fed_digests_judges_as_one_fed_joined_samples() {
+    use shimcheck::detect::Digest;
+    let c = cfg(600);
+    let mut h_joined = History::new(c.window, MIN_RISES);
+    let mut h_digest = History::new(c.window, MIN_RISES);
+    let mut opened = HashMap::new();
+    let mut prev = None;
+    for (t, leak, churn) in [
+        (0, 10, 0),
+        (10, 25, 40),
+        (20, 40, 80),
+        (30, 55, 20),
+        (40, 70, 60),
+    ] {
+        let s = Pop::new()
+            .clients(100, 0, leak, QUIET)
+            .clients(200, 5_000 + churn, 40, QUIET)
+            .clients(300, 10_000, 60, 290_000)
+            .with(
+                20_000,
+                TcpState::Established,
+                "10.0.0.5:5000",
+                "10.9.9.9:40000",
+                900,
+            )
+            .with(20_001, TcpState::Listen, "0.0.0.0:5000", "0.0.0.0:0", 900)
+            .with(
+                20_002 + t,
+                TcpState::CloseWait,
+                "127.0.0.1:41000",
+                REGISTRY,
+                300,
+            )
+            .aged(t, prev, &mut opened)
+            .sample(t);
+        prev = Some(t);
+        let j = Joined::new(&s);
+        h_joined.observe(&j);
+        let digest = Digest::new(&j);
+        h_digest.observe_digest(&digest, &s);
+        assert_eq!(h_digest.len(), h_joined.len());
+        let fresh = detect::findings(&j, Some(&h_joined), &c);
+        assert_eq!(digest.findings(&s, Some(&h_digest), &c), fresh, "at {t} s");
+        if t == 40 {
+            assert!(fresh.iter().any(|f| f.kind == Kind::Growth), "{fresh:#?}");
+        }
+    }
+}
+
 // Every documented threshold (docs/detection.md, the consts of src/detect.rs and
 // src/model.rs), just under and just over.
 
