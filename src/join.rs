@@ -159,9 +159,7 @@ impl Topology {
                 reverse,
             });
         }
-        // By `lo`, then (stably) by `hi`: sorted by both.
-        radix_sort_by_key(&mut ends, |e| e.lo);
-        radix_sort_by_key(&mut ends, |e| e.hi);
+        radix_sort_by_key(&mut ends, |e| (e.hi, e.lo));
         let mut peer = vec![NO_PEER; sockets.len()];
         for run in ends.chunk_by(|a, b| (a.hi, a.lo) == (b.hi, b.lo)) {
             let last = |reverse: bool| {
@@ -298,35 +296,19 @@ fn holders(sockets: &[Socket], owners: &OwnerIndex) -> (Vec<u32>, Vec<u32>) {
     (at, held)
 }
 
-/// Sorts `v` by `key`, stably, a byte at a time from the lowest (LSD radix sort), skipping
-/// the bytes all keys share: socket inodes, handed out in sequence, differ in their low three
+/// Sorts `v` by `key`, stably, by radix (`radsort`: a byte at a time from the lowest, skipping
+/// the bytes all keys share): socket inodes, handed out in sequence, differ in their low three
 /// or four bytes, so 120,000 of them take three or four linear passes, where a comparison sort
 /// makes some seventeen comparisons an element.
-pub(crate) fn radix_sort_by_key<T: Copy>(v: &mut Vec<T>, key: impl Fn(&T) -> u64) {
+pub(crate) fn radix_sort_by_key<T: Copy, K: radsort::Key + Ord>(
+    v: &mut [T],
+    key: impl FnMut(&T) -> K,
+) {
     // A short list (a pair's few idle clocks) is sorted sooner than counted.
     if v.len() <= 256 {
-        v.sort_by_key(&key);
-        return;
-    }
-    let first = key(&v[0]);
-    let differ = v.iter().fold(0, |d, x| d | (key(x) ^ first));
-    let mut to = v.clone();
-    for shift in (0..64).step_by(8).filter(|&b| differ >> b & 0xff != 0) {
-        let digit = |x: &T| (key(x) >> shift & 0xff) as usize;
-        let mut at = [0usize; 256];
-        for x in v.iter() {
-            at[digit(x)] += 1;
-        }
-        let mut sum = 0;
-        for a in &mut at {
-            (*a, sum) = (sum, sum + *a);
-        }
-        for x in v.iter() {
-            let d = digit(x);
-            to[at[d]] = *x;
-            at[d] += 1;
-        }
-        std::mem::swap(v, &mut to);
+        v.sort_by_key(key);
+    } else {
+        radsort::sort_by_key(v, key);
     }
 }
 
