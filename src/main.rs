@@ -9,8 +9,17 @@ use clap::Parser;
 use shimcheck::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    fixed_mmap_threshold();
     let cli = Cli::parse();
+    // One look: memory back to the kernel as soon as it is freed. A loop keeps it for the next
+    // sample instead (glibc's own rule): every fresh page of a sample costs a fault.
+    let looping = match &cli.command {
+        Command::Ports(args) => args.watch,
+        Command::Serve(_) => true,
+        _ => false,
+    };
+    if !looping {
+        fixed_mmap_threshold();
+    }
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     let mut err = io::stderr();
@@ -58,11 +67,12 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-/// glibc raises its mmap threshold to the size of the largest block freed (up to 32 MiB);
-/// after the first sample, a sample's large vectors (24 MB of sockets at 120,000) then come
-/// from the heap and stay resident when freed. A fixed threshold keeps them mmapped, returned
-/// to the kernel when freed: `serve` at 120,000 sockets peaked at 81 MiB RSS without it and
-/// 66 MiB with it (benches/serve.sh).
+/// glibc raises its mmap threshold to the size of the largest block freed (up to 32 MiB); a
+/// program's large vectors then come from the heap and stay resident when freed. A fixed
+/// threshold keeps them mmapped, returned to the kernel when freed: a lower peak for a one-shot
+/// look (26 against 34 MiB at 131,000 sockets). Loops do without it: a churning watch sample at
+/// 131,000 sockets took 8,500 page faults and 59 ms of CPU with it, 80 faults and 41–47 ms
+/// without (`/usr/bin/time`, later samples of `benches/ports.sh`'s watch).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn fixed_mmap_threshold() {
     // SAFETY: mallopt only sets an allocator parameter; it is called before any thread
