@@ -49,6 +49,9 @@ const LOOKUPS_PER_DUMP: usize = 3;
 /// ... but this many lookups (about a millisecond) are always cheap enough.
 const MIN_LOOKUPS: usize = 256;
 
+/// Lookups a sample makes, at most, of sockets waiting in an accept queue.
+pub const WAITING_LOOKUPS: usize = 256;
+
 /// True when a table of `states` can be kept by events.
 pub fn follows(states: StateSet) -> bool {
     states.iter().all(|s| FOLLOWED.contains(&s))
@@ -101,6 +104,9 @@ pub struct Table {
     states: StateSet,
     /// The sockets are lent to a sample (`lend`), this many of them.
     lent: Option<usize>,
+    /// The cookie of the last socket waiting to be accepted that was looked up, when not
+    /// all of them could be: the next sample goes on from there.
+    waiting_after: u64,
 }
 
 impl Table {
@@ -119,6 +125,7 @@ impl Table {
             at,
             states,
             lent: None,
+            waiting_after: 0,
         })
     }
 
@@ -200,14 +207,22 @@ impl Table {
                 _ => self.remove(cookie),
             }
         }
-        let waiting: Vec<u32> = self
+        // At most `WAITING_LOOKUPS` a sample, in turn by cookie, after the last one asked
+        // about: a listener that stopped accepting, with thousands in its queue, costs no more.
+        let mut waiting: Vec<(u64, u32)> = self
             .waiting()
-            .filter(|&i| {
-                let s = &self.sockets[i as usize];
-                s.cookie().is_some_and(|c| !pending.latest.contains_key(&c))
-            })
+            .filter_map(|i| Some((self.sockets[i as usize].cookie()?, i)))
+            .filter(|(c, _)| !pending.latest.contains_key(c))
             .collect();
-        for i in waiting {
+        waiting.sort_unstable();
+        let from = waiting.partition_point(|&(c, _)| c <= self.waiting_after);
+        waiting.rotate_left(from);
+        waiting.truncate(WAITING_LOOKUPS);
+        self.waiting_after = match waiting.last() {
+            Some(&(c, _)) if waiting.len() == WAITING_LOOKUPS => c,
+            _ => 0,
+        };
+        for (_, i) in waiting {
             // A socket bound to a device is not found, and stays as it was (its close is an
             // event of its own).
             let Some(exact) = Exact::of(&self.sockets[i as usize]) else {

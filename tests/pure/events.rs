@@ -357,3 +357,34 @@ fn a_lending_table_is_updated_only_once_its_sockets_are_back() {
     let _ = lent(&mut kept);
     assert!(kept.update(None, shown(), &closed, false, now).is_ok());
 }
+
+#[test]
+fn sockets_waiting_to_be_accepted_are_asked_about_a_bounded_number_at_a_time_in_turn() {
+    use shimcheck::collect::events::WAITING_LOOKUPS;
+    let n = WAITING_LOOKUPS as u64 + 44;
+    let all: Vec<Socket> = (1..=n).map(|c| est(c, 20000 + c as u16, 0)).collect();
+    let mut table = Table::new(all, shown()).unwrap();
+    let mut kernel = Kernel::default();
+    let nothing = Pending::default();
+    assert_eq!(
+        apply(&mut table, &nothing, &mut kernel),
+        Ok(WAITING_LOOKUPS)
+    );
+    assert_eq!(
+        apply(&mut table, &nothing, &mut kernel),
+        Ok(WAITING_LOOKUPS)
+    );
+    // The first sample asked about the lowest cookies, the second went on from there and
+    // round again: every socket asked about within two samples.
+    let asked: std::collections::BTreeSet<u64> = kernel.asked.iter().map(|e| e.cookie).collect();
+    assert_eq!(asked.len() as u64, n);
+    let first: Vec<u64> = kernel.asked[..WAITING_LOOKUPS]
+        .iter()
+        .map(|e| e.cookie)
+        .collect();
+    assert_eq!(first, (1..=WAITING_LOOKUPS as u64).collect::<Vec<_>>());
+    assert_eq!(
+        kernel.asked[WAITING_LOOKUPS].cookie,
+        WAITING_LOOKUPS as u64 + 1
+    );
+}
