@@ -333,7 +333,7 @@ pub fn cgroup_places(
         .iter()
         .filter_map(|s| Some((s.inode, s.cgroup_id()?)))
         .collect();
-    by_inode.sort_unstable();
+    crate::join::radix_sort_by_key(&mut by_inode, |&(inode, _)| inode);
     let inodes: Vec<u64> = by_inode.iter().map(|&(i, _)| i).collect();
     let mut wanted: HashSet<u64> = HashSet::new();
     owners.walk_sorted(&inodes, |i, run| {
