@@ -491,7 +491,12 @@ fn group<'a>(
     }
     // A group is a run of equal keys; within it, sockets in dump order, as they were pushed:
     // a stable sort keeps that order, and takes the few keys of a large group in its stride.
-    members.sort_by_key(|m| (m.a, m.b, m.port));
+    if members.len() >= crate::join::IN_PLACE_FROM {
+        // The same order, in place (see `IN_PLACE_FROM`).
+        members.sort_unstable_by_key(|m| (m.a, m.b, m.port, m.at));
+    } else {
+        members.sort_by_key(|m| (m.a, m.b, m.port));
+    }
     let mut runs: Vec<(u32, u32)> = Vec::new();
     let mut start = 0;
     for same in members.chunk_by(|x, y| (x.a, x.b, x.port) == (y.a, y.b, y.port)) {

@@ -159,7 +159,7 @@ impl Topology {
                 reverse,
             });
         }
-        radix_sort_by_key(&mut ends, |e| (e.hi, e.lo));
+        sort_frugal(&mut ends, |e| (e.hi, e.lo), |e| (e.hi, e.lo, e.at));
         let mut peer = vec![NO_PEER; sockets.len()];
         for run in ends.chunk_by(|a, b| (a.hi, a.lo) == (b.hi, b.lo)) {
             let last = |reverse: bool| {
@@ -274,26 +274,51 @@ fn listening(listeners: &FxHashSet<(u64, IpAddr, u16)>, netns: u64, local: Socke
 /// (`OwnerIndex::walk_sorted`), one pass with no per-socket search through a large table, then
 /// laid out socket by socket.
 fn holders(sockets: &[Socket], owners: &OwnerIndex) -> (Vec<u32>, Vec<u32>) {
-    let mut runs = vec![0..0; sockets.len()];
+    // Each socket's run in the pairs, as u32 bounds: half the room of a `Range<usize>`.
+    let mut runs = vec![(0u32, 0u32); sockets.len()];
     let mut by_inode: Vec<(u64, usize)> = sockets
         .iter()
         .enumerate()
         .filter(|(_, s)| s.inode != 0)
         .map(|(i, s)| (s.inode, i))
         .collect();
-    radix_sort_by_key(&mut by_inode, |&(inode, _)| inode);
+    sort_frugal(&mut by_inode, |&(inode, _)| inode, |&pair| pair);
     let inodes: Vec<u64> = by_inode.iter().map(|&(inode, _)| inode).collect();
-    owners.walk_sorted(&inodes, |k, run| runs[by_inode[k].1] = run);
+    owners.walk_sorted(&inodes, |k, run| {
+        let bound = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
+        runs[by_inode[k].1] = (bound(run.start), bound(run.end));
+    });
     let pairs = owners.pairs();
     let mut at = Vec::with_capacity(sockets.len() + 1);
     let mut held = Vec::with_capacity(pairs.len());
     at.push(0);
-    for run in runs {
-        held.extend(pairs[run].iter().map(|&(_, pid)| pid));
+    for (start, end) in runs {
+        let run = pairs.get(start as usize..end as usize).unwrap_or_default();
+        held.extend(run.iter().map(|&(_, pid)| pid));
         // Past 2^32 holders (no node has them) the rest are left out.
         at.push(u32::try_from(held.len()).unwrap_or(u32::MAX));
     }
     (at, held)
+}
+
+/// From this many elements up, a sort is made in place (`sort_unstable` on a key that tells
+/// every element apart, so the order is the stable sort's): a radix or a stable sort holds a
+/// second copy of its input, 48 MB for the peer match's ends at a million sockets, and a
+/// million sockets must fit in 160 MiB.
+pub(crate) const IN_PLACE_FROM: usize = 1 << 19;
+
+/// `radix_sort_by_key(v, key)`, or, from `IN_PLACE_FROM` elements, `v` sorted in place by
+/// `unique`: `key` followed by what tells equal keys apart in `v`'s order (an index).
+pub(crate) fn sort_frugal<T: Copy, K: radsort::Key + Ord, U: Ord>(
+    v: &mut [T],
+    key: impl FnMut(&T) -> K,
+    unique: impl FnMut(&T) -> U,
+) {
+    if v.len() >= IN_PLACE_FROM {
+        v.sort_unstable_by_key(unique);
+    } else {
+        radix_sort_by_key(v, key);
+    }
 }
 
 /// Sorts `v` by `key`, stably, by radix (`radsort`: a byte at a time from the lowest, skipping
