@@ -10,14 +10,12 @@ use shimcheck::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // One look: memory back to the kernel as soon as it is freed. A loop keeps it for the next
-    // sample instead (glibc's own rule): every fresh page of a sample costs a fault.
-    let looping = match &cli.command {
-        Command::Ports(args) => args.watch,
-        Command::Serve(_) => true,
-        _ => false,
-    };
-    if !looping {
+    // Memory back to the kernel as soon as it is freed, except in a watch, which keeps it for
+    // its next sample (glibc's own rule): every fresh page of a sample costs a fault, and a
+    // watch samples every few seconds. `serve`, an agent on every node sampling every 15 s,
+    // stays frugal.
+    let watching = matches!(&cli.command, Command::Ports(args) if args.watch);
+    if !watching {
         fixed_mmap_threshold();
     }
     let stdout = io::stdout();
@@ -70,9 +68,10 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 /// glibc raises its mmap threshold to the size of the largest block freed (up to 32 MiB); a
 /// program's large vectors then come from the heap and stay resident when freed. A fixed
 /// threshold keeps them mmapped, returned to the kernel when freed: a lower peak for a one-shot
-/// look (26 against 34 MiB at 131,000 sockets). Loops do without it: a churning watch sample at
-/// 131,000 sockets took 8,500 page faults and 59 ms of CPU with it, 80 faults and 41–47 ms
-/// without (`/usr/bin/time`, later samples of `benches/ports.sh`'s watch).
+/// look (26 against 34 MiB at 131,000 sockets), and `serve` at 120,000 sockets holds 28 MiB
+/// between samples instead of 52 (benches/serve.sh). A watch does without it: a churning
+/// sample at 131,000 sockets took 8,500 page faults and 59 ms of CPU with it, 80 faults and
+/// 41–47 ms without (`/usr/bin/time`, later samples of `benches/ports.sh`'s watch).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn fixed_mmap_threshold() {
     // SAFETY: mallopt only sets an allocator parameter; it is called before any thread
