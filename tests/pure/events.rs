@@ -388,3 +388,38 @@ fn sockets_waiting_to_be_accepted_are_asked_about_a_bounded_number_at_a_time_in_
         WAITING_LOOKUPS as u64 + 1
     );
 }
+
+#[test]
+fn a_namespace_is_answered_without_asking_the_kernel_only_when_nothing_changed_in_it() {
+    use shimcheck::collect::events::Kept;
+    use std::time::Instant;
+    let now = Instant::now();
+    let mut kept = Kept::default();
+    kept.dumped(vec![est(1, 40001, 11), est(2, 40002, 12)], shown(), now);
+    let mut changed = Pending::default();
+    changed.add(moved(1, TcpState::Established, TcpState::Close));
+    assert!(Pending::default().is_empty() && !changed.is_empty());
+    assert!(kept.quietly(shown(), Some(&changed), false, now).is_none());
+    assert!(
+        kept.quietly(shown(), None, true, now).is_none(),
+        "changes were lost"
+    );
+    let quiet = kept.quietly(shown(), Some(&Pending::default()), false, now);
+    assert_eq!(quiet.map(|s| s.len()), Some(2));
+    assert_eq!(
+        kept.quietly(shown(), None, false, now).map(|s| s.len()),
+        Some(2)
+    );
+    assert_eq!(kept.last_lookups(), Some(0));
+    // A listener's change alone is a change.
+    let mut listener = Pending::default();
+    listener.add(change(
+        9,
+        TcpState::Close,
+        TcpState::Listen,
+        "0.0.0.0:6000",
+        "0.0.0.0:0",
+    ));
+    assert!(!listener.is_empty());
+    assert!(kept.quietly(shown(), Some(&listener), false, now).is_none());
+}
