@@ -423,3 +423,80 @@ fn a_namespace_is_answered_without_asking_the_kernel_only_when_nothing_changed_i
     assert!(!listener.is_empty());
     assert!(kept.quietly(shown(), Some(&listener), false, now).is_none());
 }
+
+#[test]
+fn the_changes_of_two_drains_merge_the_later_winning_and_any_loss_or_listener_kept() {
+    use shimcheck::collect::events::Drain;
+    let mut earlier = Drain::default();
+    earlier
+        .by_netns
+        .entry(1)
+        .or_default()
+        .add(moved(1, TcpState::SynSent, TcpState::Established));
+    let mut later = Drain::default();
+    later
+        .by_netns
+        .entry(1)
+        .or_default()
+        .add(moved(1, TcpState::Established, TcpState::Close));
+    later.lost = true;
+    let mut listener = Pending::default();
+    listener.add(change(
+        9,
+        TcpState::Close,
+        TcpState::Listen,
+        "0.0.0.0:6000",
+        "0.0.0.0:0",
+    ));
+    later.by_netns.insert(2, listener);
+    assert!(earlier.moved() && !earlier.lost);
+    earlier.merge(later);
+    assert!(earlier.lost && earlier.moved());
+    // The socket's latest change is the later drain's: closed, so no lookup and no socket.
+    let mut table = Table::new(vec![est(1, 40001, 11)], shown()).unwrap();
+    let mut kernel = Kernel::default();
+    assert_eq!(apply(&mut table, &earlier.by_netns[&1], &mut kernel), Ok(0));
+    assert!(table.sockets().is_empty());
+    // Namespace 2's listener survives the merge into an empty slot, and one merged into an
+    // existing slot too.
+    assert_eq!(
+        apply(&mut table, &earlier.by_netns[&2], &mut kernel),
+        Err(Redump::Listener)
+    );
+    let mut again = Drain::default();
+    again
+        .by_netns
+        .entry(2)
+        .or_default()
+        .add(moved(5, TcpState::SynSent, TcpState::Established));
+    let mut with_listener = Drain::default();
+    with_listener
+        .by_netns
+        .insert(2, earlier.by_netns.remove(&2).unwrap());
+    again.merge(with_listener);
+    assert_eq!(
+        apply(&mut table, &again.by_netns[&2], &mut kernel),
+        Err(Redump::Listener)
+    );
+    assert!(!Drain::default().moved());
+}
+
+#[test]
+fn unchanged_sockets_have_their_clocks_moved_on_by_the_time_since_the_last_sample() {
+    use shimcheck::collect::events::Kept;
+    use std::time::{Duration, Instant};
+    let at = Instant::now();
+    let mut kept = Kept::default();
+    let _ = kept.dumped(vec![est(1, 40001, 11).idle(1000)], shown(), at);
+    let next = kept
+        .update(
+            None,
+            shown(),
+            &Pending::default(),
+            false,
+            at + Duration::from_millis(500),
+        )
+        .unwrap();
+    let info = next[0].tcp_info.unwrap();
+    assert_eq!(info.data_idle_ms(), 1500);
+}
