@@ -65,6 +65,15 @@ fn cookies(table: &Table) -> Vec<(u64, TcpState, u64)> {
 
 const SERVER: &str = "127.0.0.1:5000";
 
+/// The changes of client sockets (`moved`), in the order made.
+fn changes(list: &[(u64, TcpState, TcpState)]) -> Pending {
+    let mut p = Pending::default();
+    for &(cookie, old, new) in list {
+        p.add(moved(cookie, old, new));
+    }
+    p
+}
+
 /// A change of the client socket `cookie`, on local port 40000 + `cookie`, to the server.
 fn moved(cookie: u64, old: TcpState, new: TcpState) -> StateChange {
     let local = format!("127.0.0.1:{}", 40000 + cookie);
@@ -86,9 +95,10 @@ fn new_sockets_are_looked_up_and_closed_ones_dropped_without_a_lookup() {
     let mut table = Table::new(vec![est(1, 40001, 11), est(2, 40002, 12)], shown()).unwrap();
     let mut kernel = Kernel::default();
     kernel.now.insert(3, est(3, 40003, 13));
-    let mut pending = Pending::default();
-    pending.add(moved(3, TcpState::SynSent, TcpState::Established));
-    pending.add(moved(1, TcpState::Established, TcpState::FinWait1));
+    let pending = changes(&[
+        (3, TcpState::SynSent, TcpState::Established),
+        (1, TcpState::Established, TcpState::FinWait1),
+    ]);
     assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(1));
     assert_eq!(
         cookies(&table),
@@ -109,15 +119,15 @@ fn the_latest_change_of_a_socket_wins_and_the_kernel_has_the_last_word() {
     let mut later = est(1, 40001, 11);
     later.state = TcpState::LastAck;
     kernel.now.insert(1, later);
-    let mut pending = Pending::default();
-    pending.add(moved(1, TcpState::Established, TcpState::CloseWait));
+    let pending = changes(&[(1, TcpState::Established, TcpState::CloseWait)]);
     assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(1));
     assert!(table.sockets().is_empty(), "LAST_ACK is not shown");
 
     // Opened and closed between two samples: its last change says closed, nothing to ask.
-    let mut pending = Pending::default();
-    pending.add(moved(9, TcpState::SynSent, TcpState::Established));
-    pending.add(moved(9, TcpState::Established, TcpState::Close));
+    let pending = changes(&[
+        (9, TcpState::SynSent, TcpState::Established),
+        (9, TcpState::Established, TcpState::Close),
+    ]);
     kernel.asked.clear();
     assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(0));
     assert!(table.sockets().is_empty());
@@ -130,9 +140,10 @@ fn a_socket_the_kernel_no_longer_has_or_has_under_another_cookie_is_dropped() {
     let mut kernel = Kernel::default();
     // Same 4-tuple, another socket (the port was reused): not the one that changed.
     kernel.now.insert(1, est(7, 40001, 17));
-    let mut pending = Pending::default();
-    pending.add(moved(1, TcpState::Established, TcpState::CloseWait));
-    pending.add(moved(2, TcpState::Established, TcpState::CloseWait));
+    let pending = changes(&[
+        (1, TcpState::Established, TcpState::CloseWait),
+        (2, TcpState::Established, TcpState::CloseWait),
+    ]);
     assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(2));
     assert!(table.sockets().is_empty(), "{:?}", cookies(&table));
 }
@@ -142,15 +153,13 @@ fn removing_from_the_middle_keeps_every_other_socket_findable() {
     let all: Vec<Socket> = (1..=5).map(|c| est(c, 40000 + c as u16, 10 + c)).collect();
     let mut table = Table::new(all, shown()).unwrap();
     let mut kernel = Kernel::default();
-    let mut pending = Pending::default();
-    pending.add(moved(2, TcpState::Established, TcpState::Close));
+    let pending = changes(&[(2, TcpState::Established, TcpState::Close)]);
     assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(0));
     // The socket moved into the hole (5) is updated in place, not added twice.
     let mut five = est(5, 40005, 15);
     five.state = TcpState::CloseWait;
     kernel.now.insert(5, five);
-    let mut pending = Pending::default();
-    pending.add(moved(5, TcpState::Established, TcpState::CloseWait));
+    let pending = changes(&[(5, TcpState::Established, TcpState::CloseWait)]);
     assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(1));
     assert_eq!(
         cookies(&table),
@@ -331,8 +340,7 @@ fn a_lending_table_is_updated_only_once_its_sockets_are_back() {
     use shimcheck::collect::events::Kept;
     use std::time::Instant;
     let now = Instant::now();
-    let mut closed = Pending::default();
-    closed.add(moved(1, TcpState::Established, TcpState::Close));
+    let closed = changes(&[(1, TcpState::Established, TcpState::Close)]);
     let lent =
         |kept: &mut Kept| kept.dumped(vec![est(1, 40001, 11), est(2, 40002, 12)], shown(), now);
     // Given back as lent (the sample may have tagged them or read their clocks again): the
@@ -396,8 +404,7 @@ fn a_namespace_is_answered_without_asking_the_kernel_only_when_nothing_changed_i
     let now = Instant::now();
     let mut kept = Kept::default();
     kept.dumped(vec![est(1, 40001, 11), est(2, 40002, 12)], shown(), now);
-    let mut changed = Pending::default();
-    changed.add(moved(1, TcpState::Established, TcpState::Close));
+    let changed = changes(&[(1, TcpState::Established, TcpState::Close)]);
     assert!(Pending::default().is_empty() && !changed.is_empty());
     assert!(kept.quietly(shown(), Some(&changed), false, now).is_none());
     assert!(
