@@ -179,14 +179,14 @@ impl Sampler {
         before_new: impl FnOnce() -> Option<Vec<Socket>>,
     ) -> anyhow::Result<Look> {
         let dump_states = states.union(DETECT_STATES.into_iter().collect());
-        if self.cache.is_none() || !self.source.still(dump_states) {
-            if let Some(sockets) = before_new() {
-                self.source.recycle(sockets);
+        let cache = match &mut self.cache {
+            Some(cache) if self.source.still(dump_states) => cache,
+            _ => {
+                if let Some(sockets) = before_new() {
+                    self.source.recycle(sockets);
+                }
+                return self.sample(states).map(Look::New);
             }
-            return self.sample(states).map(Look::New);
-        }
-        let Some(cache) = &mut self.cache else {
-            return self.sample(states).map(Look::New);
         };
         let taken_at = SystemTime::now();
         let still = cache

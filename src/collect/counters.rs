@@ -114,6 +114,12 @@ impl Stillness {
     }
 }
 
+/// Milliseconds from `at` to `now`, what a socket's tcp_info clocks move on by (0 if `now` is
+/// earlier, `u32::MAX` past 49 days).
+pub fn ms_since(at: Instant, now: Instant) -> u32 {
+    u32::try_from(now.saturating_duration_since(at).as_millis()).unwrap_or(u32::MAX)
+}
+
 /// A namespace's last dump itself, for a sweep of many namespaces that assembles every sample
 /// from the namespaces that moved and those that did not.
 #[derive(Debug, Default)]
@@ -136,7 +142,7 @@ impl LastDump {
         if !self.still.still(counters, states, now) {
             return None;
         }
-        let ms = u32::try_from(now.saturating_duration_since(at).as_millis()).unwrap_or(u32::MAX);
+        let ms = ms_since(at, now);
         let mut sockets = self.sockets.clone();
         sockets.iter_mut().for_each(|s| s.age(ms));
         Some(sockets)

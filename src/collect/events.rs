@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use rustc_hash::FxHashMap;
 
-use super::counters::{Counters, RESYNC_AFTER, RESYNC_EVERY, Stillness};
+use super::counters::{Counters, RESYNC_AFTER, RESYNC_EVERY, Stillness, ms_since};
 use super::netlink::{Exact, NetlinkSource, THREAD_NET};
 use super::{CollectError, SocketSource};
 use crate::bpf::events::{StateChange, StateChanges};
@@ -427,10 +427,7 @@ impl Kept {
             // A lookup that failed (not one that found nothing) is no reason to fail the
             // sample: the dump below says what is there, or why it cannot.
             if let Ok(Ok(lookups)) = applied {
-                let ms = since.map_or(0, |at| {
-                    u32::try_from(now.saturating_duration_since(at).as_millis()).unwrap_or(u32::MAX)
-                });
-                t.age(ms);
+                t.age(since.map_or(0, |at| ms_since(at, now)));
                 let sockets = if lends {
                     t.lend()
                 } else {

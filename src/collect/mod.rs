@@ -111,7 +111,7 @@ pub enum Reuse {
     /// A namespace whose counters did not move since its last dump is not dumped again
     /// (`counters`).
     Unmoved,
-    /// That, and where BPF may be loaded (one namespace), a table kept by state-change events
+    /// That, and where BPF may be loaded, each namespace's table kept by state-change events
     /// (`events`).
     Events,
 }

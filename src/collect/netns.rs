@@ -189,17 +189,14 @@ impl SocketSource for AllNetns {
                 by_netns.entry(s.netns).or_default().push(i);
             }
         }
-        let own_inode = own(&self.proc_root).unwrap_or(0);
         let mut read = 0;
         for (netns, wanted) in by_netns {
             let Some(slot) = slots.get_mut(&netns) else {
                 continue;
             };
-            if netns == own_inode {
-                read += slot.kept.fresh_clocks(&mut self.own, sockets, &wanted);
-                continue;
-            }
+            // Shimcheck's own namespace (no target to enter): through its own socket.
             let Some(target) = slot.via.clone() else {
+                read += slot.kept.fresh_clocks(&mut self.own, sockets, &wanted);
                 continue;
             };
             // Another namespace: looked up from a thread that enters it, and ends.
