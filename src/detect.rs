@@ -18,7 +18,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
 use crate::culprits;
-use crate::join::Joined;
+use crate::join::{Joined, Tally};
 use crate::model::{NetnsRef, Sample, Socket, TcpState};
 
 /// Thresholds, as the `--min-growth`, `--window`, `--idle-*` and `--close-wait-min` options
@@ -207,15 +207,14 @@ fn comm_of(sample: &Sample, pid: u32) -> String {
 }
 
 /// ", the other ends are held by registry(2811) on this node" when the pair's peers are here.
-fn mirror_note(j: &Joined<'_>, sockets: &[usize]) -> String {
-    let mut peers: FxHashMap<u32, usize> = FxHashMap::default();
-    for &i in sockets {
+fn mirror_note(j: &Joined<'_>, sockets: impl Iterator<Item = usize>) -> String {
+    let mut peers = Tally::default();
+    for i in sockets {
         if let Some(p) = j.peer(i) {
-            for pid in j.owners(p) {
-                *peers.entry(pid).or_default() += 1;
-            }
+            j.owners(p).for_each(|pid| peers.add(pid));
         }
     }
+    let peers = peers.into_counts();
     let Some((&pid, _)) = peers
         .iter()
         .max_by_key(|&(pid, n)| (*n, std::cmp::Reverse(*pid)))
@@ -287,18 +286,37 @@ struct PairFacts {
     key: PairKey,
     /// The pair's sockets, by index.
     members: Vec<u32>,
+    /// Their identities (`identity`), member by member: what the history keys them by, here
+    /// so that observing a sample reads no socket again.
+    ids: Vec<u64>,
     /// The data-idle clocks of the members that have one, ascending, as dumped.
     idle_ms: Vec<u64>,
     /// ", the other ends are held by ..." or nothing.
     mirror: String,
 }
 
+/// A pair's members as `Digest::new` gathers them.
+#[derive(Default)]
+struct Members {
+    at: Vec<u32>,
+    ids: Vec<u64>,
+    idle_ms: Vec<u64>,
+}
+
 impl Digest {
-    /// One pass over a joined sample's sockets.
+    /// One pass over a joined sample's sockets: everything the detector reads of a socket is
+    /// read while it is at hand (a pass over 120,000 sockets costs a millisecond or two of
+    /// cache misses in a loop, where the kernel's work between samples evicts them).
     pub fn new(j: &Joined<'_>) -> Digest {
         let sockets = &j.sample.sockets;
-        let mut pairs: FxHashMap<PairKey, Vec<u32>> = FxHashMap::default();
+        // Each pair's facts, and where each pair is in that list: a pair's sockets come in
+        // runs (a process's connections to one place), so the pair of the last key is kept
+        // at hand and the map asked once a run.
+        let mut facts: Vec<(PairKey, Members)> = Vec::new();
+        let mut at: FxHashMap<PairKey, usize> = FxHashMap::default();
+        let mut last: Option<(PairKey, usize)> = None;
         let mut close_wait: FxHashMap<u32, Vec<usize>> = FxHashMap::default();
+        let mut dests = DestCounts::default();
         let mut keys = Vec::new();
         for (i, s) in sockets.iter().enumerate() {
             if s.state == TcpState::CloseWait {
@@ -306,29 +324,40 @@ impl Digest {
                     close_wait.entry(pid).or_default().push(i);
                 }
             }
+            if s.state != TcpState::Listen && !j.listens(i) {
+                dests.add(dest(s));
+            }
             pair_keys(j, i, &mut keys);
             let Ok(index) = u32::try_from(i) else {
                 continue;
             };
             for k in &keys {
-                pairs.entry(*k).or_default().push(index);
+                let slot = match last {
+                    Some((l, slot)) if l == *k => slot,
+                    _ => *at.entry(*k).or_insert_with(|| {
+                        facts.push((*k, Members::default()));
+                        facts.len() - 1
+                    }),
+                };
+                let m = &mut facts[slot].1;
+                m.at.push(index);
+                m.ids.push(identity(s));
+                if let Some(t) = s.tcp_info {
+                    m.idle_ms.push(u64::from(t.data_idle_ms()));
+                }
+                last = Some((*k, slot));
             }
         }
-        let mut pairs: Vec<PairFacts> = pairs
+        let mut pairs: Vec<PairFacts> = facts
             .into_iter()
-            .map(|(key, members)| {
-                let mut idle_ms: Vec<u64> = members
-                    .iter()
-                    .filter_map(|&i| sockets[i as usize].tcp_info)
-                    .map(|t| u64::from(t.data_idle_ms()))
-                    .collect();
-                crate::join::radix_sort_by_key(&mut idle_ms, |&ms| ms);
-                let as_usize: Vec<usize> = members.iter().map(|&i| i as usize).collect();
+            .map(|(key, mut m)| {
+                crate::join::radix_sort_by_key(&mut m.idle_ms, |&ms| ms);
                 PairFacts {
                     key,
-                    mirror: mirror_note(j, &as_usize),
-                    members,
-                    idle_ms,
+                    mirror: mirror_note(j, m.at.iter().map(|&i| i as usize)),
+                    members: m.at,
+                    ids: m.ids,
+                    idle_ms: m.idle_ms,
                 }
             })
             .collect();
@@ -336,7 +365,7 @@ impl Digest {
         Digest {
             pairs,
             close_wait: close_wait_facts(j.sample, close_wait),
-            ports: port_exhaustion(j),
+            ports: port_exhaustion(j, dests),
         }
     }
 
@@ -505,34 +534,66 @@ struct DestUse {
     holders: FxHashMap<u32, usize>,
 }
 
+/// A connection's source address and destination, in its namespace: what a local port is
+/// taken from.
+type Dest = (u64, IpAddr, SocketAddr);
+
+fn dest(s: &Socket) -> Dest {
+    (s.netns, s.local().ip(), s.remote())
+}
+
+/// Client ends per destination (`Digest::new` counts them in its pass), a run of equal ones
+/// counted before the map is touched.
+#[derive(Default)]
+struct DestCounts {
+    counts: FxHashMap<Dest, usize>,
+    run: Option<(Dest, usize)>,
+}
+
+impl DestCounts {
+    fn add(&mut self, d: Dest) {
+        match &mut self.run {
+            Some((r, n)) if *r == d => *n += 1,
+            run => {
+                if let Some((r, n)) = run.replace((d, 1)) {
+                    *self.counts.entry(r).or_default() += n;
+                }
+            }
+        }
+    }
+
+    fn into_counts(mut self) -> FxHashMap<Dest, usize> {
+        if let Some((r, n)) = self.run.take() {
+            *self.counts.entry(r).or_default() += n;
+        }
+        self.counts
+    }
+}
+
 /// Connections from one source address to one destination using half the ephemeral range.
-fn port_exhaustion(j: &Joined<'_>) -> Vec<Finding> {
+/// `dests` counts the client ends (those not on a listening port) per destination.
+fn port_exhaustion(j: &Joined<'_>, dests: DestCounts) -> Vec<Finding> {
     let Some((lo, hi)) = j.sample.host.port_range else {
         return Vec::new();
     };
     let range = usize::from(hi.saturating_sub(lo)) + 1;
     let enough = PORT_RANGE_SHARE * range as f64;
-    let client_ends = || {
-        j.sample
-            .sockets
-            .iter()
-            .enumerate()
-            .filter(|&(i, s)| s.state != TcpState::Listen && !j.listens(i))
-    };
-    let dest = |s: &Socket| (s.netns, s.local().ip(), s.remote());
-    // A destination uses no more ports than it has sockets: those are counted first, and only
-    // the destinations with enough have their ports and holders looked at.
-    let mut sockets: FxHashMap<(u64, IpAddr, SocketAddr), usize> = FxHashMap::default();
-    for (_, s) in client_ends() {
-        *sockets.entry(dest(s)).or_default() += 1;
-    }
-    let mut by_dest: FxHashMap<(u64, IpAddr, SocketAddr), DestUse> = sockets
+    // A destination uses no more ports than it has sockets: only the destinations with enough
+    // have their ports and holders looked at, in a second pass.
+    let mut by_dest: FxHashMap<Dest, DestUse> = dests
+        .into_counts()
         .into_iter()
         .filter(|&(_, n)| n as f64 >= enough)
         .map(|(d, _)| (d, DestUse::default()))
         .collect();
     if !by_dest.is_empty() {
-        for (i, s) in client_ends() {
+        let client_ends = j
+            .sample
+            .sockets
+            .iter()
+            .enumerate()
+            .filter(|&(i, s)| s.state != TcpState::Listen && !j.listens(i));
+        for (i, s) in client_ends {
             if let Some(e) = by_dest.get_mut(&dest(s)) {
                 e.ports.insert(s.local().port());
                 for pid in j.owners(i) {
@@ -682,7 +743,7 @@ impl History {
             if keys.is_empty() {
                 continue;
             }
-            self.seen(j.socket(i), t, n);
+            self.seen(identity(j.socket(i)), t, n);
             for k in &keys {
                 *counts.entry(*k).or_default() += 1;
             }
@@ -698,8 +759,8 @@ impl History {
         self.observed += 1;
         let n = self.observed;
         for p in &digest.pairs {
-            for &i in &p.members {
-                self.seen(&sample.sockets[i as usize], t, n);
+            for &id in &p.ids {
+                self.seen(id, t, n);
             }
         }
         self.first_seen.retain(|_, seen| seen.1 == n);
@@ -711,9 +772,9 @@ impl History {
         self.push(t, counts);
     }
 
-    /// Marks socket `s` as in sample number `n`, taken at `t`: first seen then if it is new.
-    fn seen(&mut self, s: &Socket, t: SystemTime, n: u64) {
-        self.first_seen.entry(identity(s)).or_insert((t, n)).1 = n;
+    /// Marks the socket of identity `id` as in sample number `n`, taken at `t`: first seen then if it is new.
+    fn seen(&mut self, id: u64, t: SystemTime, n: u64) {
+        self.first_seen.entry(id).or_insert((t, n)).1 = n;
     }
 
     /// Adds a sample whose sockets and owners are the last one's (a loop whose collector saw
@@ -754,8 +815,8 @@ impl History {
     /// observed: those opened within the window, of the pairs that rose enough, kept what they
     /// had and rose often enough (`rising`). A loop whose collector aged clocks instead of
     /// reading them (`collect::events`) reads these again before judging.
-    pub fn clocks_wanted(&self, digest: &Digest, sample: &Sample, cfg: &DetectConfig) -> Vec<u32> {
-        self.rising(digest, sample, cfg)
+    pub fn clocks_wanted(&self, digest: &Digest, cfg: &DetectConfig) -> Vec<u32> {
+        self.rising(digest, cfg)
             .into_iter()
             .flat_map(|r| r.young)
             .collect()
@@ -763,12 +824,7 @@ impl History {
 
     /// The pairs that rose enough, kept what they had and rose often enough: everything a
     /// growth finding needs but the activity of the sockets opened since the window's start.
-    fn rising<'d>(
-        &'d self,
-        digest: &'d Digest,
-        sample: &Sample,
-        cfg: &DetectConfig,
-    ) -> Vec<Rising<'d>> {
+    fn rising<'d>(&'d self, digest: &'d Digest, cfg: &DetectConfig) -> Vec<Rising<'d>> {
         let (Some((t0, base)), Some((t1, now))) = (self.samples.front(), self.samples.back())
         else {
             return Vec::new();
@@ -787,14 +843,13 @@ impl History {
             }
             // The pair's sockets open now that were already open at the window's start, and
             // the ones opened since.
-            let (members, mirror) = digest
-                .pair(key)
-                .map_or((&[][..], ""), |p| (&p.members[..], p.mirror.as_str()));
+            let (members, ids, mirror) = digest.pair(key).map_or((&[][..], &[][..], ""), |p| {
+                (&p.members[..], &p.ids[..], p.mirror.as_str())
+            });
             let mut kept = 0u32;
             let mut young = Vec::new();
-            for &i in members {
-                let s = &sample.sockets[i as usize];
-                let seen = self.first_seen.get(&identity(s)).map_or(*t1, |seen| seen.0);
+            for (&i, id) in members.iter().zip(ids) {
+                let seen = self.first_seen.get(id).map_or(*t1, |seen| seen.0);
                 if seen <= *t0 {
                     kept += 1;
                 } else {
@@ -847,7 +902,7 @@ impl History {
             cfg.window / QUIET_DIVISOR
         };
         let mut out = Vec::new();
-        for r in self.rising(digest, sample, cfg) {
+        for r in self.rising(digest, cfg) {
             let (key, start, count, retained, mirror) =
                 (r.key, r.start, r.count, r.retained, r.mirror);
             let rise = count.saturating_sub(start) as usize;

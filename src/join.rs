@@ -7,7 +7,8 @@
 //! `listening`. No I/O.
 
 use rustc_hash::{FxHashMap, FxHashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::model::{OwnerIndex, Sample, Socket, TcpState};
 
@@ -16,11 +17,17 @@ use crate::model::{OwnerIndex, Sample, Socket, TcpState};
 #[derive(Debug, Clone, Default)]
 pub struct Topology {
     /// Per socket, the index of its other end, or `NO_PEER`.
-    peer: Vec<u32>,
-    listeners: FxHashSet<(u64, IpAddr, u16)>,
+    peer: Box<[u32]>,
+    /// (namespace, address as `Socket::local_mapped` gives it, port).
+    listeners: FxHashSet<(u64, u128, u16)>,
     /// Per socket, one bit: a listener accepts on its local endpoint (`Joined::listens`), found
     /// once for the stages that each ask it of every socket.
     listens: Box<[u64]>,
+    /// The sockets with an inode as `(inode, index)`, sorted, where a loop asked for them
+    /// (`with_inode_order`): its owner cache and the join both walk the sockets in inode
+    /// order, and one sort serves both. Empty otherwise: a one-shot run sorts in the join and
+    /// drops the order at once, which a million sockets' memory peak needs.
+    by_inode: Box<[(u64, u32)]>,
 }
 
 /// A connection's endpoints as one exact 120-bit key: every network namespace and every
@@ -46,6 +53,10 @@ const END_BITS: u32 = ADDR_BITS + 16;
 pub(crate) struct Numbers<T> {
     ids: FxHashMap<T, u32>,
     list: Vec<T>,
+    /// The two values numbered last, most recent first: a node's sockets share a few addresses
+    /// and namespaces, and a socket asks for two in turn (its two ends), so most numbers are
+    /// found here without hashing.
+    recent: [Option<(T, u32)>; 2],
 }
 
 impl<T> Default for Numbers<T> {
@@ -53,6 +64,7 @@ impl<T> Default for Numbers<T> {
         Numbers {
             ids: FxHashMap::default(),
             list: Vec::new(),
+            recent: [None, None],
         }
     }
 }
@@ -60,18 +72,62 @@ impl<T> Default for Numbers<T> {
 impl<T: Clone + Eq + std::hash::Hash> Numbers<T> {
     /// The number of `v`, given it the first time it is seen.
     pub(crate) fn number(&mut self, v: T) -> u32 {
-        if let Some(&id) = self.ids.get(&v) {
-            return id;
+        match &self.recent {
+            [Some((r, id)), _] if *r == v => return *id,
+            [_, Some((r, id))] if *r == v => {
+                let id = *id;
+                self.recent.swap(0, 1);
+                return id;
+            }
+            _ => {}
         }
-        let id = self.list.len() as u32;
-        self.list.push(v.clone());
-        self.ids.insert(v, id);
+        let id = match self.ids.get(&v) {
+            Some(&id) => id,
+            None => {
+                let id = self.list.len() as u32;
+                self.list.push(v.clone());
+                self.ids.insert(v.clone(), id);
+                id
+            }
+        };
+        self.recent[1] = self.recent[0].take();
+        self.recent[0] = Some((v, id));
         id
     }
 
     /// The value numbered `id`.
     pub(crate) fn get(&self, id: u32) -> Option<&T> {
         self.list.get(id as usize)
+    }
+}
+
+/// Counts per key (a pid), where keys come in runs: a group's or a pair's sockets are mostly
+/// held by one process, so the run is counted on its own and the map touched once a run
+/// instead of once a socket.
+#[derive(Default)]
+pub(crate) struct Tally {
+    counts: FxHashMap<u32, usize>,
+    run: Option<(u32, usize)>,
+}
+
+impl Tally {
+    pub(crate) fn add(&mut self, key: u32) {
+        match &mut self.run {
+            Some((k, n)) if *k == key => *n += 1,
+            run => {
+                if let Some((k, n)) = run.replace((key, 1)) {
+                    *self.counts.entry(k).or_default() += n;
+                }
+            }
+        }
+    }
+
+    /// Every key and its count, in no particular order.
+    pub(crate) fn into_counts(mut self) -> FxHashMap<u32, usize> {
+        if let Some((k, n)) = self.run.take() {
+            *self.counts.entry(k).or_default() += n;
+        }
+        self.counts
     }
 }
 
@@ -86,20 +142,16 @@ impl Numbering {
         (n < 1 << bits).then_some(n)
     }
 
-    fn end(&mut self, addr: SocketAddr) -> Option<u128> {
-        let ip = match addr.ip().to_canonical() {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-            IpAddr::V6(v6) => v6,
-        };
-        let n = Numbering::fitting(&mut self.addrs, u128::from(ip), ADDR_BITS)?;
-        Some(n << 16 | u128::from(addr.port()))
+    fn end(&mut self, (ip, port): (u128, u16)) -> Option<u128> {
+        let n = Numbering::fitting(&mut self.addrs, ip, ADDR_BITS)?;
+        Some(n << 16 | u128::from(port))
     }
 
     /// `(namespace, local end, remote end)` packed; `None` past 2^24 namespaces or 2^32
     /// addresses, which no node holds.
     fn key(&mut self, s: &Socket) -> Option<u128> {
         let ns = Numbering::fitting(&mut self.netns, s.netns, NETNS_BITS)?;
-        let (local, remote) = (self.end(s.local())?, self.end(s.remote())?);
+        let (local, remote) = (self.end(s.local_mapped())?, self.end(s.remote_mapped())?);
         Some(ns << (2 * END_BITS) | local << END_BITS | remote)
     }
 }
@@ -132,7 +184,18 @@ impl Topology {
     /// side; where a dump under churn holds the same tuple twice, the later socket is the one
     /// matched, and a self-connect (its tuple its own reverse) has none.
     pub fn new(sockets: &[Socket]) -> Topology {
+        Topology::build(sockets, false)
+    }
+
+    /// `new`, plus the sockets in inode order (`inodes`), for a loop: gathered in the same
+    /// pass over the sockets.
+    pub fn with_inode_order(sockets: &[Socket]) -> Topology {
+        Topology::build(sockets, true)
+    }
+
+    fn build(sockets: &[Socket], inode_order: bool) -> Topology {
         let mut numbering = Numbering::default();
+        let mut by_inode: Vec<(u64, u32)> = Vec::new();
         let mut listeners = FxHashSet::default();
         // The listeners' ports, a bit each: most sockets are client ends on ports no listener
         // has, told apart without a lookup.
@@ -140,10 +203,16 @@ impl Topology {
         let bit = |port: u16| (usize::from(port >> 6), 1u64 << (port & 63));
         let mut ends: Vec<End> = Vec::with_capacity(sockets.len());
         for (i, s) in sockets.iter().enumerate() {
+            if let Ok(at) = u32::try_from(i)
+                && inode_order
+                && s.inode != 0
+            {
+                by_inode.push((s.inode, at));
+            }
             if s.state == TcpState::Listen {
-                let local = s.local();
-                listeners.insert((s.netns, local.ip().to_canonical(), local.port()));
-                let (word, mask) = bit(local.port());
+                let (ip, port) = s.local_mapped();
+                listeners.insert((s.netns, ip, port));
+                let (word, mask) = bit(port);
                 ports[word] |= mask;
                 continue;
             }
@@ -180,24 +249,46 @@ impl Topology {
         }
         let mut listens = vec![0u64; sockets.len().div_ceil(64)];
         for (i, s) in sockets.iter().enumerate() {
-            let local = s.local();
-            let (word, mask) = bit(local.port());
+            let local = s.local_mapped();
+            let (word, mask) = bit(local.1);
             if ports[word] & mask != 0 && listening(&listeners, s.netns, local) {
                 listens[i / 64] |= 1 << (i % 64);
             }
         }
         Topology {
-            peer,
+            peer: peer.into_boxed_slice(),
             listeners,
             listens: listens.into_boxed_slice(),
+            by_inode: {
+                sort_frugal(&mut by_inode, |&(inode, _)| inode, |&pair| pair);
+                by_inode.into_boxed_slice()
+            },
         }
     }
+
+    /// The sockets' inodes, ascending (repeated where a dump under churn holds an inode
+    /// twice), when made `with_inode_order`; else none.
+    pub fn inodes(&self) -> impl ExactSizeIterator<Item = u64> + '_ {
+        self.by_inode.iter().map(|&(inode, _)| inode)
+    }
+}
+
+/// The sockets with an inode as `(inode, index)`, sorted by inode (equal inodes by index).
+fn by_inode(sockets: &[Socket]) -> Vec<(u64, u32)> {
+    let mut by_inode: Vec<(u64, u32)> = sockets
+        .iter()
+        .zip(0u32..)
+        .filter(|(s, _)| s.inode != 0)
+        .map(|(s, i)| (s.inode, i))
+        .collect();
+    sort_frugal(&mut by_inode, |&(inode, _)| inode, |&pair| pair);
+    by_inode
 }
 
 /// A sample with its sockets cross-referenced.
 pub struct Joined<'a> {
     pub sample: &'a Sample,
-    topology: Topology,
+    topology: Cow<'a, Topology>,
     /// Each socket's holders, socket by socket: socket `i`'s are
     /// `holders[holders_at[i]..holders_at[i + 1]]`. Read in socket order, as every stage
     /// after this one reads them, where a run in the owner index (in inode order) is a cache
@@ -214,7 +305,16 @@ impl<'a> Joined<'a> {
 
     /// Uses a topology computed earlier from the same sockets.
     pub fn with_topology(sample: &'a Sample, topology: Topology) -> Joined<'a> {
-        let (holders_at, holders) = holders(&sample.sockets, &sample.owners);
+        Joined::from_parts(sample, Cow::Owned(topology))
+    }
+
+    /// `with_topology` with a topology a loop keeps for its next look: not copied.
+    pub fn with_topology_of(sample: &'a Sample, topology: &'a Topology) -> Joined<'a> {
+        Joined::from_parts(sample, Cow::Borrowed(topology))
+    }
+
+    fn from_parts(sample: &'a Sample, topology: Cow<'a, Topology>) -> Joined<'a> {
+        let (holders_at, holders) = holders(&sample.sockets, &sample.owners, &topology.by_inode);
         Joined {
             sample,
             topology,
@@ -246,7 +346,15 @@ impl<'a> Joined<'a> {
     /// True when a listener in namespace `netns` accepts on this endpoint: a specific address
     /// or a wildcard one.
     pub fn listening(&self, netns: u64, local: SocketAddr) -> bool {
-        listening(&self.topology.listeners, netns, local)
+        let ip = match local.ip().to_canonical() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        listening(
+            &self.topology.listeners,
+            netns,
+            (u128::from(ip), local.port()),
+        )
     }
 
     /// True when a listener accepts on socket `i`'s local endpoint: `listening` of its own
@@ -261,32 +369,33 @@ impl<'a> Joined<'a> {
 
 /// True when one of `listeners` in namespace `netns` accepts on this endpoint: a specific
 /// address or a wildcard one.
-fn listening(listeners: &FxHashSet<(u64, IpAddr, u16)>, netns: u64, local: SocketAddr) -> bool {
-    let ip = local.ip().to_canonical();
-    let port = local.port();
+fn listening(listeners: &FxHashSet<(u64, u128, u16)>, netns: u64, (ip, port): (u128, u16)) -> bool {
+    const ANY_V4: u128 = 0xffff << 32;
+    const ANY_V6: u128 = 0;
     listeners.contains(&(netns, ip, port))
-        || listeners.contains(&(netns, IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
-        || listeners.contains(&(netns, IpAddr::V6(Ipv6Addr::UNSPECIFIED), port))
+        || listeners.contains(&(netns, ANY_V4, port))
+        || listeners.contains(&(netns, ANY_V6, port))
 }
 
 /// Each socket's holders, in socket order (`Joined`'s `holders_at` and `holders`): found by
-/// walking the sockets in inode order alongside the sorted `(inode, pid)` pairs
-/// (`OwnerIndex::walk_sorted`), one pass with no per-socket search through a large table, then
-/// laid out socket by socket.
-fn holders(sockets: &[Socket], owners: &OwnerIndex) -> (Vec<u32>, Vec<u32>) {
+/// walking the sockets in inode order (`sorted`, the topology's, or sorted here when it has
+/// none) alongside the sorted `(inode, pid)` pairs (`OwnerIndex::walk_sorted`), one pass with
+/// no per-socket search through a large table, then laid out socket by socket.
+fn holders(sockets: &[Socket], owners: &OwnerIndex, sorted: &[(u64, u32)]) -> (Vec<u32>, Vec<u32>) {
     // Each socket's run in the pairs, as u32 bounds: half the room of a `Range<usize>`.
     let mut runs = vec![(0u32, 0u32); sockets.len()];
-    let mut by_inode: Vec<(u64, usize)> = sockets
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.inode != 0)
-        .map(|(i, s)| (s.inode, i))
-        .collect();
-    sort_frugal(&mut by_inode, |&(inode, _)| inode, |&pair| pair);
-    let inodes: Vec<u64> = by_inode.iter().map(|&(inode, _)| inode).collect();
-    owners.walk_sorted(&inodes, |k, run| {
+    let mine;
+    let by_inode = if sorted.is_empty() {
+        mine = by_inode(sockets);
+        &mine
+    } else {
+        sorted
+    };
+    owners.walk_sorted(by_inode.iter().map(|&(inode, _)| inode), |k, run| {
         let bound = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
-        runs[by_inode[k].1] = (bound(run.start), bound(run.end));
+        if let Some(r) = runs.get_mut(by_inode[k].1 as usize) {
+            *r = (bound(run.start), bound(run.end));
+        }
     });
     let pairs = owners.pairs();
     let mut at = Vec::with_capacity(sockets.len() + 1);
@@ -434,6 +543,24 @@ mod tests {
         let mut one = vec![(3u64, 0u32)];
         radix_sort_by_key(&mut one, |&(k, _)| k);
         assert_eq!(one, [(3, 0)]);
+    }
+
+    #[test]
+    fn numbers_and_tallies_are_what_they_were_without_their_shortcuts() {
+        let mut n: Numbers<u64> = Numbers::default();
+        let ids: Vec<u32> = [5, 9, 5, 7, 9, 5, 5, 11, 7]
+            .into_iter()
+            .map(|v| n.number(v))
+            .collect();
+        assert_eq!(ids, [0, 1, 0, 2, 1, 0, 0, 3, 2]);
+        assert_eq!(n.get(2), Some(&7));
+        assert_eq!(n.get(4), None);
+        let mut t = Tally::default();
+        [1, 1, 2, 1, 3, 3, 2].into_iter().for_each(|k| t.add(k));
+        let mut counts: Vec<(u32, usize)> = t.into_counts().into_iter().collect();
+        counts.sort_unstable();
+        assert_eq!(counts, [(1, 3), (2, 2), (3, 2)]);
+        assert!(Tally::default().into_counts().is_empty());
     }
 
     #[test]

@@ -262,6 +262,18 @@ impl Socket {
         endpoint(&self.remote_ip, self.remote_port, self.v6 & 2 != 0)
     }
 
+    /// The local address as one number, IPv4 in its IPv6-mapped form (so a v4 client and a
+    /// dual-stack server's `::ffff:` view of it are the same number), and the local port:
+    /// what the peer match keys on, read without building a `SocketAddr`.
+    pub(crate) fn local_mapped(&self) -> (u128, u16) {
+        (mapped(&self.local_ip, self.v6 & 1 != 0), self.local_port)
+    }
+
+    /// `local_mapped` of the remote end.
+    pub(crate) fn remote_mapped(&self) -> (u128, u16) {
+        (mapped(&self.remote_ip, self.v6 & 2 != 0), self.remote_port)
+    }
+
     /// Moves the local endpoint.
     pub fn set_local(&mut self, addr: SocketAddr) {
         let (ip, v6) = packed(addr.ip());
@@ -321,6 +333,16 @@ fn packed(ip: IpAddr) -> ([u8; 16], bool) {
             (b, false)
         }
         IpAddr::V6(v6) => (v6.octets(), true),
+    }
+}
+
+/// A packed address as an IPv6 number; IPv4 as `::ffff:a.b.c.d`, which an IPv6 socket's
+/// mapped address already is.
+fn mapped(ip: &[u8; 16], v6: bool) -> u128 {
+    if v6 {
+        u128::from_be_bytes(*ip)
+    } else {
+        0xffff << 32 | u128::from(u32::from_be_bytes([ip[0], ip[1], ip[2], ip[3]]))
     }
 }
 
@@ -452,9 +474,13 @@ impl OwnerIndex {
     /// Calls `f(i, run)` for each of `inodes` (ascending) with the range of its `(inode, pid)`
     /// pairs in `pairs()`, empty when no process holds it: one pass alongside the pairs, where
     /// a search per inode costs a cache miss per step at a million sockets.
-    pub fn walk_sorted(&self, inodes: &[u64], mut f: impl FnMut(usize, std::ops::Range<usize>)) {
+    pub fn walk_sorted(
+        &self,
+        inodes: impl IntoIterator<Item = u64>,
+        mut f: impl FnMut(usize, std::ops::Range<usize>),
+    ) {
         let mut p = 0;
-        for (i, &inode) in inodes.iter().enumerate() {
+        for (i, inode) in inodes.into_iter().enumerate() {
             while p < self.pairs.len() && self.pairs[p].0 < inode {
                 p += 1;
             }

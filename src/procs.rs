@@ -382,7 +382,7 @@ impl ProcScanner {
         inodes.dedup();
         let mut pids: Vec<u32> = Vec::new();
         let held = index.pairs();
-        index.walk_sorted(&inodes, |_, run| {
+        index.walk_sorted(inodes.iter().copied(), |_, run| {
             pids.extend(held[run].iter().map(|&(_, pid)| pid))
         });
         pids.extend(extra);
@@ -539,6 +539,8 @@ pub struct Refreshed {
     /// Every live process's fd use.
     pub fds: BTreeMap<u32, FdUse>,
     pub cost: RefreshCost,
+    /// The inodes of the sockets passed in that no process was found holding.
+    pub unowned: FxHashSet<u64>,
 }
 
 /// The owner map after a refresh with the same sockets (`OwnerCache::refresh_same`).
@@ -613,6 +615,14 @@ impl Current {
     fn new(mut inodes: Vec<u64>) -> Current {
         inodes.retain(|&i| i != 0);
         crate::join::radix_sort_by_key(&mut inodes, |&i| i);
+        inodes.dedup();
+        Current(inodes)
+    }
+
+    /// From inodes in ascending order, repeats allowed.
+    fn from_sorted(inodes: impl Iterator<Item = u64>) -> Current {
+        let mut inodes: Vec<u64> = inodes.filter(|&i| i != 0).collect();
+        debug_assert!(inodes.is_sorted());
         inodes.dedup();
         Current(inodes)
     }
@@ -757,6 +767,18 @@ impl OwnerCache {
         threads: usize,
     ) -> Result<Refreshed, std::io::Error> {
         let current = Current::new(sockets.iter().map(|s| s.inode).collect());
+        self.refresh_current(scanner, current, threads)
+    }
+
+    /// `refresh` for sockets whose inodes come sorted already (`Topology::inodes`): no sort of
+    /// its own.
+    pub fn refresh_sorted(
+        &mut self,
+        scanner: &ProcScanner,
+        inodes: impl Iterator<Item = u64>,
+        threads: usize,
+    ) -> Result<Refreshed, std::io::Error> {
+        let current = Current::from_sorted(inodes);
         self.refresh_current(scanner, current, threads)
     }
 
@@ -990,8 +1012,17 @@ impl OwnerCache {
     /// every process at half its fd limit or more (read once per process).
     fn index(&mut self, scanner: &ProcScanner, cost: RefreshCost) -> Refreshed {
         let mut index = OwnerIndex::from_pairs(self.owners.clone(), HashMap::new());
-        // A set: the holders are few, their pairs many.
-        let mut wanted: FxHashSet<u32> = self.owners.iter().map(|&(_, pid)| pid).collect();
+        // A set: the holders are few, their pairs many, and a pid repeats the last one's or
+        // the one before (a connection's two ends have inodes next to each other), which is
+        // told without hashing.
+        let mut wanted: FxHashSet<u32> = FxHashSet::default();
+        let mut recent = [None, None];
+        for &(_, pid) in &self.owners {
+            if !recent.contains(&Some(pid)) {
+                wanted.insert(pid);
+                recent = [Some(pid), recent[0]];
+            }
+        }
         wanted.extend(
             self.fds
                 .iter()
@@ -1016,6 +1047,7 @@ impl OwnerCache {
             stats: self.stats.clone(),
             fds: self.fds.iter().map(|(&p, &f)| (p, f)).collect(),
             cost,
+            unowned: self.unowned.clone(),
         }
     }
 }

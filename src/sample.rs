@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use anyhow::{Context, anyhow};
+use rustc_hash::FxHashSet;
 
 use crate::cgroup;
 use crate::cli::NodeArgs;
@@ -164,6 +165,7 @@ impl Sampler {
             owners,
             stats,
             fds: fds.into_iter().collect(),
+            cgroups_unowned: None,
         };
         Ok(self.build(dump, topology, found, own, taken_at))
     }
@@ -235,16 +237,15 @@ impl Sampler {
         let mut warnings: Vec<Warning> = self.opened.iter().cloned().collect();
         warnings.extend(scanner.bpf_warning());
         warnings.extend(dump.warnings);
+        let cgroup_places = match &found.cgroups_unowned {
+            Some(wanted) => places_of_cgroups(scanner, &self.sys_fs_cgroup, wanted),
+            None => cgroup_places(scanner, &self.sys_fs_cgroup, &dump.sockets, &found.owners),
+        };
         let sample = Sample {
             tcp_info_age_ms: 0,
             taken_at,
             hostname: hostname(),
-            cgroup_places: cgroup_places(
-                scanner,
-                &self.sys_fs_cgroup,
-                &dump.sockets,
-                &found.owners,
-            ),
+            cgroup_places,
             netns_names: name_namespaces(scanner, own, &dump.namespaces),
             sockets: dump.sockets,
             owners: found.owners,
@@ -265,6 +266,9 @@ struct Found {
     owners: OwnerIndex,
     stats: ScanStats,
     fds: BTreeMap<u32, FdUse>,
+    /// The cgroups of the sockets no process holds, where the owner cache knows those; else
+    /// `cgroup_places` finds them.
+    cgroups_unowned: Option<HashSet<u64>>,
 }
 
 /// Incremental mode: a new dump's topology, and its owners from the owner cache brought up
@@ -275,14 +279,22 @@ fn refreshed(
     threads: usize,
     dump: &Dump,
 ) -> anyhow::Result<(Topology, Found)> {
-    let topology = Topology::new(&dump.sockets);
+    // The owner cache and the join both walk the sockets in inode order: one sort for both.
+    let topology = Topology::with_inode_order(&dump.sockets);
     let r = cache
-        .refresh(scanner, &dump.sockets, threads)
+        .refresh_sorted(scanner, topology.inodes(), threads)
         .with_context(|| proc_failed(scanner.root()))?;
+    // Usually every socket has an inode and a holder: then no pass over them is needed.
+    let cgroups_unowned = if r.unowned.is_empty() && topology.inodes().len() == dump.sockets.len() {
+        HashSet::new()
+    } else {
+        cgroups_of(&dump.sockets, &r.unowned)
+    };
     let found = Found {
         owners: r.owners,
         stats: r.stats,
         fds: r.fds,
+        cgroups_unowned: Some(cgroups_unowned),
     };
     Ok((topology, found))
 }
@@ -334,20 +346,39 @@ pub fn cgroup_places(
         .filter_map(|s| Some((s.inode, s.cgroup_id()?)))
         .collect();
     crate::join::radix_sort_by_key(&mut by_inode, |&(inode, _)| inode);
-    let inodes: Vec<u64> = by_inode.iter().map(|&(i, _)| i).collect();
     let mut wanted: HashSet<u64> = HashSet::new();
-    owners.walk_sorted(&inodes, |i, run| {
+    owners.walk_sorted(by_inode.iter().map(|&(i, _)| i), |i, run| {
         if run.is_empty() {
             wanted.insert(by_inode[i].1);
         }
     });
+    places_of_cgroups(scanner, sys_fs_cgroup, &wanted)
+}
+
+/// The cgroups of the sockets without an inode or whose inode is in `unowned`: what
+/// `cgroup_places` looks up, where the inodes no process holds are known already (the owner
+/// cache keeps them), found without a sort of every socket.
+fn cgroups_of(sockets: &[Socket], unowned: &FxHashSet<u64>) -> HashSet<u64> {
+    sockets
+        .iter()
+        .filter(|s| s.inode == 0 || (!unowned.is_empty() && unowned.contains(&s.inode)))
+        .filter_map(Socket::cgroup_id)
+        .collect()
+}
+
+/// The pod or unit of each cgroup of `wanted`, by its path under the cgroup v2 mount.
+fn places_of_cgroups(
+    scanner: &ProcScanner,
+    sys_fs_cgroup: &Path,
+    wanted: &HashSet<u64>,
+) -> BTreeMap<u64, Place> {
     if wanted.is_empty() {
         return BTreeMap::new();
     }
     let Some(root) = cgroup::v2_root(sys_fs_cgroup) else {
         return BTreeMap::new();
     };
-    cgroup::paths_by_id(&root, &wanted)
+    cgroup::paths_by_id(&root, wanted)
         .into_iter()
         .map(|(id, path)| (id, scanner.place(&cgroup::placement_of_path(&path))))
         .collect()
@@ -379,4 +410,28 @@ pub fn name_namespaces(
         }
     }
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroups_wanted_are_those_of_sockets_with_no_inode_or_no_holder() {
+        let sock = |inode: u64, cgroup: u64| {
+            let mut s = Socket::new(
+                TcpState::Established,
+                "127.0.0.1:40000".parse().unwrap_or_else(|_| unreachable!()),
+                "127.0.0.1:5000".parse().unwrap_or_else(|_| unreachable!()),
+            );
+            s.inode = inode;
+            s.set_cgroup_id(Some(cgroup));
+            s
+        };
+        let sockets = [sock(10, 1), sock(11, 2), sock(0, 3), sock(12, 4)];
+        let none = FxHashSet::default();
+        assert_eq!(cgroups_of(&sockets, &none), HashSet::from([3]));
+        let unowned: FxHashSet<u64> = [12].into_iter().collect();
+        assert_eq!(cgroups_of(&sockets, &unowned), HashSet::from([3, 4]));
+    }
 }

@@ -196,7 +196,7 @@ fn sample_loop(
         };
         match looked {
             Ok((mut sample, topology, last)) => {
-                let mut joined = Joined::with_topology(&sample, topology.clone());
+                let mut joined = Joined::with_topology_of(&sample, &topology);
                 let (digest, mut r) = match last {
                     // Nothing moved but time: the groups stand, the findings are judged anew.
                     Some((digest, mut last)) => {
@@ -219,11 +219,11 @@ fn sample_loop(
                 // growth finding is judged by are read again (clocks a reuse brought forward,
                 // `tcp_info_age_ms`, are exact: nothing moved).
                 if sample.tcp_info_age_ms == 0 {
-                    let wanted = history.clocks_wanted(&digest, &sample, &cfg);
+                    let wanted = history.clocks_wanted(&digest, &cfg);
                     if !wanted.is_empty() {
                         drop(joined);
                         sampler.fresh_clocks(&mut sample, &wanted);
-                        joined = Joined::with_topology(&sample, topology.clone());
+                        joined = Joined::with_topology_of(&sample, &topology);
                     }
                 }
                 r.findings = digest.findings(&sample, Some(&history), &cfg);

@@ -61,7 +61,7 @@ fn holders(sample: &Sample) -> Vec<Vec<u32>> {
     let inodes: Vec<u64> = order.iter().map(|&(inode, _)| inode).collect();
     let mut out = vec![Vec::new(); sample.sockets.len()];
     let pairs = sample.owners.pairs();
-    sample.owners.walk_sorted(&inodes, |k, run| {
+    sample.owners.walk_sorted(inodes.iter().copied(), |k, run| {
         out[order[k].1] = pairs[run].iter().map(|&(_, pid)| pid).collect();
     });
     out

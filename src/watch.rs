@@ -296,7 +296,7 @@ impl State {
             mut sample,
             topology,
         } = taken;
-        let joined = Joined::with_topology(&sample, topology.clone());
+        let joined = Joined::with_topology_of(&sample, &topology);
         let (mut report, counts) = aggregate::aggregate_with_counts(&joined, query);
         let base = self.first.get_or_insert_with(|| counts.clone());
         // The first sample is its own baseline: every change is 0, and every field is there.
@@ -313,7 +313,7 @@ impl State {
         drop(joined);
         // Clocks brought forward by a reuse (`tcp_info_age_ms`) are exact: nothing moved.
         if sample.tcp_info_age_ms == 0 {
-            let wanted = self.history.clocks_wanted(&digest, &sample, cfg);
+            let wanted = self.history.clocks_wanted(&digest, cfg);
             if !wanted.is_empty() {
                 sampler.fresh_clocks(&mut sample, &wanted);
             }

@@ -1445,7 +1445,7 @@ fn the_clocks_a_growth_judgement_reads_are_named_so_a_loop_can_read_them_again()
 
     // The wanted sockets: the pool's opened within the window (cookies 11..=20: seen after
     // the window's first sample at t=10), nothing else.
-    let wanted = h.clocks_wanted(&digest, &sample, &c);
+    let wanted = h.clocks_wanted(&digest, &c);
     let mut cookies: Vec<u64> = wanted
         .iter()
         .map(|&i| shimcheck::model::Socket::cookie(&sample.sockets[i as usize]).unwrap())

@@ -1,7 +1,7 @@
 //! Stage 3 on built samples: which sockets are the two ends of one connection on this node,
 //! and which local endpoints a listener serves.
 
-use shimcheck::join::Joined;
+use shimcheck::join::{Joined, Topology};
 use shimcheck::model::{Sample, Socket, TcpState};
 
 use crate::support::builders::{self, SocketWith, sock};
@@ -142,4 +142,34 @@ fn a_listener_on_one_address_serves_that_address_only() {
     assert!(j.listening(0, "[::1]:6443".parse().unwrap()));
     assert!(!j.listening(0, "127.0.0.1:6443".parse().unwrap()));
     assert!(!j.listening(0, "10.0.0.1:5001".parse().unwrap()));
+}
+
+#[test]
+fn a_loops_inode_order_joins_the_same_holders_as_a_sort_of_its_own() {
+    // Inodes out of socket order, and one socket with none (waiting to be accepted).
+    let s = builders::sample()
+        .sockets([
+            sock(Listen, "127.0.0.1:5000", "0.0.0.0:0", 30),
+            sock(Established, "127.0.0.1:5000", "127.0.0.1:40000", 12),
+            sock(Established, "127.0.0.1:40000", "127.0.0.1:5000", 11),
+            sock(Established, "127.0.0.1:40001", "127.0.0.1:5000", 40),
+            sock(Established, "127.0.0.1:5000", "127.0.0.1:40001", 0),
+        ])
+        .owners([(30, 1), (12, 1), (11, 2), (40, 2), (40, 3)])
+        .build();
+    let topology = Topology::with_inode_order(&s.sockets);
+    assert_eq!(topology.inodes().collect::<Vec<_>>(), [11, 12, 30, 40]);
+    let ordered = Joined::with_topology_of(&s, &topology);
+    let sorted_here = Joined::new(&s);
+    for i in 0..s.sockets.len() {
+        let ours: Vec<u32> = ordered.owners(i).collect();
+        assert_eq!(
+            ours,
+            sorted_here.owners(i).collect::<Vec<_>>(),
+            "socket {i}"
+        );
+    }
+    assert_eq!(ordered.owners(3).collect::<Vec<_>>(), [2, 3]);
+    assert_eq!(ordered.owners(4).count(), 0);
+    assert_eq!(ordered.peer(3), Some(4));
 }
