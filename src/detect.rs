@@ -316,7 +316,8 @@ impl Digest {
         let mut at: FxHashMap<PairKey, usize> = FxHashMap::default();
         let mut last: Option<(PairKey, usize)> = None;
         let mut close_wait: FxHashMap<u32, Vec<usize>> = FxHashMap::default();
-        let mut dests = DestCounts::default();
+        // Client ends (not on a listening port) per destination, for the port findings.
+        let mut dests: Tally<Dest> = Tally::default();
         let mut keys = Vec::new();
         for (i, s) in sockets.iter().enumerate() {
             if s.state == TcpState::CloseWait {
@@ -542,37 +543,9 @@ fn dest(s: &Socket) -> Dest {
     (s.netns, s.local().ip(), s.remote())
 }
 
-/// Client ends per destination (`Digest::new` counts them in its pass), a run of equal ones
-/// counted before the map is touched.
-#[derive(Default)]
-struct DestCounts {
-    counts: FxHashMap<Dest, usize>,
-    run: Option<(Dest, usize)>,
-}
-
-impl DestCounts {
-    fn add(&mut self, d: Dest) {
-        match &mut self.run {
-            Some((r, n)) if *r == d => *n += 1,
-            run => {
-                if let Some((r, n)) = run.replace((d, 1)) {
-                    *self.counts.entry(r).or_default() += n;
-                }
-            }
-        }
-    }
-
-    fn into_counts(mut self) -> FxHashMap<Dest, usize> {
-        if let Some((r, n)) = self.run.take() {
-            *self.counts.entry(r).or_default() += n;
-        }
-        self.counts
-    }
-}
-
 /// Connections from one source address to one destination using half the ephemeral range.
 /// `dests` counts the client ends (those not on a listening port) per destination.
-fn port_exhaustion(j: &Joined<'_>, dests: DestCounts) -> Vec<Finding> {
+fn port_exhaustion(j: &Joined<'_>, dests: Tally<Dest>) -> Vec<Finding> {
     let Some((lo, hi)) = j.sample.host.port_range else {
         return Vec::new();
     };

@@ -101,17 +101,26 @@ impl<T: Clone + Eq + std::hash::Hash> Numbers<T> {
     }
 }
 
-/// Counts per key (a pid), where keys come in runs: a group's or a pair's sockets are mostly
-/// held by one process, so the run is counted on its own and the map touched once a run
-/// instead of once a socket.
-#[derive(Default)]
-pub(crate) struct Tally {
-    counts: FxHashMap<u32, usize>,
-    run: Option<(u32, usize)>,
+/// Counts per key (a pid, a destination), where keys come in runs: a group's or a pair's
+/// sockets are mostly held by one process, a process's connections to one place sit side by
+/// side, so the run is counted on its own and the map touched once a run instead of once a
+/// socket.
+pub(crate) struct Tally<K = u32> {
+    counts: FxHashMap<K, usize>,
+    run: Option<(K, usize)>,
 }
 
-impl Tally {
-    pub(crate) fn add(&mut self, key: u32) {
+impl<K> Default for Tally<K> {
+    fn default() -> Self {
+        Tally {
+            counts: FxHashMap::default(),
+            run: None,
+        }
+    }
+}
+
+impl<K: Copy + Eq + std::hash::Hash> Tally<K> {
+    pub(crate) fn add(&mut self, key: K) {
         match &mut self.run {
             Some((k, n)) if *k == key => *n += 1,
             run => {
@@ -123,7 +132,7 @@ impl Tally {
     }
 
     /// Every key and its count, in no particular order.
-    pub(crate) fn into_counts(mut self) -> FxHashMap<u32, usize> {
+    pub(crate) fn into_counts(mut self) -> FxHashMap<K, usize> {
         if let Some((k, n)) = self.run.take() {
             *self.counts.entry(k).or_default() += n;
         }
@@ -560,7 +569,7 @@ mod tests {
         let mut counts: Vec<(u32, usize)> = t.into_counts().into_iter().collect();
         counts.sort_unstable();
         assert_eq!(counts, [(1, 3), (2, 2), (3, 2)]);
-        assert!(Tally::default().into_counts().is_empty());
+        assert!(Tally::<u32>::default().into_counts().is_empty());
     }
 
     #[test]
