@@ -418,6 +418,9 @@ impl Kept {
             // So many changes that a dump costs less than their lookups.
             && pending.latest.len() <= (t.sockets.len() / LOOKUPS_PER_DUMP).max(MIN_LOOKUPS)
         {
+            // The sockets as they were at the last update, brought forward to now; those that
+            // changed are then replaced by what the kernel says of them now.
+            t.age(since.map_or(0, |at| ms_since(at, now)));
             let applied = t.apply(pending, &mut |exact| match netlink.as_deref_mut() {
                 Some(n) => n.lookup(exact),
                 None => Err(CollectError::Kernel(std::io::Error::other(
@@ -427,7 +430,6 @@ impl Kept {
             // A lookup that failed (not one that found nothing) is no reason to fail the
             // sample: the dump below says what is there, or why it cannot.
             if let Ok(Ok(lookups)) = applied {
-                t.age(since.map_or(0, |at| ms_since(at, now)));
                 let sockets = if lends {
                     t.lend()
                 } else {
