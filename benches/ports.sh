@@ -11,7 +11,8 @@
 # ratios the issue sets targets for, shimcheck's peak RSS (table and `--by pair -o json`), its
 # time per 1,000 sockets, and the CPU of a watch sample after the first, once with nothing
 # moving and once with benches/churn.py opening 4 and closing 2 connections every 100 ms, each
-# in the population's namespace alone and with --all-netns.
+# in the population's namespace alone and with --all-netns (each CPU figure the median of three
+# readings).
 # `shimcheck ports` takes the BPF fd walk where it can (as root on 5.8+ with BTF); the
 # `--no-bpf` row is the /proc walk on the same population.
 # From 500,000 sockets up the slow anchors (ss -p, netstat -p, lsof) are left out: they take
@@ -91,23 +92,29 @@ for size in "${size_list[@]}"; do
   findings_ok "${in_ns[@]}" /usr/bin/time -f %M "$SHIMCHECK" ports 2>"$out/$size.rss" >/dev/null
   findings_ok "${in_ns[@]}" /usr/bin/time -f "%e %M" "$SHIMCHECK" ports --by pair -o json \
     2>"$out/$size.json" >/dev/null
-  findings_ok "${in_ns[@]}" /usr/bin/time -f "%U %S" "$SHIMCHECK" ports 2>"$out/$size.oneshot" >/dev/null
+  # CPU readings have /usr/bin/time's 10 ms resolution and this machine's noise: each is
+  # taken three times and the median printed.
+  for rep in 1 2 3; do
+    findings_ok "${in_ns[@]}" /usr/bin/time -f "%U %S" "$SHIMCHECK" ports 2>"$out/$size.oneshot.$rep" >/dev/null
+  done
   # Watch mode: CPU (user+sys) of 1 sample against 11; the difference over 10 is the cost of
   # a sample after the first, compared with a one-shot run's CPU. First with nothing moving,
   # then with connections opening and closing all along.
   # The same with --all-netns (the DaemonSet's way), which also sweeps every other namespace.
-  for all in "" --all-netns; do
-    for count in 1 11; do
-      findings_ok "${in_ns[@]}" /usr/bin/time -f "%U %S" "$SHIMCHECK" ports $all --watch \
-        --interval 200ms --count "$count" 2>"$out/$size.watch$all$count" >/dev/null
-    done
-    for count in 1 11; do
-      "${in_ns[@]}" python3 benches/churn.py 127.0.0.1:5000 $((count / 4 + 2)) >/dev/null &
-      churn=$!
-      sleep 0.3
-      findings_ok "${in_ns[@]}" /usr/bin/time -f "%U %S" "$SHIMCHECK" ports $all --watch \
-        --interval 200ms --count "$count" 2>"$out/$size.churn$all$count" >/dev/null
-      wait "$churn"
+  for rep in 1 2 3; do
+    for all in "" --all-netns; do
+      for count in 1 11; do
+        findings_ok "${in_ns[@]}" /usr/bin/time -f "%U %S" "$SHIMCHECK" ports $all --watch \
+          --interval 200ms --count "$count" 2>"$out/$size.watch$all$count.$rep" >/dev/null
+      done
+      for count in 1 11; do
+        "${in_ns[@]}" python3 benches/churn.py 127.0.0.1:5000 $((count / 4 + 2)) >/dev/null &
+        churn=$!
+        sleep 0.3
+        findings_ok "${in_ns[@]}" /usr/bin/time -f "%U %S" "$SHIMCHECK" ports $all --watch \
+          --interval 200ms --count "$count" 2>"$out/$size.churn$all$count.$rep" >/dev/null
+        wait "$churn"
+      done
     done
   done
   pkill -P "$pop_pid" 2>/dev/null || true
@@ -117,7 +124,7 @@ for size in "${size_list[@]}"; do
 done
 
 python3 - "$out" "$sizes" <<'PY'
-import glob, json, os, sys
+import glob, json, os, statistics, sys
 out, sizes = sys.argv[1], [int(s) for s in sys.argv[2].split(",")]
 per_k = []
 for size in sizes:
@@ -143,11 +150,12 @@ for size in sizes:
     print(f"  --by pair -o json            {float(json_wall) * 1000:9.1f} ms, {int(json_rss) / 1024:.1f} MiB peak RSS")
     # /usr/bin/time writes its line last, after anything shimcheck said on stderr.
     cpu = lambda name: sum(map(float, open(os.path.join(out, f"{size}.{name}")).read().splitlines()[-1].split()))
-    one = cpu("oneshot")
-    print(f"  one-shot CPU                 {one * 1000:9.1f} ms")
+    one = statistics.median(cpu(f"oneshot.{rep}") for rep in (1, 2, 3))
+    print(f"  one-shot CPU                 {one * 1000:9.1f} ms (median of 3)")
     for all in ("", "--all-netns"):
         for kind, label, goal in (("watch", "nothing moving", "0.01"), ("churn", "churning", "0.10")):
-            per = (cpu(f"{kind}{all}11") - cpu(f"{kind}{all}1")) / 10
+            per = statistics.median((cpu(f"{kind}{all}11.{rep}") - cpu(f"{kind}{all}1.{rep}")) / 10
+                                    for rep in (1, 2, 3))
             what = f"{label}{', ' + all if all else ''}"
             print(f"  later watch sample, {what:<27} {per * 1000:7.1f} ms CPU = {per / one:.3f} x one-shot (target <= {goal})")
     per_k.append((size, shim * 1000 / (size / 1000)))
