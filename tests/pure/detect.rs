@@ -1462,3 +1462,53 @@ fn the_clocks_a_growth_judgement_reads_are_named_so_a_loop_can_read_them_again()
     }
     assert!(digest.findings(&sample, Some(&h), &c).is_empty());
 }
+
+/// Without a cookie (the /proc/net fallback) a socket is known by its 4-tuple, which a new
+/// connection can take again: a tuple gone from one sample and back in a later one is a new
+/// connection, first seen when it came back, not when the old one was.
+#[test]
+fn a_tuple_that_left_and_came_back_is_first_seen_when_it_came_back() {
+    use shimcheck::detect::Digest;
+    let c = cfg(10);
+    let mut h = History::new(c.window, MIN_RISES);
+    let mut last = None;
+    // A leak: one more quiet connection a second. The connection on port 20003 closes at
+    // t=11 and its tuple is taken again at t=12, after the window's start (t=10 at the end).
+    for t in 0..=20u64 {
+        let sockets = (0..=t).filter(|&n| !(n == 3 && t == 11)).map(|n| {
+            let mut s = sock(
+                TcpState::Established,
+                &format!("127.0.0.1:{}", 20000 + n),
+                REGISTRY,
+                n + 1,
+            );
+            s.set_cookie(None);
+            s.tcp_info = Some(TcpInfo {
+                last_data_sent_ms: 600_000,
+                last_data_recv_ms: 600_000,
+                ..TcpInfo::default()
+            });
+            s
+        });
+        let s = builders::sample()
+            .at(1_800_000_000 + t)
+            .sockets(sockets)
+            .owners((0..=t).map(|n| (n + 1, 300)))
+            .process(process(300, "app"))
+            .build();
+        h.observe_digest(&Digest::new(&Joined::new(&s)), &s);
+        last = Some(s);
+    }
+    let sample = last.unwrap();
+    let digest = Digest::new(&Joined::new(&sample));
+    let mut young: Vec<u16> = h
+        .clocks_wanted(&digest, &c)
+        .iter()
+        .map(|&i| sample.sockets[i as usize].local().port() - 20000)
+        .collect();
+    young.sort_unstable();
+    // Opened after t=10: 11..=20, and 3 again.
+    let mut expected: Vec<u16> = (11..=20).collect();
+    expected.insert(0, 3);
+    assert_eq!(young, expected);
+}
