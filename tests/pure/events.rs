@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use shimcheck::bpf::events::StateChange;
 use shimcheck::collect::CollectError;
-use shimcheck::collect::events::{Pending, Redump, Table, follows};
+use shimcheck::collect::events::{Drain, Pending, Redump, Table, follows};
 use shimcheck::collect::netlink::Exact;
 use shimcheck::model::{Socket, StateSet, TcpState};
 
@@ -78,6 +78,26 @@ fn changes(list: &[(u64, TcpState, TcpState)]) -> Pending {
 fn moved(cookie: u64, old: TcpState, new: TcpState) -> StateChange {
     let local = format!("127.0.0.1:{}", 40000 + cookie);
     change(cookie, old, new, &local, SERVER)
+}
+
+/// A listener opening on 0.0.0.0:6000 in its own namespace's changes.
+fn listener_opens(cookie: u64) -> Pending {
+    let mut p = Pending::default();
+    p.add(change(
+        cookie,
+        TcpState::Close,
+        TcpState::Listen,
+        "0.0.0.0:6000",
+        "0.0.0.0:0",
+    ));
+    p
+}
+
+/// A drain holding one change, in namespace `netns`.
+fn drained(netns: u32, c: StateChange) -> Drain {
+    let mut d = Drain::default();
+    d.by_netns.entry(netns).or_default().add(c);
+    d
 }
 
 fn est(cookie: u64, port: u16, inode: u64) -> Socket {
@@ -419,43 +439,17 @@ fn a_namespace_is_answered_without_asking_the_kernel_only_when_nothing_changed_i
     );
     assert_eq!(kept.last_lookups(), Some(0));
     // A listener's change alone is a change.
-    let mut listener = Pending::default();
-    listener.add(change(
-        9,
-        TcpState::Close,
-        TcpState::Listen,
-        "0.0.0.0:6000",
-        "0.0.0.0:0",
-    ));
+    let listener = listener_opens(9);
     assert!(!listener.is_empty());
     assert!(kept.quietly(shown(), Some(&listener), false, now).is_none());
 }
 
 #[test]
 fn the_changes_of_two_drains_merge_the_later_winning_and_any_loss_or_listener_kept() {
-    use shimcheck::collect::events::Drain;
-    let mut earlier = Drain::default();
-    earlier
-        .by_netns
-        .entry(1)
-        .or_default()
-        .add(moved(1, TcpState::SynSent, TcpState::Established));
-    let mut later = Drain::default();
-    later
-        .by_netns
-        .entry(1)
-        .or_default()
-        .add(moved(1, TcpState::Established, TcpState::Close));
+    let mut earlier = drained(1, moved(1, TcpState::SynSent, TcpState::Established));
+    let mut later = drained(1, moved(1, TcpState::Established, TcpState::Close));
     later.lost = true;
-    let mut listener = Pending::default();
-    listener.add(change(
-        9,
-        TcpState::Close,
-        TcpState::Listen,
-        "0.0.0.0:6000",
-        "0.0.0.0:0",
-    ));
-    later.by_netns.insert(2, listener);
+    later.by_netns.insert(2, listener_opens(9));
     assert!(earlier.moved() && !earlier.lost);
     earlier.merge(later);
     assert!(earlier.lost && earlier.moved());
@@ -470,12 +464,7 @@ fn the_changes_of_two_drains_merge_the_later_winning_and_any_loss_or_listener_ke
         apply(&mut table, &earlier.by_netns[&2], &mut kernel),
         Err(Redump::Listener)
     );
-    let mut again = Drain::default();
-    again
-        .by_netns
-        .entry(2)
-        .or_default()
-        .add(moved(5, TcpState::SynSent, TcpState::Established));
+    let mut again = drained(2, moved(5, TcpState::SynSent, TcpState::Established));
     let mut with_listener = Drain::default();
     with_listener
         .by_netns
