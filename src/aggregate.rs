@@ -248,22 +248,52 @@ pub struct LazyGroups<'a> {
     joined: &'a Joined<'a>,
     places: Places,
     keys: KeyParts,
-    /// Every (group key, socket) membership, sorted by key: a group is a run of them.
-    members: Vec<Member>,
-    /// The runs of the groups kept, `(start, len)` in `members`, in order.
-    kept: Vec<(u32, u32)>,
+    ranked: Ranked,
+}
+
+/// The groups kept, in order, as the pass over the sockets left them.
+enum Ranked {
+    /// Every (group key, socket) membership, sorted by key: a group is a run of them; and the
+    /// runs of the groups kept, `(start, len)` in `members`.
+    Members {
+        members: Vec<Member>,
+        kept: Vec<(u32, u32)>,
+    },
+    /// Few groups: each counted as the pass met its sockets (`Summing`).
+    Summed(Vec<Summed>),
 }
 
 impl LazyGroups<'_> {
     /// Every group, spelled out.
     pub fn into_vec(self) -> Vec<Group> {
-        (0..self.kept.len()).map(|k| self.spell(k)).collect()
+        (0..self.len()).map(|k| self.spell(k)).collect()
     }
 
-    /// The `k`th group kept: its counts and holders, read off its sockets.
+    fn len(&self) -> usize {
+        match &self.ranked {
+            Ranked::Members { kept, .. } => kept.len(),
+            Ranked::Summed(groups) => groups.len(),
+        }
+    }
+
+    /// The `k`th group kept: its counts and holders, read off its sockets or as summed.
     fn spell(&self, k: usize) -> Group {
-        let (start, len) = self.kept[k];
-        let run = &self.members[start as usize..(start + len) as usize];
+        let (members, kept) = match &self.ranked {
+            Ranked::Members { members, kept } => (members, kept),
+            Ranked::Summed(groups) => {
+                let g = &groups[k];
+                return make_group(
+                    self.joined,
+                    &self.places,
+                    self.keys.raw(&g.first),
+                    g.acc.clone(),
+                    g.own.clone(),
+                    g.peer.clone(),
+                );
+            }
+        };
+        let (start, len) = kept[k];
+        let run = &members[start as usize..(start + len) as usize];
         let mut acc = Acc::default();
         // A group's sockets have few holders between them.
         let mut own = Tally::default();
@@ -291,8 +321,8 @@ impl LazyGroups<'_> {
 impl Serialize for LazyGroups<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
-        let mut seq = s.serialize_seq(Some(self.kept.len()))?;
-        for k in 0..self.kept.len() {
+        let mut seq = s.serialize_seq(Some(self.len()))?;
+        for k in 0..self.len() {
             seq.serialize_element(&self.spell(k))?;
         }
         seq.end()
@@ -410,12 +440,76 @@ fn group<'a>(
     counts: bool,
 ) -> (Report<LazyGroups<'a>>, Option<GroupCounts>) {
     let sample = joined.sample;
-    let mut totals = Totals::default();
     let mut keys = KeyParts::default();
-    let mut members: Vec<Member> = Vec::new();
+    let mut places = Places::default();
+    // Few groups (`--by port` folded, peer, process, pod, as a node usually has them): each
+    // counted as the pass meets its sockets.
+    let mut summing = Summing::default();
+    let pass = memberships(joined, query, &mut keys, &mut places, |m, owners| {
+        summing.add(joined, m, owners)
+    });
+    let (totals, hidden_owner, total_groups, ranked, all_counts) = match pass {
+        Some((totals, hidden)) => {
+            let (total, ranked, all) = summing.rank(&keys, query.top, counts);
+            (totals, hidden, total, ranked, all)
+        }
+        // More: every membership kept, then sorted by key, which holds 24 bytes a socket
+        // where a group's counts and holders held far more.
+        None => {
+            drop(summing);
+            (keys, places) = (KeyParts::default(), Places::default());
+            // One member a socket, mostly: room for them at once, where growing by doubling
+            // copied them all over again and held both copies at its peak. (Pages not
+            // written, where a filter keeps few sockets, cost no memory.)
+            let mut members: Vec<Member> = Vec::with_capacity(sample.sockets.len());
+            let (totals, hidden) = memberships(joined, query, &mut keys, &mut places, |m, _| {
+                members.push(m);
+                true
+            })
+            .unwrap_or_default();
+            let (total, ranked, all) = rank_members(members, &keys, query.top, counts);
+            (totals, hidden, total, ranked, all)
+        }
+    };
+    let groups = LazyGroups {
+        joined,
+        places,
+        keys,
+        ranked,
+    };
+    let report = Report {
+        schema_version: SCHEMA_VERSION,
+        taken_at: rfc3339(sample.taken_at),
+        hostname: sample.hostname.clone(),
+        group_by: query.group_by,
+        states: query.states.iter().collect(),
+        totals,
+        total_groups,
+        sample: None,
+        elapsed_s: None,
+        baseline_taken_at: None,
+        groups,
+        findings: Vec::new(),
+        warnings: warnings(sample, hidden_owner),
+        attribution: sample.scan.attribution,
+    };
+    (report, all_counts)
+}
+
+/// The pass over the sockets: the group keys of each socket the query keeps, packed and given
+/// to `add` with the socket's holders; `add` stops the pass by returning false (then `None`).
+/// Returns the totals, and whether a socket with an inode had no holder the scan could see.
+fn memberships(
+    joined: &Joined<'_>,
+    query: &Query,
+    keys: &mut KeyParts,
+    places: &mut Places,
+    mut add: impl FnMut(Member, &[u32]) -> bool,
+) -> Option<(Totals, bool)> {
+    let sample = joined.sample;
+    let mut totals = Totals::default();
     let mut owners: Vec<u32> = Vec::new();
     let mut hidden_owner = false;
-    let mut places = Places::default();
     for (i, s) in sample.sockets.iter().enumerate() {
         if !query.states.contains(s.state) {
             continue;
@@ -448,29 +542,30 @@ fn group<'a>(
         } else {
             totals.attributed += 1;
         }
-        let mut add = |key: RawKey| members.push(keys.pack(key, s.state, at));
+        let mut more = true;
+        let mut put = |key: RawKey| more = more && add(keys.pack(key, s.state, at), &owners);
         match query.group_by {
             // A client end on an ephemeral port: one per socket, so folded by where it goes.
-            GroupBy::Port if query.fold && !joined.listens(i) => add(RawKey::Fold(
+            GroupBy::Port if query.fold && !joined.listens(i) => put(RawKey::Fold(
                 owners.first().copied(),
                 s.netns,
                 local.ip(),
                 remote,
             )),
-            GroupBy::Port => add(RawKey::Port(s.netns, local)),
-            GroupBy::Peer => add(RawKey::Peer(s.netns, remote)),
-            GroupBy::Process if owners.is_empty() => add(RawKey::Process(None)),
-            GroupBy::Pair if owners.is_empty() => add(RawKey::Pair(None, s.netns, remote)),
+            GroupBy::Port => put(RawKey::Port(s.netns, local)),
+            GroupBy::Peer => put(RawKey::Peer(s.netns, remote)),
+            GroupBy::Process if owners.is_empty() => put(RawKey::Process(None)),
+            GroupBy::Pair if owners.is_empty() => put(RawKey::Pair(None, s.netns, remote)),
             // A socket shared by several processes belongs to each of their groups.
-            GroupBy::Process => owners.iter().for_each(|&p| add(RawKey::Process(Some(p)))),
+            GroupBy::Process => owners.iter().for_each(|&p| put(RawKey::Process(Some(p)))),
             GroupBy::Pair => owners
                 .iter()
-                .for_each(|&p| add(RawKey::Pair(Some(p), s.netns, remote))),
+                .for_each(|&p| put(RawKey::Pair(Some(p), s.netns, remote))),
             // No visible holder: the cgroup that created the socket may still name it.
             GroupBy::Pod if owners.is_empty() => {
                 match s.cgroup_id().and_then(|id| sample.cgroup_places.get(&id)) {
-                    Some(place) => add(RawKey::Place(Some(places.number(place.clone())))),
-                    None => add(RawKey::Place(None)),
+                    Some(place) => put(RawKey::Place(Some(places.number(place.clone())))),
+                    None => put(RawKey::Place(None)),
                 }
             }
             GroupBy::Pod => {
@@ -481,13 +576,131 @@ fn group<'a>(
                     .collect();
                 ids.sort_unstable();
                 ids.dedup();
-                ids.into_iter().for_each(|id| add(RawKey::Place(Some(id))));
+                ids.into_iter().for_each(|id| put(RawKey::Place(Some(id))));
             }
         }
+        if !more {
+            return None;
+        }
     }
-    // A group is a run of equal keys; within it, sockets in dump order, as they were pushed:
-    // a stable sort keeps that order (by radix: a few passes over the bytes the keys do not
-    // share, where a comparison sort made seventeen unpredictable comparisons a member).
+    Some((totals, hidden_owner))
+}
+
+/// Groups counted in the pass itself, up to this many; past it the pass starts again and
+/// keeps every membership (`Ranked::Members`). Counting a group as its sockets are met saves
+/// the sort of every membership and a second pass over them, but holds its counts and
+/// holders, which `--by pair` or an unfolded `--by port` make a group per client port.
+const SUMMED_GROUPS: usize = 1 << 12;
+
+/// Groups as the pass counts them, found by their packed key.
+#[derive(Default)]
+struct Summing {
+    at: FxHashMap<(u64, u64, u16), u32>,
+    groups: Vec<Counting>,
+    /// The last key met and its group: a process's connections to one place come in runs.
+    last: Option<((u64, u64, u16), u32)>,
+}
+
+/// A group being counted: its first membership (its key), its counts, its holders and those
+/// of its sockets' other ends.
+struct Counting {
+    first: Member,
+    acc: Acc,
+    own: Tally,
+    peer: Tally,
+}
+
+/// A group counted, ranked and kept.
+struct Summed {
+    first: Member,
+    acc: Acc,
+    own: Vec<(u32, usize)>,
+    peer: Vec<(u32, usize)>,
+}
+
+impl Summing {
+    /// Counts membership `m`, of a socket held by `owners`; false when it would be a group
+    /// past `SUMMED_GROUPS`.
+    fn add(&mut self, joined: &Joined<'_>, m: Member, owners: &[u32]) -> bool {
+        let key = (m.a, m.b, m.port);
+        let g = match self.last {
+            Some((k, g)) if k == key => g,
+            _ => match self.at.get(&key) {
+                Some(&g) => g,
+                None if self.groups.len() >= SUMMED_GROUPS => return false,
+                None => {
+                    let g = self.groups.len() as u32;
+                    self.groups.push(Counting {
+                        first: m,
+                        acc: Acc::default(),
+                        own: Tally::default(),
+                        peer: Tally::default(),
+                    });
+                    self.at.insert(key, g);
+                    g
+                }
+            },
+        };
+        self.last = Some((key, g));
+        let c = &mut self.groups[g as usize];
+        c.acc.count += 1;
+        c.acc.states.add(m.state);
+        owners.iter().for_each(|&pid| c.own.add(pid));
+        if let Some(j) = joined.peer(m.at as usize) {
+            joined.owners(j).for_each(|pid| c.peer.add(pid));
+        }
+        true
+    }
+
+    /// The number of groups, the `top` of them in order (largest first, then by key), and,
+    /// with `counts`, every group's size.
+    fn rank(
+        self,
+        keys: &KeyParts,
+        top: Option<usize>,
+        counts: bool,
+    ) -> (usize, Ranked, Option<GroupCounts>) {
+        let mut groups = self.groups;
+        let all = counts.then(|| {
+            GroupCounts(
+                groups
+                    .iter()
+                    .map(|g| (keys.raw(&g.first), g.acc.count as usize))
+                    .collect(),
+            )
+        });
+        let total = groups.len();
+        let order = |x: &Counting, y: &Counting| {
+            (y.acc.count.cmp(&x.acc.count))
+                .then_with(|| keys.raw(&x.first).cmp(&keys.raw(&y.first)))
+        };
+        if let Some(top) = top.filter(|&t| t > 0 && t < groups.len()) {
+            groups.select_nth_unstable_by(top, order);
+            groups.truncate(top);
+        }
+        groups.sort_unstable_by(order);
+        let kept = groups
+            .into_iter()
+            .map(|c| Summed {
+                first: c.first,
+                acc: c.acc,
+                own: c.own.into_counts().into_iter().collect(),
+                peer: c.peer.into_counts().into_iter().collect(),
+            })
+            .collect();
+        (total, Ranked::Summed(kept), all)
+    }
+}
+
+/// `Summing::rank` of every membership kept: sorted by key, a group is a run of them.
+fn rank_members(
+    mut members: Vec<Member>,
+    keys: &KeyParts,
+    top: Option<usize>,
+    counts: bool,
+) -> (usize, Ranked, Option<GroupCounts>) {
+    // Within a group, sockets in dump order, as they were pushed: the sort keeps that order
+    // (stably, or by index where a million members sort in place).
     if members.len() >= crate::join::IN_PLACE_FROM {
         members.sort_unstable_by_key(|m| (m.a, m.b, m.port, m.at));
     } else {
@@ -499,49 +712,31 @@ fn group<'a>(
         runs.push((start, same.len() as u32));
         start += same.len() as u32;
     }
-    let all_counts = counts.then(|| {
+    let all = counts.then(|| {
         GroupCounts(
             runs.iter()
                 .map(|&(start, len)| (keys.raw(&members[start as usize]), len as usize))
                 .collect(),
         )
     });
-
     // Rank the groups (largest first, then by key) and keep the top ones.
-    let total_groups = runs.len();
+    let total = runs.len();
     let raw = |run: &(u32, u32)| keys.raw(&members[run.0 as usize]);
     let order = |x: &(u32, u32), y: &(u32, u32)| y.1.cmp(&x.1).then_with(|| raw(x).cmp(&raw(y)));
-    if let Some(top) = query.top.filter(|&t| t > 0 && t < runs.len()) {
+    if let Some(top) = top.filter(|&t| t > 0 && t < runs.len()) {
         runs.select_nth_unstable_by(top, order);
         runs.truncate(top);
     }
     runs.sort_unstable_by(order);
     runs.shrink_to_fit();
-    let groups = LazyGroups {
-        joined,
-        places,
-        keys,
-        members,
-        kept: runs,
-    };
-
-    let report = Report {
-        schema_version: SCHEMA_VERSION,
-        taken_at: rfc3339(sample.taken_at),
-        hostname: sample.hostname.clone(),
-        group_by: query.group_by,
-        states: query.states.iter().collect(),
-        totals,
-        total_groups,
-        sample: None,
-        elapsed_s: None,
-        baseline_taken_at: None,
-        groups,
-        findings: Vec::new(),
-        warnings: warnings(sample, hidden_owner),
-        attribution: sample.scan.attribution,
-    };
-    (report, all_counts)
+    (
+        total,
+        Ranked::Members {
+            members,
+            kept: runs,
+        },
+        all,
+    )
 }
 
 impl Report {

@@ -30,11 +30,12 @@ pub struct Topology {
     by_inode: Box<[(u64, u32)]>,
 }
 
-/// A connection's endpoints as one exact 120-bit key: every network namespace and every
-/// address the dump holds gets a small number the first time it is seen (IPv4 as its
-/// IPv6-mapped form, so a v4 client of a dual-stack server and the server's `::ffff:` view of
-/// it compare equal; loopback in two namespaces is two places). A match then needs no look
-/// back at the sockets: the key is the tuple.
+/// A connection's endpoints as one exact 122-bit key: every network namespace and every IPv6
+/// address the dump holds gets a small number the first time it is seen; an IPv4 address
+/// (or its IPv6-mapped form, so a v4 client of a dual-stack server and the server's `::ffff:`
+/// view of it compare equal) is its own 32 bits, told apart from a numbered one by a bit, so
+/// most ends need no lookup at all. Loopback in two namespaces is two places. A match then
+/// needs no look back at the sockets: the key is the tuple.
 /// (It replaced 64-bit fingerprints confirmed against the sockets: those confirmations, one
 /// random read of a socket record each, were most of the peer match's cost at 120,000 sockets.)
 #[derive(Default)]
@@ -43,10 +44,13 @@ struct Numbering {
     addrs: Numbers<u128>,
 }
 
-/// Bits of each part of a key: namespace, then (address, port) of each end.
+/// Bits of each part of a key: namespace, then (IPv6 flag, address, port) of each end.
 const NETNS_BITS: u32 = 24;
 const ADDR_BITS: u32 = 32;
-const END_BITS: u32 = ADDR_BITS + 16;
+const END_BITS: u32 = 1 + ADDR_BITS + 16;
+/// The flag of an end whose address is a numbered IPv6 one.
+const NUMBERED: u128 = 1 << (ADDR_BITS + 16);
+const _: () = assert!(NETNS_BITS + 2 * END_BITS <= 128);
 
 /// Values numbered 0, 1, 2 ... in the order first seen, and back: the peer match's and the
 /// grouping's way to pack endpoints into small fixed-size keys.
@@ -152,11 +156,15 @@ impl Numbering {
     }
 
     fn end(&mut self, (ip, port): (u128, u16)) -> Option<u128> {
+        let port = u128::from(port);
+        if ip >> ADDR_BITS == 0xffff {
+            return Some((ip & u128::from(u32::MAX)) << 16 | port);
+        }
         let n = Numbering::fitting(&mut self.addrs, ip, ADDR_BITS)?;
-        Some(n << 16 | u128::from(port))
+        Some(NUMBERED | n << 16 | port)
     }
 
-    /// `(namespace, local end, remote end)` packed; `None` past 2^24 namespaces or 2^32
+    /// `(namespace, local end, remote end)` packed; `None` past 2^24 namespaces or 2^32 IPv6
     /// addresses, which no node holds.
     fn key(&mut self, s: &Socket) -> Option<u128> {
         let ns = Numbering::fitting(&mut self.netns, s.netns, NETNS_BITS)?;
@@ -257,10 +265,25 @@ impl Topology {
             }
         }
         let mut listens = vec![0u64; sockets.len().div_ceil(64)];
+        // The server ends of a busy port share their local endpoint: the last answer is kept
+        // instead of asking the set up to three times a socket.
+        let mut last: Option<((u64, u128, u16), bool)> = None;
         for (i, s) in sockets.iter().enumerate() {
-            let local = s.local_mapped();
-            let (word, mask) = bit(local.1);
-            if ports[word] & mask != 0 && listening(&listeners, s.netns, local) {
+            let (ip, port) = s.local_mapped();
+            let (word, mask) = bit(port);
+            if ports[word] & mask == 0 {
+                continue;
+            }
+            let at = (s.netns, ip, port);
+            let yes = match last {
+                Some((l, yes)) if l == at => yes,
+                _ => {
+                    let yes = listening(&listeners, s.netns, (ip, port));
+                    last = Some((at, yes));
+                    yes
+                }
+            };
+            if yes {
                 listens[i / 64] |= 1 << (i % 64);
             }
         }
@@ -298,13 +321,26 @@ fn by_inode(sockets: &[Socket]) -> Vec<(u64, u32)> {
 pub struct Joined<'a> {
     pub sample: &'a Sample,
     topology: Cow<'a, Topology>,
-    /// Each socket's holders, socket by socket: socket `i`'s are
-    /// `holders[holders_at[i]..holders_at[i + 1]]`. Read in socket order, as every stage
-    /// after this one reads them, where a run in the owner index (in inode order) is a cache
-    /// miss a socket.
-    holders_at: Vec<u32>,
-    holders: Vec<u32>,
+    /// Each socket's holders, socket by socket (`Holders`): read in socket order, as every
+    /// stage after this one reads them, where a run in the owner index (in inode order) is a
+    /// cache miss a socket.
+    holders: Holders,
 }
+
+/// Who holds each socket, laid out for the common case: one process. Socket `i`'s holder is
+/// `one[i]`, or nobody (`NOBODY`), or, for a socket several processes share (`SHARED`), the
+/// pids `shared` gives. One 4-byte read a socket, where a start and an end into a list of
+/// pids were two reads in different places (the grouping and the detector ask of every
+/// socket, and of its peer).
+struct Holders {
+    one: Vec<u32>,
+    shared: FxHashMap<u32, Vec<u32>>,
+}
+
+/// `Holders::one` of a socket no process holds (pid 0 is no process).
+const NOBODY: u32 = 0;
+/// `Holders::one` of a socket held by several processes (pids stay below 2^22).
+const SHARED: u32 = u32::MAX;
 
 impl<'a> Joined<'a> {
     /// Cross-references a sample from scratch.
@@ -323,11 +359,10 @@ impl<'a> Joined<'a> {
     }
 
     fn from_parts(sample: &'a Sample, topology: Cow<'a, Topology>) -> Joined<'a> {
-        let (holders_at, holders) = holders(&sample.sockets, &sample.owners, &topology.by_inode);
+        let holders = holders(&sample.sockets, &sample.owners, &topology.by_inode);
         Joined {
             sample,
             topology,
-            holders_at,
             holders,
         }
     }
@@ -339,8 +374,14 @@ impl<'a> Joined<'a> {
 
     /// Pids holding socket `i`, ascending.
     pub fn owners(&self, i: usize) -> impl Iterator<Item = u32> + '_ {
-        let (start, end) = (self.holders_at[i], self.holders_at[i + 1]);
-        self.holders[start as usize..end as usize].iter().copied()
+        let h = &self.holders;
+        match h.one.get(i) {
+            None | Some(&NOBODY) => &[],
+            Some(&SHARED) => h.shared.get(&(i as u32)).map_or(&[][..], Vec::as_slice),
+            Some(one) => std::slice::from_ref(one),
+        }
+        .iter()
+        .copied()
     }
 
     /// The index of the socket at the other end, when it is on this node too.
@@ -386,13 +427,14 @@ fn listening(listeners: &FxHashSet<(u64, u128, u16)>, netns: u64, (ip, port): (u
         || listeners.contains(&(netns, ANY_V6, port))
 }
 
-/// Each socket's holders, in socket order (`Joined`'s `holders_at` and `holders`): found by
-/// walking the sockets in inode order (`sorted`, the topology's, or sorted here when it has
-/// none) alongside the sorted `(inode, pid)` pairs (`OwnerIndex::walk_sorted`), one pass with
-/// no per-socket search through a large table, then laid out socket by socket.
-fn holders(sockets: &[Socket], owners: &OwnerIndex, sorted: &[(u64, u32)]) -> (Vec<u32>, Vec<u32>) {
-    // Each socket's run in the pairs, as u32 bounds: half the room of a `Range<usize>`.
-    let mut runs = vec![(0u32, 0u32); sockets.len()];
+/// Each socket's holders (`Holders`): found by walking the sockets in inode order (`sorted`,
+/// the topology's, or sorted here when it has none) alongside the sorted `(inode, pid)` pairs
+/// (`OwnerIndex::walk_sorted`), one pass with no per-socket search through a large table.
+fn holders(sockets: &[Socket], owners: &OwnerIndex, sorted: &[(u64, u32)]) -> Holders {
+    let mut held = Holders {
+        one: vec![NOBODY; sockets.len()],
+        shared: FxHashMap::default(),
+    };
     let mine;
     let by_inode = if sorted.is_empty() {
         mine = by_inode(sockets);
@@ -400,23 +442,23 @@ fn holders(sockets: &[Socket], owners: &OwnerIndex, sorted: &[(u64, u32)]) -> (V
     } else {
         sorted
     };
+    let pairs = owners.pairs();
     owners.walk_sorted(by_inode.iter().map(|&(inode, _)| inode), |k, run| {
-        let bound = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
-        if let Some(r) = runs.get_mut(by_inode[k].1 as usize) {
-            *r = (bound(run.start), bound(run.end));
+        let at = by_inode[k].1;
+        let (Some(one), Some(run)) = (held.one.get_mut(at as usize), pairs.get(run)) else {
+            return;
+        };
+        match run {
+            [] => {}
+            [(_, pid)] if *pid != NOBODY && *pid != SHARED => *one = *pid,
+            many => {
+                *one = SHARED;
+                held.shared
+                    .insert(at, many.iter().map(|&(_, pid)| pid).collect());
+            }
         }
     });
-    let pairs = owners.pairs();
-    let mut at = Vec::with_capacity(sockets.len() + 1);
-    let mut held = Vec::with_capacity(pairs.len());
-    at.push(0);
-    for (start, end) in runs {
-        let run = pairs.get(start as usize..end as usize).unwrap_or_default();
-        held.extend(run.iter().map(|&(_, pid)| pid));
-        // Past 2^32 holders (no node has them) the rest are left out.
-        at.push(u32::try_from(held.len()).unwrap_or(u32::MAX));
-    }
-    (at, held)
+    held
 }
 
 /// From this many elements up, a sort is made in place (`sort_unstable` on a key that tells
@@ -570,6 +612,22 @@ mod tests {
         counts.sort_unstable();
         assert_eq!(counts, [(1, 3), (2, 2), (3, 2)]);
         assert!(Tally::<u32>::default().into_counts().is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_address_numbered_n_is_not_the_ipv4_address_n() {
+        let mut n = Numbering::default();
+        // `::2` is the first IPv6 address met: number 0, as 0.0.0.0 would be as IPv4.
+        let v6 = n.key(&sock(TcpState::Established, "[::2]:80", "[::2]:5000"));
+        let v4 = n.key(&sock(TcpState::Established, "0.0.0.0:80", "0.0.0.0:5000"));
+        let mapped = n.key(&sock(
+            TcpState::Established,
+            "[::ffff:0.0.0.0]:80",
+            "0.0.0.0:5000",
+        ));
+        assert!(v6.is_some() && v4.is_some());
+        assert_ne!(v6, v4);
+        assert_eq!(v4, mapped, "a v4 end and its IPv6-mapped form are one end");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 use shimcheck::aggregate::{GroupBy, GroupKey, OwnerCount, Query, Report};
-use shimcheck::model::{Sample, ScanStats, Socket, TcpState, Warning};
+use shimcheck::model::{OwnerIndex, Sample, ScanStats, Socket, TcpState, Warning};
 
 use crate::support::builders::{self, HOST_NS, SocketWith, process, query, sock, texts};
 
@@ -578,6 +578,51 @@ fn filters_keep_only_the_sockets_asked_for() {
         assert_eq!(r.total_groups, c.groups.len(), "{}", c.name);
         assert_eq!(totals(&r), c.totals, "{}", c.name);
         assert_eq!(r.states, c.states, "{}", c.name);
+    }
+}
+
+/// `node()` plus 5,000 connections each from a process of its own to a place of its own:
+/// 5,000 more groups by pair or by peer, past what the grouping counts in its pass (4,096), so
+/// that it sorts every membership instead.
+fn node_with_many_places() -> Sample {
+    let mut s = node();
+    let mut pairs = s.owners.pairs().to_vec();
+    let mut processes = std::mem::take(&mut s.owners.processes);
+    for i in 0..5000u32 {
+        let inode = 100_000 + u64::from(i);
+        let remote = format!("10.9.{}.{}:{}", i / 250, i % 250, 1000 + i % 7);
+        s.sockets
+            .push(sock(Established, "10.0.0.101:41000", &remote, inode));
+        let pid = 10_000 + i;
+        pairs.push((inode, pid));
+        processes.insert(pid, process(pid, "worker"));
+    }
+    s.owners = OwnerIndex::from_pairs(pairs, processes);
+    s
+}
+
+#[test]
+fn a_group_is_the_same_counted_in_the_pass_or_sorted_out_of_its_sockets() {
+    let (few, many) = (node(), node_with_many_places());
+    for by in [
+        GroupBy::Pair,
+        GroupBy::Peer,
+        GroupBy::Process,
+        GroupBy::Port,
+    ] {
+        let q = query(by, &[Established, CloseWait]);
+        let (a, b) = (
+            shimcheck::ports_report(&few, &q),
+            shimcheck::ports_report(&many, &q),
+        );
+        assert_eq!(b.totals.sockets, a.totals.sockets + 5000, "{by:?}");
+        if matches!(by, GroupBy::Pair | GroupBy::Peer) {
+            assert!(b.total_groups > 5000, "{by:?}: {}", b.total_groups);
+        }
+        for g in &a.groups {
+            let other = b.groups.iter().find(|o| o.key == g.key);
+            assert_eq!(other, Some(g), "{by:?}");
+        }
     }
 }
 
