@@ -289,7 +289,8 @@ struct PairFacts {
     /// Their identities (`identity`), member by member: what the history keys them by, here
     /// so that observing a sample reads no socket again.
     ids: Vec<u64>,
-    /// The data-idle clocks of the members that have one, ascending, as dumped.
+    /// The data-idle clocks of the members that have one, as dumped, in no order: only the
+    /// pairs with enough idle members are ever looked at closer (`snapshot`).
     idle_ms: Vec<u64>,
     /// ", the other ends are held by ..." or nothing.
     mirror: String,
@@ -351,15 +352,12 @@ impl Digest {
         }
         let mut pairs: Vec<PairFacts> = facts
             .into_iter()
-            .map(|(key, mut m)| {
-                crate::join::radix_sort_by_key(&mut m.idle_ms, |&ms| ms);
-                PairFacts {
-                    key,
-                    mirror: mirror_note(j, m.at.iter().map(|&i| i as usize)),
-                    members: m.at,
-                    ids: m.ids,
-                    idle_ms: m.idle_ms,
-                }
+            .map(|(key, m)| PairFacts {
+                key,
+                mirror: mirror_note(j, m.at.iter().map(|&i| i as usize)),
+                members: m.at,
+                ids: m.ids,
+                idle_ms: m.idle_ms,
             })
             .collect();
         pairs.sort_by_key(|p| p.key);
@@ -408,18 +406,20 @@ impl Digest {
         let idle_ms = u64::try_from(cfg.idle_after.as_millis()).unwrap_or(u64::MAX);
         let age = sample.tcp_info_age_ms;
         for p in &self.pairs {
-            let from = p
-                .idle_ms
-                .partition_point(|&ms| ms.saturating_add(age) < idle_ms);
-            let idle = &p.idle_ms[from..];
-            if idle.len() < cfg.idle_min_count || idle.is_empty() {
+            let quiet = |&ms: &u64| ms.saturating_add(age) >= idle_ms;
+            // Counted first: most pairs have too few idle members to be looked at closer.
+            let n = p.idle_ms.iter().filter(|ms| quiet(ms)).count();
+            if n < cfg.idle_min_count || n == 0 {
                 continue;
             }
+            let mut idle: Vec<u64> = p.idle_ms.iter().copied().filter(quiet).collect();
+            let (below, &mut median, _) = idle.select_nth_unstable(n / 2);
+            let min = below.iter().copied().min().unwrap_or(median);
             let (pid, netns, target) = p.key;
             let comm = comm_of(sample, pid);
             let (remote, where_) = describe_target(sample, netns, &target);
-            let min_s = idle[0].saturating_add(age) / 1000;
-            let median_s = idle[idle.len() / 2].saturating_add(age) / 1000;
+            let min_s = min.saturating_add(age) / 1000;
+            let median_s = median.saturating_add(age) / 1000;
             out.push(finish(
                 Finding {
                     kind: Kind::Idle,

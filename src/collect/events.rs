@@ -52,6 +52,13 @@ const MIN_LOOKUPS: usize = 256;
 /// Lookups a sample makes, at most, of sockets waiting in an accept queue.
 pub const WAITING_LOOKUPS: usize = 256;
 
+/// True when `s` waits in a listener's accept queue: accepted by the kernel, not yet by the
+/// application, so no inode until `accept`, which no event reports. (An orphan, closed by its
+/// application, is in no such state.)
+fn waits(s: &Socket) -> bool {
+    s.inode == 0 && matches!(s.state, TcpState::Established | TcpState::CloseWait)
+}
+
 /// True when a table of `states` can be kept by events.
 pub fn follows(states: StateSet) -> bool {
     states.iter().all(|s| FOLLOWED.contains(&s))
@@ -104,6 +111,9 @@ pub struct Table {
     states: StateSet,
     /// The sockets are lent to a sample (`lend`), this many of them.
     lent: Option<usize>,
+    /// Some socket waits to be accepted (`waiting`), as of the last dump or update: known
+    /// while the sockets are lent, when the table cannot look.
+    any_waiting: bool,
     /// The cookie of the last socket waiting to be accepted that was looked up, when not
     /// all of them could be: the next sample goes on from there.
     waiting_after: u64,
@@ -114,17 +124,20 @@ impl Table {
     /// cookie (a kernel before 4.1): such a table cannot be kept by events.
     pub fn new(sockets: Vec<Socket>, states: StateSet) -> Result<Table, Vec<Socket>> {
         let mut at = FxHashMap::with_capacity_and_hasher(sockets.len(), Default::default());
+        let mut any_waiting = false;
         for (i, s) in sockets.iter().enumerate() {
             match (s.cookie(), u32::try_from(i)) {
                 (Some(cookie), Ok(i)) => at.insert(cookie, i),
                 _ => return Err(sockets),
             };
+            any_waiting |= waits(s);
         }
         Ok(Table {
             sockets,
             at,
             states,
             lent: None,
+            any_waiting,
             waiting_after: 0,
         })
     }
@@ -212,8 +225,11 @@ impl Table {
         let mut waiting: Vec<(u64, u32)> = self
             .waiting()
             .filter_map(|i| Some((self.sockets[i as usize].cookie()?, i)))
-            .filter(|(c, _)| !pending.latest.contains_key(c))
             .collect();
+        // Those looked up just now may have been accepted since: still counted until the next
+        // update, which at worst takes a sample that could have been skipped.
+        self.any_waiting = !waiting.is_empty();
+        waiting.retain(|(c, _)| !pending.latest.contains_key(c));
         waiting.sort_unstable();
         let from = waiting.partition_point(|&(c, _)| c <= self.waiting_after);
         waiting.rotate_left(from);
@@ -239,16 +255,12 @@ impl Table {
         Ok(Ok(lookups))
     }
 
-    /// The sockets accepted by the kernel, not yet by the application: no inode until
-    /// `accept`, which no event reports. (An orphan, closed by its application, is in no such
-    /// state.)
+    /// Where the sockets that wait to be accepted (`waits`) are.
     fn waiting(&self) -> impl Iterator<Item = u32> + '_ {
         self.sockets
             .iter()
             .enumerate()
-            .filter(|(_, s)| {
-                s.inode == 0 && matches!(s.state, TcpState::Established | TcpState::CloseWait)
-            })
+            .filter(|(_, s)| waits(s))
             .map(|(i, _)| i as u32)
     }
 
@@ -311,9 +323,10 @@ impl Kept {
         }
     }
 
-    /// Takes back the sockets the last sample held.
+    /// Takes back the sockets the last sample held, if the table lent them (a table that
+    /// copied them has nothing to take back).
     pub fn give_back(&mut self, sockets: Vec<Socket>) {
-        if let Some(t) = self.table.as_mut()
+        if let Some(t) = self.table.as_mut().filter(|t| t.lent.is_some())
             && !t.give_back(sockets)
         {
             self.table = None;
@@ -325,9 +338,14 @@ impl Kept {
         self.last
     }
 
-    /// The table, if the changes can bring it up to `now`: there is one, of `states`, no
-    /// change was lost (`lost`) and no resync is due.
+    /// The table, if the changes can bring it up to `now`: there is one, of `states`, holding
+    /// its sockets (none lent), no change was lost (`lost`) and no resync is due.
     fn usable(&mut self, states: StateSet, lost: bool, now: Instant) -> Option<&mut Table> {
+        self.due(states, lost, now).filter(|t| t.lent.is_none())
+    }
+
+    /// `usable`, its sockets lent or not: whether the table holds as it is if nothing changed.
+    fn due(&mut self, states: StateSet, lost: bool, now: Instant) -> Option<&mut Table> {
         let resync = self.looks + 1 >= RESYNC_EVERY
             && self
                 .dumped_at
@@ -335,9 +353,7 @@ impl Kept {
         if lost || resync || !follows(states) {
             return None;
         }
-        self.table
-            .as_mut()
-            .filter(|t| t.states() == states && t.lent.is_none())
+        self.table.as_mut().filter(|t| t.states() == states)
     }
 
     /// The table brought to `now` without asking the kernel anything, where nothing changed in
@@ -396,8 +412,7 @@ impl Kept {
     /// True when, if nothing changed in the namespace, its table holds at `now` as it is:
     /// there is one, of `states`, no resync is due and no socket waits to be accepted.
     pub fn quiet(&mut self, states: StateSet, now: Instant) -> bool {
-        self.usable(states, false, now)
-            .is_some_and(|t| t.waiting().next().is_none())
+        self.due(states, false, now).is_some_and(|t| !t.any_waiting)
     }
 
     /// The table brought up to `now` from `pending` (this namespace's changes) and lookups

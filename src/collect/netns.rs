@@ -112,11 +112,14 @@ pub struct AllNetns {
     /// ... those drained by `still` and not yet applied, and the states of the last sweep.
     held: Drain,
     swept: Option<StateSet>,
+    /// The namespace whose table lent its sockets to the last sample, and how many: the
+    /// sample's first ones (`recycle` gives them back).
+    lent: Option<(u64, usize)>,
 }
 
 /// What a loop keeps of one namespace between samples: its table kept by events, or (without
 /// them) its last dump and counters.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Slot {
     kept: Kept,
     last: LastDump,
@@ -124,6 +127,19 @@ struct Slot {
     /// read (`None`: shimcheck's own namespace, through this thread).
     seen: Option<Counters>,
     via: Option<Target>,
+}
+
+impl Default for Slot {
+    /// A table that lends its sockets (`Kept::lending`): the largest namespace's become the
+    /// sample's without a copy; the others are copied after them and given back at once.
+    fn default() -> Slot {
+        Slot {
+            kept: Kept::lending(),
+            last: LastDump::default(),
+            seen: None,
+            via: None,
+        }
+    }
 }
 
 impl Slot {
@@ -154,6 +170,7 @@ impl AllNetns {
             changes: None,
             held: Drain::default(),
             swept: None,
+            lent: None,
         }
     }
 
@@ -247,6 +264,15 @@ impl SocketSource for AllNetns {
         self.dump(states).map(|d| d.sockets)
     }
 
+    fn recycle(&mut self, mut sockets: Vec<Socket>) {
+        if let (Some((inode, len)), Some(slots)) = (self.lent.take(), self.last.as_mut())
+            && let Some(slot) = slots.get_mut(&inode)
+        {
+            sockets.truncate(len);
+            slot.kept.give_back(sockets);
+        }
+    }
+
     fn dump(&mut self, states: StateSet) -> Result<Dump, CollectError> {
         let pids = list_pids(&self.proc_root);
         let (targets, denied) = discover(&self.proc_root, &pids, &self.ip_netns_dir);
@@ -265,7 +291,7 @@ impl SocketSource for AllNetns {
             reuse: last.is_some(),
             drain: drain.as_ref(),
         };
-        let (sockets, mut warnings) = sweep.run(
+        let (sockets, lent, mut warnings) = sweep.run(
             &mut self.own,
             &targets,
             own_inode,
@@ -273,6 +299,7 @@ impl SocketSource for AllNetns {
             self.threads,
         );
         self.last = last;
+        self.lent = lent;
         if denied > 0 {
             warnings.push(Warning::NetnsHidden {
                 processes: denied,
@@ -318,6 +345,9 @@ impl Sweep<'_> {
     /// entered at all; with `last`, one whose counters did not move is answered from its last
     /// dump. A namespace that cannot be entered (not root, or gone) is counted in the returned
     /// warning and left out.
+    ///
+    /// Kept by events, the namespace with the most sockets lends its table's own (`Slot`):
+    /// they come first, and that namespace and their number are returned, for `recycle`.
     fn run(
         &self,
         own_source: &mut NetlinkSource,
@@ -325,20 +355,26 @@ impl Sweep<'_> {
         own_inode: u64,
         last: Option<&mut FxHashMap<u64, Slot>>,
         threads: usize,
-    ) -> (Vec<Socket>, Vec<Warning>) {
+    ) -> (Vec<Socket>, Option<(u64, usize)>, Vec<Warning>) {
         let failures: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
         let fail = |inode: u64, e: String| {
             if let Ok(mut f) = failures.lock() {
                 f.push((inode, e));
             }
         };
+        // A table's sockets keep their tag from one sample to the next: only those new to it
+        // are written.
         let tag = |mut sockets: Vec<Socket>, inode: u64| {
-            sockets.iter_mut().for_each(|s| s.netns = inode);
             sockets
+                .iter_mut()
+                .filter(|s| s.netns != inode)
+                .for_each(|s| s.netns = inode);
+            (inode, sockets)
         };
         let (own, others): (Vec<&Target>, Vec<&Target>) =
             targets.iter().partition(|t| t.inode == own_inode);
-        let mut all = Vec::new();
+        // Each namespace's sockets, apart.
+        let mut parts: Vec<(u64, Vec<Socket>)> = Vec::new();
         // Each namespace's last dump is taken out for whoever dumps it, and put back after; a
         // namespace gone since the last sweep is forgotten.
         let mut last = last;
@@ -361,7 +397,7 @@ impl Sweep<'_> {
                 }),
             };
             match got {
-                Ok(sockets) => all.extend(tag(sockets, t.inode)),
+                Ok(sockets) => parts.push(tag(sockets, t.inode)),
                 Err(e) => {
                     slot = Slot::default();
                     fail(t.inode, e);
@@ -393,7 +429,7 @@ impl Sweep<'_> {
                     None => self.one(t, &mut last.last),
                 };
                 match got {
-                    Ok(sockets) => out.extend(tag(sockets, t.inode)),
+                    Ok(sockets) => out.push(tag(sockets, t.inode)),
                     Err(e) => {
                         *last = Slot::default();
                         fail(t.inode, e);
@@ -408,18 +444,35 @@ impl Sweep<'_> {
             for h in handles {
                 // A worker that panicked lost its namespaces: say so rather than count less.
                 match h.join() {
-                    Ok(sockets) => all.extend(sockets),
+                    Ok(done) => parts.extend(done),
                     Err(_) => fail(0, "a namespace worker thread panicked".into()),
                 }
             }
         });
+        let mut slots: FxHashMap<u64, Slot> = others
+            .iter()
+            .zip(slots)
+            .filter_map(|(t, slot)| Some((t.inode, slot.into_inner().ok()?)))
+            .chain(own_last)
+            .collect();
+        // The largest namespace's sockets as they are, the others copied after them.
+        let base = (0..parts.len()).max_by_key(|&i| parts[i].1.len());
+        let (lent, mut all) = match base {
+            Some(i) => {
+                let (inode, sockets) = parts.swap_remove(i);
+                (Some((inode, sockets.len())), sockets)
+            }
+            None => (None, Vec::new()),
+        };
+        all.reserve(parts.iter().map(|(_, p)| p.len()).sum());
+        for (inode, sockets) in parts {
+            all.extend_from_slice(&sockets);
+            if let Some(slot) = slots.get_mut(&inode) {
+                slot.kept.give_back(sockets);
+            }
+        }
         if let Some(last) = last {
-            *last = others
-                .iter()
-                .zip(slots)
-                .filter_map(|(t, slot)| Some((t.inode, slot.into_inner().ok()?)))
-                .chain(own_last)
-                .collect();
+            *last = slots;
         }
         let failures = failures.into_inner().unwrap_or_default();
         let mut warnings = Vec::new();
@@ -432,7 +485,7 @@ impl Sweep<'_> {
                 lacking: crate::privilege::lacking(crate::privilege::ENTER_NETNS),
             });
         }
-        (all, warnings)
+        (all, lent, warnings)
     }
 
     /// One namespace other than shimcheck's own kept by events, on a worker thread: entered
