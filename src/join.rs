@@ -9,25 +9,29 @@
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use crate::model::{OwnerIndex, Sample, Socket, TcpState};
 
+mod kept;
+pub use kept::KeptTopology;
+
 /// Who is connected to whom on this node, from the sockets alone (no owners needed, so the
 /// collector computes it while the /proc scan is still running).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Topology {
     /// Per socket, the index of its other end, or `NO_PEER`.
-    peer: Box<[u32]>,
+    peer: Arc<Vec<u32>>,
     /// (namespace, address as `Socket::local_mapped` gives it, port).
     listeners: FxHashSet<(u64, u128, u16)>,
     /// Per socket, one bit: a listener accepts on its local endpoint (`Joined::listens`), found
     /// once for the stages that each ask it of every socket.
-    listens: Box<[u64]>,
+    listens: Arc<Vec<u64>>,
     /// The sockets with an inode as `(inode, index)`, sorted, where a loop asked for them
     /// (`with_inode_order`): its owner cache and the join both walk the sockets in inode
     /// order, and one sort serves both. Empty otherwise: a one-shot run sorts in the join and
     /// drops the order at once, which a million sockets' memory peak needs.
-    by_inode: Box<[(u64, u32)]>,
+    by_inode: Arc<Vec<(u64, u32)>>,
 }
 
 /// A connection's endpoints as one exact 122-bit key: every network namespace and every IPv6
@@ -211,90 +215,12 @@ impl Topology {
     }
 
     fn build(sockets: &[Socket], inode_order: bool) -> Topology {
-        let mut numbering = Numbering::default();
-        let mut by_inode: Vec<(u64, u32)> = Vec::new();
-        let mut listeners = FxHashSet::default();
-        // The listeners' ports, a bit each: most sockets are client ends on ports no listener
-        // has, told apart without a lookup.
-        let mut ports = vec![0u64; 1 << 10];
-        let bit = |port: u16| (usize::from(port >> 6), 1u64 << (port & 63));
-        let mut ends: Vec<End> = Vec::with_capacity(sockets.len());
-        for (i, s) in sockets.iter().enumerate() {
-            if let Ok(at) = u32::try_from(i)
-                && inode_order
-                && s.inode != 0
-            {
-                by_inode.push((s.inode, at));
-            }
-            if s.state == TcpState::Listen {
-                let (ip, port) = s.local_mapped();
-                listeners.insert((s.netns, ip, port));
-                let (word, mask) = bit(port);
-                ports[word] |= mask;
-                continue;
-            }
-            let Some((at, key)) = u32::try_from(i).ok().zip(numbering.key(s)) else {
-                continue;
-            };
-            let reverse = reversed(key) < key;
-            let canon = if reverse { reversed(key) } else { key };
-            ends.push(End {
-                hi: (canon >> 64) as u64,
-                lo: canon as u64,
-                at,
-                reverse,
-            });
-        }
-        sort_frugal(&mut ends, |e| (e.hi, e.lo), |e| (e.hi, e.lo, e.at));
-        let mut peer = vec![NO_PEER; sockets.len()];
-        for run in ends.chunk_by(|a, b| (a.hi, a.lo) == (b.hi, b.lo)) {
-            let last = |reverse: bool| {
-                run.iter()
-                    .filter(|e| e.reverse == reverse)
-                    .map(|e| e.at)
-                    .max()
-            };
-            let (forward, backward) = (last(false), last(true));
-            for e in run {
-                // A self-connect's tuple is its own reverse: all its reports are forward ones,
-                // and no backward one answers them.
-                let other = if e.reverse { forward } else { backward };
-                if let Some(j) = other {
-                    peer[e.at as usize] = j;
-                }
-            }
-        }
-        let mut listens = vec![0u64; sockets.len().div_ceil(64)];
-        // The server ends of a busy port share their local endpoint: the last answer is kept
-        // instead of asking the set up to three times a socket.
-        let mut last: Option<((u64, u128, u16), bool)> = None;
-        for (i, s) in sockets.iter().enumerate() {
-            let (ip, port) = s.local_mapped();
-            let (word, mask) = bit(port);
-            if ports[word] & mask == 0 {
-                continue;
-            }
-            let at = (s.netns, ip, port);
-            let yes = match last {
-                Some((l, yes)) if l == at => yes,
-                _ => {
-                    let yes = listening(&listeners, s.netns, (ip, port));
-                    last = Some((at, yes));
-                    yes
-                }
-            };
-            if yes {
-                listens[i / 64] |= 1 << (i % 64);
-            }
-        }
+        let m = match_all(sockets, &mut Numbering::default(), inode_order);
         Topology {
-            peer: peer.into_boxed_slice(),
-            listeners,
-            listens: listens.into_boxed_slice(),
-            by_inode: {
-                sort_frugal(&mut by_inode, |&(inode, _)| inode, |&pair| pair);
-                by_inode.into_boxed_slice()
-            },
+            peer: m.peer,
+            listeners: m.listeners,
+            listens: m.listens,
+            by_inode: m.by_inode,
         }
     }
 
@@ -302,6 +228,163 @@ impl Topology {
     /// twice), when made `with_inode_order`; else none.
     pub fn inodes(&self) -> impl ExactSizeIterator<Item = u64> + '_ {
         self.by_inode.iter().map(|&(inode, _)| inode)
+    }
+}
+
+/// What one pass over the sockets gathers for the peer match: the listening endpoints, their
+/// ports (a bit each: most sockets are client ends on ports no listener has, told apart
+/// without a lookup), every other socket's `End`, and (when asked) `(inode, index)` of the
+/// sockets with an inode; the last two unsorted.
+struct Gathered {
+    listeners: FxHashSet<(u64, u128, u16)>,
+    ports: Vec<u64>,
+    ends: Vec<End>,
+    by_inode: Vec<(u64, u32)>,
+}
+
+fn gather(sockets: &[Socket], numbering: &mut Numbering, inode_order: bool) -> Gathered {
+    let mut g = Gathered {
+        listeners: FxHashSet::default(),
+        ports: vec![0u64; 1 << 10],
+        ends: Vec::with_capacity(sockets.len()),
+        by_inode: Vec::new(),
+    };
+    for (s, at) in sockets.iter().zip(0u32..) {
+        if inode_order && s.inode != 0 {
+            g.by_inode.push((s.inode, at));
+        }
+        if s.state == TcpState::Listen {
+            let (ip, port) = s.local_mapped();
+            g.listeners.insert((s.netns, ip, port));
+            let (word, mask) = port_bit(port);
+            g.ports[word] |= mask;
+            continue;
+        }
+        if let Some(end) = end_of(numbering, s, at) {
+            g.ends.push(end);
+        }
+    }
+    g
+}
+
+/// The peer match from scratch, and what a loop keeps of it to patch it later (`kept`).
+struct Matched {
+    listeners: FxHashSet<(u64, u128, u16)>,
+    ports: Vec<u64>,
+    /// Every end but the listeners', sorted by canon.
+    ends: Vec<End>,
+    peer: Arc<Vec<u32>>,
+    listens: Arc<Vec<u64>>,
+    by_inode: Arc<Vec<(u64, u32)>>,
+}
+
+/// Matches every socket with its reverse 4-tuple (keys numbered by `numbering`) and finds
+/// the ones a listener accepts on; with `inode_order`, the sockets in inode order too.
+fn match_all(sockets: &[Socket], numbering: &mut Numbering, inode_order: bool) -> Matched {
+    let Gathered {
+        listeners,
+        ports,
+        mut ends,
+        mut by_inode,
+    } = gather(sockets, numbering, inode_order);
+    sort_frugal(&mut ends, |e| (e.hi, e.lo), |e| (e.hi, e.lo, e.at));
+    let mut peer = vec![NO_PEER; sockets.len()];
+    for run in ends.chunk_by(same_canon) {
+        match_run(run, &mut peer);
+    }
+    let mut listens = vec![0u64; sockets.len().div_ceil(64)];
+    fill_listens(sockets, 0..sockets.len(), &listeners, &ports, &mut listens);
+    sort_frugal(&mut by_inode, |&(inode, _)| inode, |&pair| pair);
+    Matched {
+        listeners,
+        ports,
+        ends,
+        peer: Arc::new(peer),
+        listens: Arc::new(listens),
+        by_inode: Arc::new(by_inode),
+    }
+}
+
+/// A listener port's word and bit in `Gathered::ports`.
+fn port_bit(port: u16) -> (usize, u64) {
+    (usize::from(port >> 6), 1u64 << (port & 63))
+}
+
+/// Socket `s`'s end in the peer match, at index `at`; none for a listener, or past the keys'
+/// room (`Numbering::key`).
+fn end_of(numbering: &mut Numbering, s: &Socket, at: u32) -> Option<End> {
+    if s.state == TcpState::Listen {
+        return None;
+    }
+    let key = numbering.key(s)?;
+    let reverse = reversed(key) < key;
+    let canon = if reverse { reversed(key) } else { key };
+    Some(End {
+        hi: (canon >> 64) as u64,
+        lo: canon as u64,
+        at,
+        reverse,
+    })
+}
+
+fn same_canon(a: &End, b: &End) -> bool {
+    (a.hi, a.lo) == (b.hi, b.lo)
+}
+
+/// Gives the ends of one connection (`run`: the ends of one `canon`, side by side after the
+/// sort) their peers in `peer`: where a dump under churn holds the same tuple twice, the later
+/// socket is the one matched, and a self-connect (its tuple its own reverse) has none.
+fn match_run(run: &[End], peer: &mut [u32]) {
+    let last = |reverse: bool| {
+        run.iter()
+            .filter(|e| e.reverse == reverse)
+            .map(|e| e.at)
+            .max()
+    };
+    let (forward, backward) = (last(false), last(true));
+    for e in run {
+        // A self-connect's tuple is its own reverse: all its reports are forward ones, and no
+        // backward one answers them.
+        let other = if e.reverse { forward } else { backward };
+        if let Some(slot) = peer.get_mut(e.at as usize) {
+            *slot = other.unwrap_or(NO_PEER);
+        }
+    }
+}
+
+/// Sets in `listens` the bit of each socket of `which` that a listener accepts on, and clears
+/// the others'.
+fn fill_listens(
+    sockets: &[Socket],
+    which: impl IntoIterator<Item = usize>,
+    listeners: &FxHashSet<(u64, u128, u16)>,
+    ports: &[u64],
+    listens: &mut [u64],
+) {
+    // The server ends of a busy port share their local endpoint: the last answer is kept
+    // instead of asking the set up to three times a socket.
+    let mut last: Option<((u64, u128, u16), bool)> = None;
+    for i in which {
+        let Some(s) = sockets.get(i) else { continue };
+        let (ip, port) = s.local_mapped();
+        let (word, mask) = port_bit(port);
+        let at = (s.netns, ip, port);
+        let yes = match last {
+            _ if ports[word] & mask == 0 => false,
+            Some((l, yes)) if l == at => yes,
+            _ => {
+                let yes = listening(listeners, s.netns, (ip, port));
+                last = Some((at, yes));
+                yes
+            }
+        };
+        if let Some(w) = listens.get_mut(i / 64) {
+            *w = if yes {
+                *w | 1 << (i % 64)
+            } else {
+                *w & !(1 << (i % 64))
+            };
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use rustc_hash::FxHashSet;
 use crate::cgroup;
 use crate::cli::NodeArgs;
 use crate::collect::{self, CollectError, Dump, SocketSource};
-use crate::join::Topology;
+use crate::join::{KeptTopology, Topology};
 use crate::model::{
     FD_NAMED_SHARE, FdUse, HostFacts, Moved, OwnerIndex, Place, Sample, ScanStats, Socket,
     StateSet, TcpState, Warning,
@@ -62,6 +62,8 @@ pub struct Sampler {
     source: Box<dyn SocketSource + Send>,
     scanner: ProcScanner,
     cache: Option<OwnerCache>,
+    /// Incremental mode: the peer match, patched where the source says what changed.
+    peers: KeptTopology,
     /// Said when the source was opened (a fallback); part of every sample's warnings.
     opened: Option<Warning>,
     sys_fs_cgroup: PathBuf,
@@ -102,6 +104,7 @@ impl Sampler {
         Sampler {
             source,
             cache: (mode == Mode::Incremental).then(OwnerCache::new),
+            peers: KeptTopology::default(),
             opened: None,
             sys_fs_cgroup: PathBuf::from(SYS_FS_CGROUP),
             threads: worker_threads(),
@@ -125,7 +128,8 @@ impl Sampler {
         let own = collect::netns::own(self.scanner.root()).unwrap_or(0);
         if let Some(cache) = &mut self.cache {
             let dump = tagged(self.source.dump(dump_states).map_err(collect_failed)?, own);
-            let (topology, found) = refreshed(cache, &self.scanner, self.threads, &dump)?;
+            let topology = self.peers.topology(&dump.sockets, dump.edits.as_ref());
+            let found = refreshed(cache, &topology, &self.scanner, self.threads, &dump)?;
             return Ok(self.build(dump, topology, found, own, taken_at));
         }
         let source = &mut self.source;
@@ -271,16 +275,15 @@ struct Found {
     cgroups_unowned: Option<HashSet<u64>>,
 }
 
-/// Incremental mode: a new dump's topology, and its owners from the owner cache brought up
-/// to date.
+/// Incremental mode: a new dump's owners from the owner cache brought up to date. The owner
+/// cache and the join both walk the sockets in inode order: the topology's, kept for both.
 fn refreshed(
     cache: &mut OwnerCache,
+    topology: &Topology,
     scanner: &ProcScanner,
     threads: usize,
     dump: &Dump,
-) -> anyhow::Result<(Topology, Found)> {
-    // The owner cache and the join both walk the sockets in inode order: one sort for both.
-    let topology = Topology::with_inode_order(&dump.sockets);
+) -> anyhow::Result<Found> {
     let r = cache
         .refresh_sorted(scanner, topology.inodes(), threads)
         .with_context(|| proc_failed(scanner.root()))?;
@@ -296,7 +299,7 @@ fn refreshed(
         fds: r.fds,
         cgroups_unowned: Some(cgroups_unowned),
     };
-    Ok((topology, found))
+    Ok(found)
 }
 
 /// A dump with the sockets of a single-namespace source tagged as shimcheck's own.

@@ -27,7 +27,7 @@ use rustc_hash::FxHashMap;
 
 use super::counters::{Counters, RESYNC_AFTER, RESYNC_EVERY, Stillness, ms_since};
 use super::netlink::{Exact, NetlinkSource, THREAD_NET};
-use super::{CollectError, SocketSource};
+use super::{CollectError, Dump, SocketSource};
 use crate::bpf::events::{StateChange, StateChanges};
 use crate::model::{Socket, StateSet, TcpInfo, TcpState};
 
@@ -117,7 +117,35 @@ pub struct Table {
     /// The cookie of the last socket waiting to be accepted that was looked up, when not
     /// all of them could be: the next sample goes on from there.
     waiting_after: u64,
+    /// This table among all the tables made (`Edits::table`).
+    id: u64,
+    /// What was written where since the sockets were last lent (none before the first lend).
+    since_lend: Option<Since>,
 }
+
+/// What a lending table's sockets are, against those of its last lend: what a loop's peer match
+/// patches its last result by (`join::KeptTopology`), instead of matching every socket again.
+#[derive(Debug, Clone)]
+pub struct Edits {
+    /// The table (a dump makes a new one).
+    pub table: u64,
+    /// Its sockets now: the first this many of the sample's.
+    pub len: usize,
+    /// What changed since its last lend; `None` at its first.
+    pub since: Option<Since>,
+}
+
+/// The places of a table's sockets written since its last lend.
+#[derive(Debug, Clone, Default)]
+pub struct Since {
+    /// The number of sockets at that lend.
+    pub len: usize,
+    /// Each place written since, with what it held at the lend (`None`: past the end then).
+    pub before: FxHashMap<u32, Option<Socket>>,
+}
+
+/// Tables made so far, to tell them apart.
+static TABLES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Table {
     /// The table of a whole dump of `states`; the sockets back when one has no stable
@@ -139,15 +167,38 @@ impl Table {
             lent: None,
             any_waiting,
             waiting_after: 0,
+            id: TABLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            since_lend: None,
         })
     }
 
     /// The sockets, for a sample to hold until it gives them back (`give_back`): no copy. Until
     /// then the table cannot be updated.
-    pub fn lend(&mut self) -> Vec<Socket> {
+    /// (They come with what changed since the last lend.)
+    pub fn lend(&mut self) -> (Vec<Socket>, Edits) {
         let sockets = std::mem::take(&mut self.sockets);
         self.lent = Some(sockets.len());
-        sockets
+        let since = self.since_lend.replace(Since {
+            len: sockets.len(),
+            before: FxHashMap::default(),
+        });
+        let edits = Edits {
+            table: self.id,
+            len: sockets.len(),
+            since,
+        };
+        (sockets, edits)
+    }
+
+    /// Notes what place `i` holds before it is written, the first time since the last lend.
+    fn touch(&mut self, i: usize) {
+        if let (Some(since), Ok(at)) = (self.since_lend.as_mut(), u32::try_from(i)) {
+            let sockets = &self.sockets;
+            since
+                .before
+                .entry(at)
+                .or_insert_with(|| sockets.get(i).cloned());
+        }
     }
 
     /// Takes back the sockets `lend` gave, as the sample holds them (its clocks maybe read
@@ -249,6 +300,7 @@ impl Table {
                 && found.cookie() == Some(exact.cookie)
                 && self.states.contains(found.state)
             {
+                self.touch(i as usize);
                 self.sockets[i as usize] = found;
             }
         }
@@ -278,8 +330,12 @@ impl Table {
 
     fn put(&mut self, cookie: u64, s: Socket) {
         match self.at.get(&cookie) {
-            Some(&i) => self.sockets[i as usize] = s,
+            Some(&i) => {
+                self.touch(i as usize);
+                self.sockets[i as usize] = s;
+            }
             None => {
+                self.touch(self.sockets.len());
                 self.at.insert(cookie, self.sockets.len() as u32);
                 self.sockets.push(s);
             }
@@ -290,6 +346,9 @@ impl Table {
         let Some(i) = self.at.remove(&cookie) else {
             return;
         };
+        // The last socket moves into the hole: both places are written.
+        self.touch(i as usize);
+        self.touch(self.sockets.len().saturating_sub(1));
         self.sockets.swap_remove(i as usize);
         if let Some(moved) = self.sockets.get(i as usize).and_then(Socket::cookie) {
             self.at.insert(moved, i);
@@ -310,9 +369,29 @@ pub struct Kept {
     last: Option<usize>,
     /// Samples hold the table's own sockets (`Table::lend`) instead of a copy.
     lends: bool,
+    /// What the last lend said of the sockets it lent, until taken (`edits`).
+    edits: Option<Edits>,
 }
 
 impl Kept {
+    /// What the sockets the last update or dump lent are against those of the table's lend
+    /// before; `None` when it lent none (a copy, or no table).
+    pub fn edits(&mut self) -> Option<Edits> {
+        self.edits.take()
+    }
+
+    /// The sockets for a sample: lent (with their edits, for `edits`) or a copy.
+    fn hand_out(lends: bool, edits: &mut Option<Edits>, t: &mut Table) -> Vec<Socket> {
+        if lends {
+            let (sockets, e) = t.lend();
+            *edits = Some(e);
+            sockets
+        } else {
+            *edits = None;
+            t.sockets().to_vec()
+        }
+    }
+
     /// A table that lends its sockets to each sample instead of copying them: one copy of the
     /// sockets in memory, not two. The sample must give them back (`give_back`) before the
     /// next update, or that update dumps.
@@ -428,6 +507,7 @@ impl Kept {
     ) -> Result<Vec<Socket>, CollectError> {
         let since = self.updated_at;
         let lends = self.lends;
+        self.edits = None;
         let mut netlink = netlink;
         if let Some(t) = self.usable(states, lost, now)
             // So many changes that a dump costs less than their lookups.
@@ -445,11 +525,9 @@ impl Kept {
             // A lookup that failed (not one that found nothing) is no reason to fail the
             // sample: the dump below says what is there, or why it cannot.
             if let Ok(Ok(lookups)) = applied {
-                let sockets = if lends {
-                    t.lend()
-                } else {
-                    t.sockets().to_vec()
-                };
+                let mut edits = None;
+                let sockets = Kept::hand_out(lends, &mut edits, t);
+                self.edits = edits;
                 self.last = Some(lookups);
                 self.looks += 1;
                 self.updated_at = Some(now);
@@ -470,15 +548,17 @@ impl Kept {
     pub fn dumped(&mut self, sockets: Vec<Socket>, states: StateSet, now: Instant) -> Vec<Socket> {
         let (table, sockets) = match Table::new(sockets, states) {
             Ok(mut t) if follows(states) => {
-                let sockets = if self.lends {
-                    t.lend()
-                } else {
-                    t.sockets().to_vec()
-                };
+                let sockets = Kept::hand_out(self.lends, &mut self.edits, &mut t);
                 (Some(t), sockets)
             }
-            Ok(t) => (None, t.sockets),
-            Err(sockets) => (None, sockets),
+            Ok(t) => {
+                self.edits = None;
+                (None, t.sockets)
+            }
+            Err(sockets) => {
+                self.edits = None;
+                (None, sockets)
+            }
         };
         self.table = table;
         self.dumped_at = Some(now);
@@ -583,6 +663,14 @@ impl SocketSource for EventSource {
 
     fn sockets(&mut self, states: StateSet) -> Result<Vec<Socket>, CollectError> {
         self.update(states)
+    }
+
+    fn dump(&mut self, states: StateSet) -> Result<Dump, CollectError> {
+        Ok(Dump {
+            sockets: self.update(states)?,
+            edits: self.kept.edits(),
+            ..Dump::default()
+        })
     }
 
     fn still(&mut self, states: StateSet) -> bool {

@@ -68,6 +68,9 @@ pub struct Dump {
     pub namespaces: Vec<netns::Target>,
     /// What the operator must know about this dump (namespaces that could not be entered).
     pub warnings: Vec<Warning>,
+    /// Where the first sockets are a table's own, lent (`events`): what changed in them since
+    /// it last lent them, for the peer match to patch its last result instead of starting over.
+    pub edits: Option<events::Edits>,
 }
 
 /// Where sockets come from. Implementations: the kernel (`netlink::NetlinkSource`), the

@@ -23,7 +23,7 @@ use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 use rustc_hash::FxHashMap;
 
 use super::counters::{Counters, LastDump};
-use super::events::{Drain, Kept, Pending};
+use super::events::{Drain, Edits, Kept, Pending};
 use super::netlink::{NetlinkSource, THREAD_NET};
 use super::{CollectError, Dump, SocketSource};
 use crate::bpf::events::StateChanges;
@@ -291,7 +291,12 @@ impl SocketSource for AllNetns {
             reuse: last.is_some(),
             drain: drain.as_ref(),
         };
-        let (sockets, lent, mut warnings) = sweep.run(
+        let Swept {
+            sockets,
+            lent,
+            edits,
+            mut warnings,
+        } = sweep.run(
             &mut self.own,
             &targets,
             own_inode,
@@ -310,6 +315,7 @@ impl SocketSource for AllNetns {
             sockets,
             namespaces: targets,
             warnings,
+            edits,
         })
     }
 }
@@ -324,6 +330,15 @@ fn list_pids(proc_root: &Path) -> Vec<u32> {
         .filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect()
+}
+
+/// What a sweep found: every namespace's sockets, the namespace whose table lent the first
+/// of them and how many, what changed in those (`Dump::edits`), and the warnings.
+struct Swept {
+    sockets: Vec<Socket>,
+    lent: Option<(u64, usize)>,
+    edits: Option<Edits>,
+    warnings: Vec<Warning>,
 }
 
 /// One look at every namespace.
@@ -347,7 +362,8 @@ impl Sweep<'_> {
     /// warning and left out.
     ///
     /// Kept by events, the namespace with the most sockets lends its table's own (`Slot`):
-    /// they come first, and that namespace and their number are returned, for `recycle`.
+    /// they come first, and that namespace and their number are returned, for `recycle`,
+    /// with what changed in them since that table last lent them (`Dump::edits`).
     fn run(
         &self,
         own_source: &mut NetlinkSource,
@@ -355,7 +371,7 @@ impl Sweep<'_> {
         own_inode: u64,
         last: Option<&mut FxHashMap<u64, Slot>>,
         threads: usize,
-    ) -> (Vec<Socket>, Option<(u64, usize)>, Vec<Warning>) {
+    ) -> Swept {
         let failures: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
         let fail = |inode: u64, e: String| {
             if let Ok(mut f) = failures.lock() {
@@ -464,11 +480,16 @@ impl Sweep<'_> {
             }
             None => (None, Vec::new()),
         };
+        let edits = lent
+            .and_then(|(inode, _)| slots.get_mut(&inode))
+            .and_then(|slot| slot.kept.edits());
         all.reserve(parts.iter().map(|(_, p)| p.len()).sum());
         for (inode, sockets) in parts {
             all.extend_from_slice(&sockets);
             if let Some(slot) = slots.get_mut(&inode) {
                 slot.kept.give_back(sockets);
+                // Copied: nothing patches a match by them.
+                drop(slot.kept.edits());
             }
         }
         if let Some(last) = last {
@@ -485,7 +506,12 @@ impl Sweep<'_> {
                 lacking: crate::privilege::lacking(crate::privilege::ENTER_NETNS),
             });
         }
-        (all, lent, warnings)
+        Swept {
+            sockets: all,
+            lent,
+            edits,
+            warnings,
+        }
     }
 
     /// One namespace other than shimcheck's own kept by events, on a worker thread: entered

@@ -496,3 +496,112 @@ fn unchanged_sockets_have_their_clocks_moved_on_by_the_time_since_the_last_sampl
     let info = next[0].tcp_info.unwrap();
     assert_eq!(info.data_idle_ms(), 1500);
 }
+
+/// One connection on loopback, both ends: the client's cookie is `2c`, the server end's
+/// `2c + 1`, with no inode until accepted. Client ports repeat every 64 connections, so a
+/// tuple can be held twice while its first connection lingers in CLOSE_WAIT.
+fn connection(c: u64, accepted: bool) -> [Socket; 2] {
+    let client = format!("127.0.0.1:{}", 40000 + c % 64);
+    let server_inode = if accepted { 100_000 + 2 * c + 1 } else { 0 };
+    [
+        sock(TcpState::Established, &client, SERVER, 100_000 + 2 * c).cookie(2 * c),
+        sock(TcpState::Established, SERVER, &client, server_inode).cookie(2 * c + 1),
+    ]
+}
+
+#[test]
+fn a_peer_match_patched_by_a_tables_edits_is_the_match_from_scratch() {
+    use shimcheck::join::{KeptTopology, Topology};
+    let mut kernel = Kernel::default();
+    let listener = sock(TcpState::Listen, "0.0.0.0:5000", "0.0.0.0:0", 99).cookie(1);
+    kernel.now.insert(1, listener.clone());
+    let mut live: Vec<u64> = Vec::new();
+    for c in 1..=40 {
+        for s in connection(c, true) {
+            kernel.now.insert(Socket::cookie(&s).unwrap(), s);
+        }
+        live.push(c);
+    }
+    let mut table = Table::new(kernel.now.values().cloned().collect(), shown()).unwrap();
+    // Another namespace's connections, after the table's as `--all-netns` puts them.
+    let others: Vec<Socket> = (1000..1005)
+        .flat_map(|c| connection(c, true))
+        .map(|s| s.netns(2))
+        .collect();
+    let mut kept = KeptTopology::default();
+    let mut next = 41;
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    let mut roll = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    for round in 0..60 {
+        let (mut sockets, edits) = table.lend();
+        let own = sockets.len();
+        if round % 2 == 1 {
+            sockets.extend(others.iter().cloned());
+        }
+        let patched = kept.topology(&sockets, Some(&edits));
+        assert_eq!(
+            patched,
+            Topology::with_inode_order(&sockets),
+            "round {round}"
+        );
+        sockets.truncate(own);
+        assert!(table.give_back(sockets));
+        let mut pending = Pending::default();
+        // Some connections close (both ends), some open (the server end waiting to be
+        // accepted), one goes half-closed, and the waiting ones may be accepted meanwhile.
+        for _ in 0..roll(4).min(live.len() as u64) {
+            let c = live.swap_remove(roll(live.len() as u64) as usize);
+            for s in connection(c, true) {
+                let cookie = Socket::cookie(&s).unwrap();
+                kernel.now.remove(&cookie);
+                pending.add(change(
+                    cookie,
+                    s.state,
+                    TcpState::Close,
+                    &s.local().to_string(),
+                    &s.remote().to_string(),
+                ));
+            }
+        }
+        for _ in 0..roll(5) {
+            let [client, server] = connection(next, false);
+            for (s, from) in [(client, TcpState::SynSent), (server, TcpState::SynRecv)] {
+                pending.add(change(
+                    Socket::cookie(&s).unwrap(),
+                    from,
+                    TcpState::Established,
+                    &s.local().to_string(),
+                    &s.remote().to_string(),
+                ));
+                kernel.now.insert(Socket::cookie(&s).unwrap(), s);
+            }
+            live.push(next);
+            next += 1;
+        }
+        if let Some(&c) = live.get(roll(live.len() as u64 + 1) as usize) {
+            let [_, mut server] = connection(c, true);
+            server.state = TcpState::CloseWait;
+            pending.add(change(
+                2 * c + 1,
+                TcpState::Established,
+                TcpState::CloseWait,
+                SERVER,
+                &server.remote().to_string(),
+            ));
+            kernel.now.insert(2 * c + 1, server);
+        }
+        for s in kernel
+            .now
+            .values_mut()
+            .filter(|s| s.inode == 0 && Socket::cookie(s).is_some_and(|c| c % 3 != 0))
+        {
+            s.inode = 100_000 + Socket::cookie(s).unwrap_or(0);
+        }
+        assert_eq!(apply(&mut table, &pending, &mut kernel).map(|_| ()), Ok(()));
+    }
+}
