@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use shimcheck::aggregate::{GroupBy, Query};
 use shimcheck::cli::NodeArgs;
 use shimcheck::detect::{DetectConfig, snapshot_findings};
-use shimcheck::join::Joined;
+use shimcheck::join::{Joined, Topology};
 use shimcheck::model::{Sample, StateSet, TcpState};
 use shimcheck::sample::{Look, Mode, Sampler, Taken};
 
@@ -39,8 +39,20 @@ fn sockets(s: &Sample) -> BTreeMap<u64, String> {
         .collect()
 }
 
-/// The report by `by` as JSON, without the time it was taken.
-fn report(s: &Sample, by: GroupBy) -> Value {
+/// Each socket (by cookie) with its peer's cookie and whether a listener accepts on it, as the
+/// join finds them with `topology`.
+fn peers(s: &Sample, topology: &Topology) -> BTreeMap<u64, (Option<u64>, bool)> {
+    let j = Joined::with_topology_of(s, topology);
+    (0..s.sockets.len())
+        .map(|i| {
+            let cookie = |i: usize| s.sockets[i].cookie().unwrap_or_default();
+            (cookie(i), (j.peer(i).map(cookie), j.listens(i)))
+        })
+        .collect()
+}
+
+/// The report by `by` as JSON, joined with `topology`, without the time it was taken.
+fn report(s: &Sample, topology: &Topology, by: GroupBy) -> Value {
     let query = Query {
         group_by: by,
         states: [TcpState::Established, TcpState::CloseWait]
@@ -52,18 +64,19 @@ fn report(s: &Sample, by: GroupBy) -> Value {
         top: None,
         fold: false,
     };
-    let mut v = serde_json::to_value(shimcheck::ports_report(s, &query)).unwrap();
+    let joined = Joined::with_topology_of(s, topology);
+    let mut v = serde_json::to_value(shimcheck::aggregate::aggregate(&joined, &query)).unwrap();
     v.as_object_mut().unwrap().remove("taken_at");
     v
 }
 
 /// Findings as kind, pid, count and message (which names no clock below the thresholds).
-fn findings(s: &Sample) -> Vec<String> {
+fn findings(s: &Sample, topology: &Topology) -> Vec<String> {
     let cfg = DetectConfig {
         close_wait_min: 5,
         ..DetectConfig::default()
     };
-    snapshot_findings(&Joined::new(s), &cfg)
+    snapshot_findings(&Joined::with_topology_of(s, topology), &cfg)
         .into_iter()
         .map(|f| format!("{:?} {:?} {} {}", f.kind, f.pid, f.count, f.message))
         .collect()
@@ -72,6 +85,28 @@ fn findings(s: &Sample) -> Vec<String> {
 #[test]
 fn every_incremental_sample_equals_a_full_sample_of_the_same_moment() {
     skip_unless_live!();
+    // The owner cache's slot reads are what this is about: the BPF walk re-reads every table
+    // each time (tests/live/bpf.rs checks its loops), and without BPF no table is kept by
+    // events either: the counters say when nothing moved.
+    incremental_against_full(true);
+}
+
+#[test]
+fn every_sample_kept_by_events_equals_a_full_sample_of_the_same_moment() {
+    skip_unless_live!();
+    // The socket table kept by state-change events, the peer match patched by its edits and
+    // the BPF fd walk: the loop as a node runs it.
+    if let Err(e) = shimcheck::bpf::events::StateChanges::load(None) {
+        assert!(std::env::var_os("CI").is_none(), "must load under CI: {e}");
+        eprintln!("skipped: BPF cannot be loaded here: {e}");
+        return;
+    }
+    incremental_against_full(false);
+}
+
+/// Eight looks of a loop's sampler (`--no-bpf` or not) at a population the test changes
+/// between them, each against a one-shot sample right after it.
+fn incremental_against_full(no_bpf: bool) {
     let pop = Population::start(&json!({
         "servers": [{"name": "registry", "addr": "127.0.0.1", "port": 5000},
                     {"name": "closer", "addr": "127.0.0.1", "port": 7000,
@@ -82,9 +117,7 @@ fn every_incremental_sample_equals_a_full_sample_of_the_same_moment() {
         proc_root: PathBuf::from("/proc"),
         pods_dir: PathBuf::from("/nonexistent"),
         all_netns: false,
-        // The owner cache's slot reads are what this test is about: the BPF walk re-reads
-        // every table each time (tests/live/bpf.rs checks its loops).
-        no_bpf: true,
+        no_bpf,
     };
     let states: StateSet = [TcpState::Established, TcpState::CloseWait, TcpState::Listen]
         .into_iter()
@@ -94,7 +127,7 @@ fn every_incremental_sample_equals_a_full_sample_of_the_same_moment() {
         let mut leaked: Vec<TcpStream> = Vec::new();
         let mut child = None;
         let mut unchanged_at = Vec::new();
-        let mut kept: Option<Sample> = None;
+        let mut kept: Option<(Sample, Topology)> = None;
         for step in 0..8 {
             match step {
                 // The leak: connections opened and kept.
@@ -136,19 +169,24 @@ fn every_incremental_sample_equals_a_full_sample_of_the_same_moment() {
             }
             std::thread::sleep(Duration::from_millis(200));
             let looked = std::time::Instant::now();
-            let inc = match loop_sampler.look(states, || None).unwrap() {
-                Look::New(Taken { sample, .. }) => sample,
+            // As a loop does: the last sample's sockets go back to the source (a table kept by
+            // events lends its own, and patches the peer match by what it wrote since).
+            let looked_at = loop_sampler
+                .look(states, || kept.take().map(|(s, _)| s.sockets))
+                .unwrap();
+            let (inc, inc_topology) = match looked_at {
+                Look::New(Taken { sample, topology }) => (sample, topology),
                 Look::Same(moved) => {
                     unchanged_at.push(step);
-                    let mut last = kept.take().expect("a sample before");
+                    let (mut last, topology) = kept.take().expect("a sample before");
                     last.apply(moved);
-                    last
+                    (last, topology)
                 }
             };
-            let full = Sampler::open(&node, Mode::OneShot)
-                .sample(states)
-                .unwrap()
-                .sample;
+            let Taken {
+                sample: full,
+                topology: full_topology,
+            } = Sampler::open(&node, Mode::OneShot).sample(states).unwrap();
             // The clocks of the two samples can differ by at most the time between the looks
             // (plus the kernel's clock tick): a loaded machine widens it, a wrong aging does not.
             let apart = looked.elapsed().as_millis() as u64 + 20;
@@ -157,14 +195,23 @@ fn every_incremental_sample_equals_a_full_sample_of_the_same_moment() {
                 sockets(&full),
                 "step {step}: sockets and holders"
             );
+            assert_eq!(
+                peers(&inc, &inc_topology),
+                peers(&full, &full_topology),
+                "step {step}: peers and listening ends"
+            );
             for by in [GroupBy::Port, GroupBy::Pair, GroupBy::Process] {
                 assert_eq!(
-                    report(&inc, by),
-                    report(&full, by),
+                    report(&inc, &inc_topology, by),
+                    report(&full, &full_topology, by),
                     "step {step}: --by {by:?}"
                 );
             }
-            assert_eq!(findings(&inc), findings(&full), "step {step}: findings");
+            assert_eq!(
+                findings(&inc, &inc_topology),
+                findings(&full, &full_topology),
+                "step {step}: findings"
+            );
             // Clocks: the reused sample's are as old as the full one's, to the time between them.
             let idle = |s: &Sample| -> u64 {
                 s.sockets
@@ -180,13 +227,13 @@ fn every_incremental_sample_equals_a_full_sample_of_the_same_moment() {
                 idle(&full)
             );
             if step == 2 {
+                let found = findings(&inc, &inc_topology);
                 assert!(
-                    findings(&inc).iter().any(|f| f.starts_with("CloseWait")),
-                    "the CLOSE_WAIT pile-up is found: {:?}",
-                    findings(&inc)
+                    found.iter().any(|f| f.starts_with("CloseWait")),
+                    "the CLOSE_WAIT pile-up is found: {found:?}"
                 );
             }
-            kept = Some(inc);
+            kept = Some((inc, inc_topology));
         }
         // Steps 3, 5 and 7 change nothing since the sample before: answered without a dump.
         assert_eq!(
