@@ -129,6 +129,8 @@ pub struct Table {
 pub struct Edits {
     /// The table (a dump makes a new one).
     pub table: u64,
+    /// This lend, counted from the table's first (0).
+    pub lend: u64,
     /// Its sockets now: the first this many of the sample's.
     pub len: usize,
     /// What changed since its last lend; `None` at its first.
@@ -138,6 +140,8 @@ pub struct Edits {
 /// The places of a table's sockets written since its last lend.
 #[derive(Debug, Clone, Default)]
 pub struct Since {
+    /// That lend's number (`Edits::lend`): a patch must start from the match of that one.
+    pub lend: u64,
     /// The number of sockets at that lend.
     pub len: usize,
     /// Each place written since, with what it held at the lend (`None`: past the end then).
@@ -178,12 +182,15 @@ impl Table {
     pub fn lend(&mut self) -> (Vec<Socket>, Edits) {
         let sockets = std::mem::take(&mut self.sockets);
         self.lent = Some(sockets.len());
+        let lend = self.since_lend.as_ref().map_or(0, |s| s.lend + 1);
         let since = self.since_lend.replace(Since {
+            lend,
             len: sockets.len(),
             before: FxHashMap::default(),
         });
         let edits = Edits {
             table: self.id,
+            lend,
             len: sockets.len(),
             since,
         };

@@ -25,8 +25,9 @@ pub struct KeptTopology {
 
 /// The match of one table's sockets.
 struct Base {
-    /// The table (`Edits::table`) and its number of sockets when last matched.
+    /// The table (`Edits::table`), the lend matched last and its number of sockets.
     table: u64,
+    lend: u64,
     len: usize,
     /// Numbers handed out stay those of the sockets matched: an end is found again by its key.
     numbering: Numbering,
@@ -47,7 +48,9 @@ impl KeptTopology {
         };
         let (own, rest) = sockets.split_at(edits.len);
         let patched = match (self.base.as_mut(), &edits.since) {
-            (Some(b), Some(since)) if b.table == edits.table && b.len == since.len => {
+            (Some(b), Some(since))
+                if (b.table, b.lend, b.len) == (edits.table, since.lend, since.len) =>
+            {
                 b.patch(own, since)
             }
             _ => false,
@@ -56,6 +59,8 @@ impl KeptTopology {
             Some(b) if patched => b,
             _ => self.base.insert(Base::new(edits.table, own)),
         };
+        // Patched or new, the match is now that of this lend.
+        base.lend = edits.lend;
         base.with_rest(rest)
     }
 }
@@ -66,6 +71,7 @@ impl Base {
         let matched = match_all(sockets, &mut numbering, true);
         Base {
             table,
+            lend: 0,
             len: sockets.len(),
             numbering,
             matched,

@@ -497,51 +497,128 @@ fn unchanged_sockets_have_their_clocks_moved_on_by_the_time_since_the_last_sampl
     assert_eq!(info.data_idle_ms(), 1500);
 }
 
-/// One connection on loopback, both ends: the client's cookie is `2c`, the server end's
-/// `2c + 1`, with no inode until accepted. Client ports repeat every 64 connections, so a
-/// tuple can be held twice while its first connection lingers in CLOSE_WAIT.
-fn connection(c: u64, accepted: bool) -> [Socket; 2] {
+/// One connection on loopback in namespace `netns`, both ends: the client's cookie is `2c`,
+/// the server end's `2c + 1`, with no inode until accepted. Client ports repeat every 64
+/// connections, so a tuple can be held twice while its first connection lingers in
+/// CLOSE_WAIT.
+fn connection(netns: u64, c: u64, accepted: bool) -> [Socket; 2] {
     let client = format!("127.0.0.1:{}", 40000 + c % 64);
     let server_inode = if accepted { 100_000 + 2 * c + 1 } else { 0 };
     [
         sock(TcpState::Established, &client, SERVER, 100_000 + 2 * c).cookie(2 * c),
         sock(TcpState::Established, SERVER, &client, server_inode).cookie(2 * c + 1),
     ]
+    .map(|s| s.netns(netns))
+}
+
+/// One namespace's table, the kernel its lookups ask, and the connections open there.
+struct Namespace {
+    netns: u64,
+    kernel: Kernel,
+    table: Table,
+    live: Vec<u64>,
+    next: u64,
+}
+
+impl Namespace {
+    /// A listener on :5000 and `n` accepted connections; cookies from `first` up.
+    fn new(netns: u64, first: u64, n: u64) -> Namespace {
+        let mut kernel = Kernel::default();
+        let listener = sock(TcpState::Listen, "0.0.0.0:5000", "0.0.0.0:0", first).cookie(first);
+        kernel.now.insert(first, listener.netns(netns));
+        let live: Vec<u64> = (first + 1..=first + n).collect();
+        for &c in &live {
+            for s in connection(netns, c, true) {
+                kernel.now.insert(Socket::cookie(&s).unwrap(), s);
+            }
+        }
+        let table = Table::new(kernel.now.values().cloned().collect(), shown()).unwrap();
+        Namespace {
+            netns,
+            kernel,
+            table,
+            live,
+            next: first + n + 1,
+        }
+    }
+
+    /// Some connections close (both ends), some open (their server ends waiting to be
+    /// accepted), one goes half-closed, and the waiting ones may be accepted meanwhile; the
+    /// table is then brought up to date.
+    fn churn(&mut self, roll: &mut impl FnMut(u64) -> u64) {
+        let mut pending = Pending::default();
+        let add = |p: &mut Pending, s: &Socket, from: TcpState, to: TcpState| {
+            let (local, remote) = (s.local().to_string(), s.remote().to_string());
+            p.add(change(
+                Socket::cookie(s).unwrap(),
+                from,
+                to,
+                &local,
+                &remote,
+            ));
+        };
+        for _ in 0..roll(4).min(self.live.len() as u64) {
+            let c = self.live.swap_remove(roll(self.live.len() as u64) as usize);
+            for s in connection(self.netns, c, true) {
+                self.kernel.now.remove(&Socket::cookie(&s).unwrap());
+                add(&mut pending, &s, s.state, TcpState::Close);
+            }
+        }
+        for _ in 0..roll(5) {
+            let [client, server] = connection(self.netns, self.next, false);
+            for (s, from) in [(client, TcpState::SynSent), (server, TcpState::SynRecv)] {
+                add(&mut pending, &s, from, TcpState::Established);
+                self.kernel.now.insert(Socket::cookie(&s).unwrap(), s);
+            }
+            self.live.push(self.next);
+            self.next += 1;
+        }
+        if let Some(&c) = self.live.get(roll(self.live.len() as u64 + 1) as usize) {
+            let [_, mut server] = connection(self.netns, c, true);
+            server.state = TcpState::CloseWait;
+            add(
+                &mut pending,
+                &server,
+                TcpState::Established,
+                TcpState::CloseWait,
+            );
+            self.kernel.now.insert(2 * c + 1, server);
+        }
+        for s in self.kernel.now.values_mut() {
+            if s.inode == 0 && Socket::cookie(s).is_some_and(|c| c % 3 != 0) {
+                s.inode = 100_000 + Socket::cookie(s).unwrap_or(0);
+            }
+        }
+        let applied = self.table.apply(&pending, &mut |e| self.kernel.lookup(e));
+        assert!(matches!(applied, Ok(Ok(_))), "{applied:?}");
+    }
 }
 
 #[test]
 fn a_peer_match_patched_by_a_tables_edits_is_the_match_from_scratch() {
     use shimcheck::join::{KeptTopology, Topology};
-    let mut kernel = Kernel::default();
-    let listener = sock(TcpState::Listen, "0.0.0.0:5000", "0.0.0.0:0", 99).cookie(1);
-    kernel.now.insert(1, listener.clone());
-    let mut live: Vec<u64> = Vec::new();
-    for c in 1..=40 {
-        for s in connection(c, true) {
-            kernel.now.insert(Socket::cookie(&s).unwrap(), s);
-        }
-        live.push(c);
-    }
-    let mut table = Table::new(kernel.now.values().cloned().collect(), shown()).unwrap();
-    // Another namespace's connections, after the table's as `--all-netns` puts them.
-    let others: Vec<Socket> = (1000..1005)
-        .flat_map(|c| connection(c, true))
-        .map(|s| s.netns(2))
-        .collect();
+    // Two namespaces, each with its table, as `--all-netns` sweeps them: the larger lends its
+    // sockets first and is patched; the other's are copied after them and given back at once.
+    // Which one is the larger changes every few rounds, so a patch must start from the match
+    // of the very lend its edits are counted from.
+    let mut spaces = [Namespace::new(1, 1, 40), Namespace::new(2, 10_000, 20)];
     let mut kept = KeptTopology::default();
-    let mut next = 41;
     let mut rng = 0x2545_f491_4f6c_dd1d_u64;
     let mut roll = |n: u64| {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        rng % n
+        rng % n.max(1)
     };
-    for round in 0..60 {
-        let (mut sockets, edits) = table.lend();
+    for round in 0..80 {
+        let first = usize::from(round % 7 >= 4);
+        let (mut sockets, edits) = spaces[first].table.lend();
         let own = sockets.len();
+        // Every other round, the other namespace's sockets after the lent ones.
         if round % 2 == 1 {
+            let (others, _) = spaces[1 - first].table.lend();
             sockets.extend(others.iter().cloned());
+            assert!(spaces[1 - first].table.give_back(others));
         }
         let patched = kept.topology(&sockets, Some(&edits));
         assert_eq!(
@@ -550,58 +627,9 @@ fn a_peer_match_patched_by_a_tables_edits_is_the_match_from_scratch() {
             "round {round}"
         );
         sockets.truncate(own);
-        assert!(table.give_back(sockets));
-        let mut pending = Pending::default();
-        // Some connections close (both ends), some open (the server end waiting to be
-        // accepted), one goes half-closed, and the waiting ones may be accepted meanwhile.
-        for _ in 0..roll(4).min(live.len() as u64) {
-            let c = live.swap_remove(roll(live.len() as u64) as usize);
-            for s in connection(c, true) {
-                let cookie = Socket::cookie(&s).unwrap();
-                kernel.now.remove(&cookie);
-                pending.add(change(
-                    cookie,
-                    s.state,
-                    TcpState::Close,
-                    &s.local().to_string(),
-                    &s.remote().to_string(),
-                ));
-            }
+        assert!(spaces[first].table.give_back(sockets));
+        for space in &mut spaces {
+            space.churn(&mut roll);
         }
-        for _ in 0..roll(5) {
-            let [client, server] = connection(next, false);
-            for (s, from) in [(client, TcpState::SynSent), (server, TcpState::SynRecv)] {
-                pending.add(change(
-                    Socket::cookie(&s).unwrap(),
-                    from,
-                    TcpState::Established,
-                    &s.local().to_string(),
-                    &s.remote().to_string(),
-                ));
-                kernel.now.insert(Socket::cookie(&s).unwrap(), s);
-            }
-            live.push(next);
-            next += 1;
-        }
-        if let Some(&c) = live.get(roll(live.len() as u64 + 1) as usize) {
-            let [_, mut server] = connection(c, true);
-            server.state = TcpState::CloseWait;
-            pending.add(change(
-                2 * c + 1,
-                TcpState::Established,
-                TcpState::CloseWait,
-                SERVER,
-                &server.remote().to_string(),
-            ));
-            kernel.now.insert(2 * c + 1, server);
-        }
-        for s in kernel
-            .now
-            .values_mut()
-            .filter(|s| s.inode == 0 && Socket::cookie(s).is_some_and(|c| c % 3 != 0))
-        {
-            s.inode = 100_000 + Socket::cookie(s).unwrap_or(0);
-        }
-        assert_eq!(apply(&mut table, &pending, &mut kernel).map(|_| ()), Ok(()));
     }
 }
