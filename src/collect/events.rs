@@ -387,15 +387,13 @@ impl Kept {
         self.edits.take()
     }
 
-    /// The sockets for a sample: lent (with their edits, for `edits`) or a copy.
-    fn hand_out(lends: bool, edits: &mut Option<Edits>, t: &mut Table) -> Vec<Socket> {
+    /// The sockets for a sample: lent, with their edits, or a copy.
+    fn hand_out(lends: bool, t: &mut Table) -> (Vec<Socket>, Option<Edits>) {
         if lends {
-            let (sockets, e) = t.lend();
-            *edits = Some(e);
-            sockets
+            let (sockets, edits) = t.lend();
+            (sockets, Some(edits))
         } else {
-            *edits = None;
-            t.sockets().to_vec()
+            (t.sockets().to_vec(), None)
         }
     }
 
@@ -532,8 +530,7 @@ impl Kept {
             // A lookup that failed (not one that found nothing) is no reason to fail the
             // sample: the dump below says what is there, or why it cannot.
             if let Ok(Ok(lookups)) = applied {
-                let mut edits = None;
-                let sockets = Kept::hand_out(lends, &mut edits, t);
+                let (sockets, edits) = Kept::hand_out(lends, t);
                 self.edits = edits;
                 self.last = Some(lookups);
                 self.looks += 1;
@@ -555,7 +552,8 @@ impl Kept {
     pub fn dumped(&mut self, sockets: Vec<Socket>, states: StateSet, now: Instant) -> Vec<Socket> {
         let (table, sockets) = match Table::new(sockets, states) {
             Ok(mut t) if follows(states) => {
-                let sockets = Kept::hand_out(self.lends, &mut self.edits, &mut t);
+                let (sockets, edits) = Kept::hand_out(self.lends, &mut t);
+                self.edits = edits;
                 (Some(t), sockets)
             }
             Ok(t) => {
