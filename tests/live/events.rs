@@ -2,13 +2,11 @@
 //! moment, live: connections opened, closed by either end, left in an accept queue and then
 //! accepted, a listener opened; after each move, the table (updated from state changes and
 //! lookups, no dump) must list exactly the sockets a dump lists, with the same states and
-//! inodes. The same across namespaces (`--all-netns`), where a namespace in which nothing
-//! changed is not even entered. Nothing else moves in the namespace between the two looks: every move is the
-//! test's, and the population's own accepts are waited for first.
+//! inodes. Nothing else moves in the namespace between the two looks: every move is the
+//! test's, and the population's own accepts are waited for first. The same across namespaces
+//! (`--all-netns`) is `tests/quiet_sweep.rs`: it needs a host where no other test moves.
 
-use std::collections::BTreeSet;
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
@@ -16,27 +14,9 @@ use shimcheck::bpf::events::StateChanges;
 use shimcheck::collect::SocketSource;
 use shimcheck::collect::events::EventSource;
 use shimcheck::collect::netlink::NetlinkSource;
-use shimcheck::collect::netns::AllNetns;
-use shimcheck::model::{Socket, StateSet, TcpState};
+use shimcheck::model::{StateSet, TcpState};
 
-use crate::support::{Population, in_netns, wait_until};
-
-type Row = (u64, TcpState, String, String, u64);
-
-fn rows(sockets: &[Socket]) -> BTreeSet<Row> {
-    sockets
-        .iter()
-        .map(|s| {
-            (
-                s.cookie().unwrap_or_default(),
-                s.state,
-                s.local().to_string(),
-                s.remote().to_string(),
-                s.inode,
-            )
-        })
-        .collect()
-}
+use crate::support::{Population, in_netns, socket_rows as rows, wait_until};
 
 #[test]
 fn the_event_kept_table_equals_a_dump_after_every_move() {
@@ -128,83 +108,4 @@ fn the_event_kept_table_equals_a_dump_after_every_move() {
         drop(listener);
         assert_eq!(same(&mut table, &mut full, "the listener closed"), None);
     });
-}
-
-/// The sockets of one namespace in a sweep of all of them.
-fn of(sockets: &[Socket], netns: u64) -> BTreeSet<Row> {
-    let mine: Vec<Socket> = sockets
-        .iter()
-        .filter(|s| s.netns == netns)
-        .cloned()
-        .collect();
-    rows(&mine)
-}
-
-#[test]
-fn every_namespace_is_kept_by_its_own_changes_and_a_quiet_one_is_not_entered() {
-    skip_unless_live!();
-    let spec = json!({
-        "servers": [{"name": "registry", "addr": "127.0.0.1", "port": 5000}],
-        "clients": [{"name": "kubelet", "connect": "127.0.0.1:5000", "count": 5}]
-    });
-    let (a, b) = (Population::start(&spec), Population::start(&spec));
-    let states: StateSet = [TcpState::Listen, TcpState::Established, TcpState::CloseWait]
-        .into_iter()
-        .collect();
-    let changes = match StateChanges::load(None) {
-        Ok(c) => c,
-        Err(e) => {
-            assert!(std::env::var_os("CI").is_none(), "must load under CI: {e}");
-            eprintln!("skipped: BPF cannot be loaded here: {e}");
-            return;
-        }
-    };
-    let mut sweep = AllNetns::new(NetlinkSource::open().unwrap(), Path::new("/proc"), 2, true)
-        .with_events(changes);
-    let dump_in = |pop: &Population| {
-        in_netns(pop.ns_pid, || {
-            rows(&NetlinkSource::open().unwrap().sockets(states).unwrap())
-        })
-    };
-    let settled = |pop: &Population| {
-        wait_until("the registry to accept", Duration::from_secs(60), || {
-            in_netns(pop.ns_pid, || {
-                NetlinkSource::open()
-                    .unwrap()
-                    .sockets(states)
-                    .unwrap()
-                    .iter()
-                    .all(|s| s.inode != 0)
-            })
-        })
-    };
-    let (na, nb) = (a.netns_inode(), b.netns_inode());
-    let look = |sweep: &mut AllNetns, what: &str| {
-        settled(&a);
-        settled(&b);
-        let all = sweep.sockets(states).unwrap();
-        assert_eq!(of(&all, na), dump_in(&a), "{what}: namespace a");
-        assert_eq!(of(&all, nb), dump_in(&b), "{what}: namespace b");
-        let lookups = (sweep.last_lookups(na), sweep.last_lookups(nb));
-        // As a loop does: the largest namespace's table lent its own sockets to the sample.
-        sweep.recycle(all);
-        lookups
-    };
-    assert_eq!(look(&mut sweep, "the first sweep"), (None, None));
-    assert_eq!(look(&mut sweep, "nothing"), (Some(0), Some(0)));
-    // Nothing changed anywhere since: the loop may reuse its last sample whole.
-    assert!(sweep.still(states));
-    let opened: Vec<TcpStream> = in_netns(a.ns_pid, || {
-        (0..6)
-            .map(|_| TcpStream::connect("127.0.0.1:5000").unwrap())
-            .collect()
-    });
-    settled(&a);
-    // Something changed: not still; the changes it read are kept for the sweep.
-    assert!(!sweep.still(states));
-    assert_eq!(look(&mut sweep, "6 opened in a"), (Some(12), Some(0)));
-    drop(opened);
-    let (in_a, in_b) = look(&mut sweep, "6 closed in a");
-    assert!(in_a.is_some_and(|n| n > 0), "{in_a:?}");
-    assert_eq!(in_b, Some(0));
 }

@@ -6,7 +6,7 @@
 
 pub mod builders;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
@@ -57,6 +57,25 @@ pub fn require_root() {
         "this live test makes network namespaces (unshare -n) and needs root: begin it with \
          `if !support::live(\"name\") {{ return; }}`, and run `sudo cargo test`"
     );
+}
+
+/// A socket as the live comparisons of two sources see it: cookie, state, both ends, inode.
+pub type SocketRow = (u64, shimcheck::model::TcpState, String, String, u64);
+
+/// The rows of `sockets`: two sources that list the same sockets give equal sets.
+pub fn socket_rows(sockets: &[shimcheck::model::Socket]) -> BTreeSet<SocketRow> {
+    sockets
+        .iter()
+        .map(|s| {
+            (
+                s.cookie().unwrap_or_default(),
+                s.state,
+                s.local().to_string(),
+                s.remote().to_string(),
+                s.inode,
+            )
+        })
+        .collect()
 }
 
 /// Runs `f` on a thread that has entered the network namespace of `pid`: loopback there is
