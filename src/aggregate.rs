@@ -15,6 +15,9 @@ use crate::detect::Finding;
 use crate::join::{Joined, Numbers, Tally};
 use crate::model::{Attribution, NetnsRef, Place, Sample, StateSet, TcpState, Warning};
 
+mod kept;
+pub use kept::KeptGroups;
+
 /// The JSON schema version this module writes.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -110,6 +113,10 @@ pub struct StateCounts([u32; 11]);
 impl StateCounts {
     fn add(&mut self, st: TcpState) {
         self.0[usize::from(st.kernel_number() - 1)] += 1;
+    }
+
+    fn remove(&mut self, st: TcpState) {
+        self.0[usize::from(st.kernel_number() - 1)] -= 1;
     }
 
     /// Non-zero counts in kernel order.
@@ -216,7 +223,7 @@ pub(crate) enum RawKey {
 }
 
 /// Every group's size, including those `--top` left out: what later samples compare with.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GroupCounts(FxHashMap<RawKey, usize>);
 
 /// Filters, groups and sorts (largest group first, then by address, port or pid). Only the
@@ -477,7 +484,20 @@ fn group<'a>(
         keys,
         ranked,
     };
-    let report = Report {
+    let report = report_of(sample, query, totals, total_groups, hidden_owner, groups);
+    (report, all_counts)
+}
+
+/// The report of a sample whose groups are `groups`, of `total_groups` before `--top`.
+fn report_of<G>(
+    sample: &Sample,
+    query: &Query,
+    totals: Totals,
+    total_groups: usize,
+    hidden_owner: bool,
+    groups: G,
+) -> Report<G> {
+    Report {
         schema_version: SCHEMA_VERSION,
         taken_at: rfc3339(sample.taken_at),
         hostname: sample.hostname.clone(),
@@ -492,8 +512,7 @@ fn group<'a>(
         findings: Vec::new(),
         warnings: warnings(sample, hidden_owner),
         attribution: sample.scan.attribution,
-    };
-    (report, all_counts)
+    }
 }
 
 /// The pass over the sockets: the group keys of each socket the query keeps, packed and given
@@ -506,84 +525,126 @@ fn memberships(
     places: &mut Places,
     mut add: impl FnMut(Member, &[u32]) -> bool,
 ) -> Option<(Totals, bool)> {
-    let sample = joined.sample;
     let mut totals = Totals::default();
     let mut owners: Vec<u32> = Vec::new();
     let mut hidden_owner = false;
-    for (i, s) in sample.sockets.iter().enumerate() {
-        if !query.states.contains(s.state) {
-            continue;
-        }
-        let (local, remote) = (s.local(), s.remote());
-        if query
-            .port
-            .is_some_and(|p| local.port() != p && remote.port() != p)
-        {
-            continue;
-        }
-        owners.clear();
-        owners.extend(joined.owners(i));
-        if query.pid.is_some_and(|pid| !owners.contains(&pid)) {
-            continue;
-        }
-        if let Some(name) = &query.process {
-            let comm_of = |pid: &u32| sample.owners.processes.get(pid).map(|p| p.comm.as_str());
-            if !owners.iter().any(|pid| comm_of(pid) == Some(name.as_str())) {
-                continue;
-            }
-        }
+    for (i, s) in joined.sample.sockets.iter().enumerate() {
         let Ok(at) = u32::try_from(i) else {
             break;
         };
-        totals.sockets += 1;
-        if owners.is_empty() {
-            totals.unattributed += 1;
-            hidden_owner |= s.inode != 0;
-        } else {
-            totals.attributed += 1;
-        }
         let mut more = true;
-        let mut put = |key: RawKey| more = more && add(keys.pack(key, s.state, at), &owners);
-        match query.group_by {
-            // A client end on an ephemeral port: one per socket, so folded by where it goes.
-            GroupBy::Port if query.fold && !joined.listens(i) => put(RawKey::Fold(
-                owners.first().copied(),
-                s.netns,
-                local.ip(),
-                remote,
-            )),
-            GroupBy::Port => put(RawKey::Port(s.netns, local)),
-            GroupBy::Peer => put(RawKey::Peer(s.netns, remote)),
-            GroupBy::Process if owners.is_empty() => put(RawKey::Process(None)),
-            GroupBy::Pair if owners.is_empty() => put(RawKey::Pair(None, s.netns, remote)),
-            // A socket shared by several processes belongs to each of their groups.
-            GroupBy::Process => owners.iter().for_each(|&p| put(RawKey::Process(Some(p)))),
-            GroupBy::Pair => owners
-                .iter()
-                .for_each(|&p| put(RawKey::Pair(Some(p), s.netns, remote))),
-            // No visible holder: the cgroup that created the socket may still name it.
-            GroupBy::Pod if owners.is_empty() => {
-                match s.cgroup_id().and_then(|id| sample.cgroup_places.get(&id)) {
-                    Some(place) => put(RawKey::Place(Some(places.number(place.clone())))),
-                    None => put(RawKey::Place(None)),
-                }
-            }
-            GroupBy::Pod => {
-                // Once per place, however many of its processes share the socket.
-                let mut ids: Vec<u32> = owners
-                    .iter()
-                    .map(|&p| places.number(place_of(sample, p)))
-                    .collect();
-                ids.sort_unstable();
-                ids.dedup();
-                ids.into_iter().for_each(|id| put(RawKey::Place(Some(id))));
-            }
-        }
+        let counted = socket_keys(joined, query, i, &mut owners, places, |key, owners| {
+            more = more && add(keys.pack(key, s.state, at), owners);
+        });
+        let Some(counted) = counted else {
+            continue;
+        };
+        counted.count(&mut totals, true);
+        hidden_owner |= counted == Counted::Hidden;
         if !more {
             return None;
         }
     }
     Some((totals, hidden_owner))
+}
+
+/// How a socket the query keeps counts in the totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    Attributed,
+    /// No holder, and no inode either (a connection not accepted yet).
+    Unattributed,
+    /// No holder the scan could see, though it has an inode.
+    Hidden,
+}
+
+impl Counted {
+    /// Adds the socket to `totals`, or takes it out.
+    fn count(self, totals: &mut Totals, add: bool) {
+        let one = |n: &mut usize| *n = if add { *n + 1 } else { *n - 1 };
+        one(&mut totals.sockets);
+        match self {
+            Counted::Attributed => one(&mut totals.attributed),
+            Counted::Unattributed | Counted::Hidden => one(&mut totals.unattributed),
+        }
+    }
+}
+
+/// Socket `i`'s groups: `None` when the query leaves it out; else each of its group keys is
+/// given to `put` with the socket's holders (which `owners` is left holding).
+fn socket_keys(
+    joined: &Joined<'_>,
+    query: &Query,
+    i: usize,
+    owners: &mut Vec<u32>,
+    places: &mut Places,
+    mut put: impl FnMut(RawKey, &[u32]),
+) -> Option<Counted> {
+    let sample = joined.sample;
+    let s = joined.socket(i);
+    if !query.states.contains(s.state) {
+        return None;
+    }
+    let (local, remote) = (s.local(), s.remote());
+    if query
+        .port
+        .is_some_and(|p| local.port() != p && remote.port() != p)
+    {
+        return None;
+    }
+    owners.clear();
+    owners.extend(joined.owners(i));
+    if query.pid.is_some_and(|pid| !owners.contains(&pid)) {
+        return None;
+    }
+    if let Some(name) = &query.process {
+        let comm_of = |pid: &u32| sample.owners.processes.get(pid).map(|p| p.comm.as_str());
+        if !owners.iter().any(|pid| comm_of(pid) == Some(name.as_str())) {
+            return None;
+        }
+    }
+    let owners: &[u32] = owners;
+    let mut put = |key: RawKey| put(key, owners);
+    match query.group_by {
+        // A client end on an ephemeral port: one per socket, so folded by where it goes.
+        GroupBy::Port if query.fold && !joined.listens(i) => put(RawKey::Fold(
+            owners.first().copied(),
+            s.netns,
+            local.ip(),
+            remote,
+        )),
+        GroupBy::Port => put(RawKey::Port(s.netns, local)),
+        GroupBy::Peer => put(RawKey::Peer(s.netns, remote)),
+        GroupBy::Process if owners.is_empty() => put(RawKey::Process(None)),
+        GroupBy::Pair if owners.is_empty() => put(RawKey::Pair(None, s.netns, remote)),
+        // A socket shared by several processes belongs to each of their groups.
+        GroupBy::Process => owners.iter().for_each(|&p| put(RawKey::Process(Some(p)))),
+        GroupBy::Pair => owners
+            .iter()
+            .for_each(|&p| put(RawKey::Pair(Some(p), s.netns, remote))),
+        // No visible holder: the cgroup that created the socket may still name it.
+        GroupBy::Pod if owners.is_empty() => {
+            match s.cgroup_id().and_then(|id| sample.cgroup_places.get(&id)) {
+                Some(place) => put(RawKey::Place(Some(places.number(place.clone())))),
+                None => put(RawKey::Place(None)),
+            }
+        }
+        GroupBy::Pod => {
+            // Once per place, however many of its processes share the socket.
+            let mut ids: Vec<u32> = owners
+                .iter()
+                .map(|&p| places.number(place_of(sample, p)))
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.into_iter().for_each(|id| put(RawKey::Place(Some(id))));
+        }
+    }
+    Some(match (owners.is_empty(), s.inode) {
+        (false, _) => Counted::Attributed,
+        (true, 0) => Counted::Unattributed,
+        (true, _) => Counted::Hidden,
+    })
 }
 
 /// Groups counted in the pass itself, up to this many; past it the pass starts again and

@@ -139,11 +139,36 @@ impl<K: Copy + Eq + std::hash::Hash> Tally<K> {
         }
     }
 
-    /// Every key and its count, in no particular order.
-    pub(crate) fn into_counts(mut self) -> FxHashMap<K, usize> {
+    /// Takes one `key` out; a key counted down to 0 is gone.
+    pub(crate) fn remove(&mut self, key: K) {
+        self.settle();
+        if let Some(n) = self.counts.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(&key);
+            }
+        }
+    }
+
+    /// Every key and its count, in no particular order, the tally kept.
+    pub(crate) fn counts(&self) -> Vec<(K, usize)> {
+        let mut counts: FxHashMap<K, usize> = self.counts.clone();
+        if let Some((k, n)) = self.run {
+            *counts.entry(k).or_default() += n;
+        }
+        counts.into_iter().collect()
+    }
+
+    /// The run counted into the map.
+    fn settle(&mut self) {
         if let Some((k, n)) = self.run.take() {
             *self.counts.entry(k).or_default() += n;
         }
+    }
+
+    /// Every key and its count, in no particular order.
+    pub(crate) fn into_counts(mut self) -> FxHashMap<K, usize> {
+        self.settle();
         self.counts
     }
 }
@@ -197,7 +222,7 @@ struct End {
 }
 
 /// `Topology::peer`'s "no peer".
-const NO_PEER: u32 = u32::MAX;
+pub(crate) const NO_PEER: u32 = u32::MAX;
 
 impl Topology {
     /// Matches every socket with its reverse 4-tuple and collects the listening endpoints.
@@ -420,6 +445,26 @@ struct Holders {
     shared: FxHashMap<u32, Vec<u32>>,
 }
 
+/// The holders of socket `i` in a `Holders` laid out as `one` and `shared`.
+pub(crate) fn held<'h>(
+    one: &'h [u32],
+    shared: &'h FxHashMap<u32, Vec<u32>>,
+    i: usize,
+) -> &'h [u32] {
+    match one.get(i) {
+        None | Some(&NOBODY) => &[],
+        Some(&SHARED) => shared.get(&(i as u32)).map_or(&[][..], Vec::as_slice),
+        Some(one) => std::slice::from_ref(one),
+    }
+}
+
+/// A joined sample's holders and peers, as `Joined::parts` lends them.
+pub(crate) struct JoinedParts<'j> {
+    pub one: &'j [u32],
+    pub shared: &'j FxHashMap<u32, Vec<u32>>,
+    pub peer: &'j Arc<Vec<u32>>,
+}
+
 /// `Holders::one` of a socket no process holds (pid 0 is no process).
 const NOBODY: u32 = 0;
 /// `Holders::one` of a socket held by several processes (pids stay below 2^22).
@@ -457,14 +502,20 @@ impl<'a> Joined<'a> {
 
     /// Pids holding socket `i`, ascending.
     pub fn owners(&self, i: usize) -> impl Iterator<Item = u32> + '_ {
-        let h = &self.holders;
-        match h.one.get(i) {
-            None | Some(&NOBODY) => &[],
-            Some(&SHARED) => h.shared.get(&(i as u32)).map_or(&[][..], Vec::as_slice),
-            Some(one) => std::slice::from_ref(one),
+        held(&self.holders.one, &self.holders.shared, i)
+            .iter()
+            .copied()
+    }
+
+    /// Every socket's holder as `Holders` keeps them (`held` reads one), and the peers of the
+    /// topology: what a loop's kept grouping compares with the last sample's to find the
+    /// sockets whose groups may have changed.
+    pub(crate) fn parts(&self) -> JoinedParts<'_> {
+        JoinedParts {
+            one: &self.holders.one,
+            shared: &self.holders.shared,
+            peer: &self.topology.peer,
         }
-        .iter()
-        .copied()
     }
 
     /// The index of the socket at the other end, when it is on this node too.

@@ -16,6 +16,7 @@ use rustc_hash::FxHashSet;
 
 use crate::cgroup;
 use crate::cli::NodeArgs;
+use crate::collect::events::Edits;
 use crate::collect::{self, CollectError, Dump, SocketSource};
 use crate::join::{KeptTopology, Topology};
 use crate::model::{
@@ -42,10 +43,12 @@ pub enum Mode {
     Incremental,
 }
 
-/// One sample and the peer topology computed from its sockets.
+/// One sample, the peer topology computed from its sockets, and, where an event-kept table
+/// lent them, what it wrote since its last lend (for the stages a loop keeps).
 pub struct Taken {
     pub sample: Sample,
     pub topology: Topology,
+    pub edits: Option<Box<Edits>>,
 }
 
 /// What a loop's look at the node found.
@@ -127,10 +130,13 @@ impl Sampler {
         let dump_states = states.union(DETECT_STATES.into_iter().collect());
         let own = collect::netns::own(self.scanner.root()).unwrap_or(0);
         if let Some(cache) = &mut self.cache {
-            let dump = tagged(self.source.dump(dump_states).map_err(collect_failed)?, own);
+            let mut dump = tagged(self.source.dump(dump_states).map_err(collect_failed)?, own);
             let topology = self.peers.topology(&dump.sockets, dump.edits.as_ref());
             let found = refreshed(cache, &topology, &self.scanner, self.threads, &dump)?;
-            return Ok(self.build(dump, topology, found, own, taken_at));
+            let edits = dump.edits.take().map(Box::new);
+            let mut taken = self.build(dump, topology, found, own, taken_at);
+            taken.edits = edits;
+            return Ok(taken);
         }
         let source = &mut self.source;
         let scanner = &self.scanner;
@@ -261,7 +267,11 @@ impl Sampler {
             warnings,
             own_netns: own,
         };
-        Taken { sample, topology }
+        Taken {
+            sample,
+            topology,
+            edits: None,
+        }
     }
 }
 

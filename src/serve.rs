@@ -25,12 +25,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::aggregate::Report;
-use crate::aggregate::{self, GroupBy, Query};
+use crate::aggregate::{self, GroupBy, KeptGroups, Query};
 use crate::cli::ServeArgs;
 use crate::detect::{Digest, History, MIN_RISES};
 use crate::join::Joined;
-use crate::join::Topology;
-use crate::model::Sample;
 use crate::model::{StateSet, TcpState};
 use crate::render::{self, metrics};
 use crate::sample::{Look, Mode, Sampler, Taken};
@@ -174,28 +172,37 @@ fn sample_loop(
     let mut warned = render::WarnedOnce::default();
     // The last new sample, its topology, the detector's digest of it and its report: what a
     // look that saw nothing move reuses.
-    let mut kept: Option<(Sample, Topology, Digest, Report)> = None;
+    let mut kept: Option<(Taken, Digest, Report)> = None;
+    // The groups, brought up to date where the sockets lent by an event-kept table changed.
+    let mut groups = KeptGroups::default();
     while !stop.load(Ordering::SeqCst) {
         let tick = Instant::now();
         // A new sample replaces the last: drop it first, never hold two.
-        let looked = match sampler.look(states, || kept.take().map(|k| k.0.sockets)) {
+        let looked = match sampler.look(states, || kept.take().map(|k| k.0.sample.sockets)) {
             Ok(Look::Same(moved)) => match kept.take() {
-                Some((mut sample, topology, digest, last)) => {
-                    if sample.apply(moved) {
+                Some((mut taken, digest, last)) => {
+                    if taken.sample.apply(moved) {
                         // A holder exited: the same sockets, other owners; every stage again.
-                        Ok((sample, topology, None))
+                        Ok((taken, None))
                     } else {
-                        Ok((sample, topology, Some((digest, last))))
+                        Ok((taken, Some((digest, last))))
                     }
                 }
                 // No sample to reuse yet (the first look always dumps): take one.
-                None => sampler.sample(states).map(|t| (t.sample, t.topology, None)),
+                None => sampler.sample(states).map(|t| (t, None)),
             },
-            Ok(Look::New(Taken { sample, topology })) => Ok((sample, topology, None)),
+            Ok(Look::New(taken)) => Ok((taken, None)),
             Err(e) => Err(e),
         };
         match looked {
-            Ok((mut sample, topology, last)) => {
+            Ok((
+                Taken {
+                    mut sample,
+                    topology,
+                    edits,
+                },
+                last,
+            )) => {
                 let mut joined = Joined::with_topology_of(&sample, &topology);
                 let (digest, mut r) = match last {
                     // Nothing moved but time: the groups stand, the findings are judged anew.
@@ -205,7 +212,7 @@ fn sample_loop(
                         (digest, last)
                     }
                     None => {
-                        let mut r = aggregate::aggregate(&joined, &query);
+                        let (mut r, _) = groups.report(&joined, &query, edits.as_deref(), false);
                         if !args.report_cmdline {
                             r.drop_cmdlines();
                         }
@@ -235,7 +242,12 @@ fn sample_loop(
                 health.last_sample = Some((sample.taken_at, tick.elapsed()));
                 failing = 0;
                 drop(joined);
-                kept = Some((sample, topology, digest, r));
+                let taken = Taken {
+                    sample,
+                    topology,
+                    edits,
+                };
+                kept = Some((taken, digest, r));
             }
             Err(e) => {
                 health.errors += 1;

@@ -16,8 +16,9 @@ use anyhow::{Context, bail};
 use rustc_hash::FxHashMap;
 
 use crate::aggregate::Query;
-use crate::aggregate::{self, GroupCounts, GroupKey, Report};
+use crate::aggregate::{self, GroupCounts, GroupKey, KeptGroups, Report};
 use crate::cli::{Output, PortsArgs};
+use crate::collect::events::Edits;
 use crate::detect::{DetectConfig, Digest};
 use crate::detect::{History, MIN_RISES};
 use crate::join::Joined;
@@ -51,6 +52,7 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
         first: None,
         previous: None,
         kept: None,
+        groups: KeptGroups::default(),
     };
     let redraw = args.output == Output::Table && std::io::stdout().is_terminal();
     let style = crate::table_style(args);
@@ -271,12 +273,16 @@ struct State {
     previous: Option<GroupCounts>,
     /// The last new sample: what a look that saw nothing move reuses.
     kept: Option<Kept>,
+    /// The groups, brought up to date where the sockets lent by an event-kept table changed.
+    groups: KeptGroups,
 }
 
-/// A new sample, its topology, what the detector digested of it, and its report.
+/// A new sample, its topology, what its table wrote since its last lend, what the detector
+/// digested of it, and its report.
 struct Kept {
     sample: Sample,
     topology: Topology,
+    edits: Option<Box<Edits>>,
     digest: Digest,
     report: Report,
 }
@@ -295,9 +301,11 @@ impl State {
         let Taken {
             mut sample,
             topology,
+            edits,
         } = taken;
         let joined = Joined::with_topology_of(&sample, &topology);
-        let (mut report, counts) = aggregate::aggregate_with_counts(&joined, query);
+        let (mut report, counts) = self.groups.report(&joined, query, edits.as_deref(), true);
+        let counts = counts.unwrap_or_default();
         let base = self.first.get_or_insert_with(|| counts.clone());
         // The first sample is its own baseline: every change is 0, and every field is there.
         aggregate::annotate_deltas(
@@ -318,7 +326,14 @@ impl State {
                 sampler.fresh_clocks(&mut sample, &wanted);
             }
         }
-        self.judge(sample, topology, digest, report, cfg)
+        let kept = Kept {
+            sample,
+            topology,
+            edits,
+            digest,
+            report,
+        };
+        self.judge(kept, cfg)
     }
 
     /// The report when the collector saw nothing move: the last sample's groups, none changed
@@ -337,36 +352,38 @@ impl State {
         let Kept {
             mut sample,
             topology,
+            edits,
             digest,
             mut report,
         } = kept;
         if sample.apply(moved) {
-            return self.full(Taken { sample, topology }, query, cfg, sampler);
+            let taken = Taken {
+                sample,
+                topology,
+                edits,
+            };
+            return self.full(taken, query, cfg, sampler);
         }
         self.history.observe_same(sample.taken_at);
         report.taken_at = aggregate::rfc3339(sample.taken_at);
         for g in &mut report.groups {
             g.delta = Some(0);
         }
-        self.judge(sample, topology, digest, report, cfg)
+        let kept = Kept {
+            sample,
+            topology,
+            edits,
+            digest,
+            report,
+        };
+        self.judge(kept, cfg)
     }
 
     /// Fills in the findings and keeps the sample for the next look.
-    fn judge(
-        &mut self,
-        sample: Sample,
-        topology: Topology,
-        digest: Digest,
-        mut report: Report,
-        cfg: &DetectConfig,
-    ) -> Report {
-        report.findings = digest.findings(&sample, Some(&self.history), cfg);
-        self.kept = Some(Kept {
-            sample,
-            topology,
-            digest,
-            report: report.clone(),
-        });
+    fn judge(&mut self, mut kept: Kept, cfg: &DetectConfig) -> Report {
+        kept.report.findings = kept.digest.findings(&kept.sample, Some(&self.history), cfg);
+        let report = kept.report.clone();
+        self.kept = Some(kept);
         report
     }
 }

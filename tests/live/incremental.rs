@@ -15,8 +15,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shimcheck::aggregate::{GroupBy, Query};
+use shimcheck::aggregate::{GroupBy, KeptGroups, Query};
 use shimcheck::cli::NodeArgs;
+use shimcheck::collect::events::Edits;
 use shimcheck::detect::{DetectConfig, snapshot_findings};
 use shimcheck::join::{Joined, Topology};
 use shimcheck::model::{Sample, StateSet, TcpState};
@@ -51,10 +52,10 @@ fn peers(s: &Sample, topology: &Topology) -> BTreeMap<u64, (Option<u64>, bool)> 
         .collect()
 }
 
-/// The report by `by` as JSON, joined with `topology`, without the time it was taken.
-fn report(s: &Sample, topology: &Topology, by: GroupBy) -> Value {
-    let query = Query {
-        group_by: by,
+/// The groupings compared: every one a loop keeps (`--by port` folded and not).
+fn queries() -> Vec<Query> {
+    let by = |group_by: GroupBy, fold: bool| Query {
+        group_by,
         states: [TcpState::Established, TcpState::CloseWait]
             .into_iter()
             .collect(),
@@ -62,10 +63,31 @@ fn report(s: &Sample, topology: &Topology, by: GroupBy) -> Value {
         pid: None,
         process: None,
         top: None,
-        fold: false,
+        fold,
     };
+    vec![
+        by(GroupBy::Port, false),
+        by(GroupBy::Port, true),
+        by(GroupBy::Pair, false),
+        by(GroupBy::Process, false),
+        by(GroupBy::Peer, false),
+    ]
+}
+
+/// The report of `query` as JSON, joined with `topology`, without the time it was taken:
+/// grouped from scratch, or by a loop's kept groups brought up to date by `edits`.
+fn report(
+    s: &Sample,
+    topology: &Topology,
+    query: &Query,
+    kept: Option<(&mut KeptGroups, Option<&Edits>)>,
+) -> Value {
     let joined = Joined::with_topology_of(s, topology);
-    let mut v = serde_json::to_value(shimcheck::aggregate::aggregate(&joined, &query)).unwrap();
+    let report = match kept {
+        Some((groups, edits)) => groups.report(&joined, query, edits, false).0,
+        None => shimcheck::aggregate::aggregate(&joined, query),
+    };
+    let mut v = serde_json::to_value(report).unwrap();
     v.as_object_mut().unwrap().remove("taken_at");
     v
 }
@@ -127,7 +149,9 @@ fn incremental_against_full(no_bpf: bool) {
         let mut leaked: Vec<TcpStream> = Vec::new();
         let mut child = None;
         let mut unchanged_at = Vec::new();
-        let mut kept: Option<(Sample, Topology)> = None;
+        let mut kept: Option<(Sample, Topology, Option<Box<Edits>>)> = None;
+        let queries = queries();
+        let mut grouped: Vec<KeptGroups> = queries.iter().map(|_| KeptGroups::default()).collect();
         for step in 0..8 {
             match step {
                 // The leak: connections opened and kept.
@@ -172,20 +196,25 @@ fn incremental_against_full(no_bpf: bool) {
             // As a loop does: the last sample's sockets go back to the source (a table kept by
             // events lends its own, and patches the peer match by what it wrote since).
             let looked_at = loop_sampler
-                .look(states, || kept.take().map(|(s, _)| s.sockets))
+                .look(states, || kept.take().map(|(s, _, _)| s.sockets))
                 .unwrap();
-            let (inc, inc_topology) = match looked_at {
-                Look::New(Taken { sample, topology }) => (sample, topology),
+            let (inc, inc_topology, edits) = match looked_at {
+                Look::New(Taken {
+                    sample,
+                    topology,
+                    edits,
+                }) => (sample, topology, edits),
                 Look::Same(moved) => {
                     unchanged_at.push(step);
-                    let (mut last, topology) = kept.take().expect("a sample before");
+                    let (mut last, topology, edits) = kept.take().expect("a sample before");
                     last.apply(moved);
-                    (last, topology)
+                    (last, topology, edits)
                 }
             };
             let Taken {
                 sample: full,
                 topology: full_topology,
+                ..
             } = Sampler::open(&node, Mode::OneShot).sample(states).unwrap();
             // The clocks of the two samples can differ by at most the time between the looks
             // (plus the kernel's clock tick): a loaded machine widens it, a wrong aging does not.
@@ -200,11 +229,14 @@ fn incremental_against_full(no_bpf: bool) {
                 peers(&full, &full_topology),
                 "step {step}: peers and listening ends"
             );
-            for by in [GroupBy::Port, GroupBy::Pair, GroupBy::Process] {
+            // The loop's groups kept from sample to sample, against groups made from scratch.
+            for (query, kept) in queries.iter().zip(&mut grouped) {
                 assert_eq!(
-                    report(&inc, &inc_topology, by),
-                    report(&full, &full_topology, by),
-                    "step {step}: --by {by:?}"
+                    report(&inc, &inc_topology, query, Some((kept, edits.as_deref()))),
+                    report(&full, &full_topology, query, None),
+                    "step {step}: --by {:?}, fold {}",
+                    query.group_by,
+                    query.fold
                 );
             }
             assert_eq!(
@@ -233,7 +265,7 @@ fn incremental_against_full(no_bpf: bool) {
                     "the CLOSE_WAIT pile-up is found: {found:?}"
                 );
             }
-            kept = Some((inc, inc_topology));
+            kept = Some((inc, inc_topology, edits));
         }
         // Steps 3, 5 and 7 change nothing since the sample before: answered without a dump.
         assert_eq!(

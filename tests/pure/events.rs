@@ -633,3 +633,121 @@ fn a_peer_match_patched_by_a_tables_edits_is_the_match_from_scratch() {
         }
     }
 }
+
+/// The holders of socket `inode` in the test below: none for some, two processes for others,
+/// the server ends one process, the client ends one of four; those `passed` names are held by
+/// another process since (an fd passed, a holder exited), or shared with another one.
+fn holders_of(inode: u64, passed: &BTreeMap<u64, u32>) -> Vec<(u64, u32)> {
+    let passed = passed.get(&inode).copied();
+    match (inode, passed) {
+        (i, _) if i % 11 == 0 => vec![],
+        // Shared, by a second process that can change.
+        (i, p) if i % 13 == 0 => vec![(i, 1000), (i, p.unwrap_or(1001))],
+        (i, Some(pid)) => vec![(i, pid)],
+        (i, None) if i % 2 == 1 => vec![(i, 2000)],
+        (i, None) => vec![(i, 1000 + (i / 2 % 4) as u32)],
+    }
+}
+
+#[test]
+fn groups_kept_by_a_tables_edits_are_the_groups_made_from_scratch() {
+    use shimcheck::aggregate::{GroupBy, KeptGroups, Query, aggregate_with_counts};
+    use shimcheck::join::{Joined, KeptTopology};
+
+    use crate::support::builders::{process, query, sample};
+    // Two namespaces' tables taking turns being lent first, as in the test above; holders
+    // that change hands between rounds; every grouping a loop keeps, with and without
+    // filters and a top, and two it does not keep (`--by pod`, `--process`).
+    let mut spaces = [Namespace::new(1, 1, 40), Namespace::new(2, 10_000, 20)];
+    let shown = [TcpState::Established, TcpState::CloseWait];
+    let mut queries: Vec<Query> = [GroupBy::Port, GroupBy::Peer, GroupBy::Process]
+        .into_iter()
+        .chain([GroupBy::Pair, GroupBy::Pod])
+        .map(|by| query(by, &shown))
+        .collect();
+    queries.push(Query {
+        fold: true,
+        ..query(GroupBy::Port, &shown)
+    });
+    queries.push(Query {
+        top: Some(3),
+        ..query(GroupBy::Pair, &shown)
+    });
+    queries.push(Query {
+        pid: Some(2000),
+        port: Some(5000),
+        ..query(GroupBy::Peer, &[TcpState::Established])
+    });
+    queries.push(Query {
+        process: Some("client1".into()),
+        ..query(GroupBy::Port, &shown)
+    });
+    let keeps = |q: &Query| q.group_by != GroupBy::Pod && q.process.is_none();
+    let mut kept: Vec<KeptGroups> = queries.iter().map(|_| KeptGroups::default()).collect();
+    let mut topology = KeptTopology::default();
+    let mut passed: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut roll = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n.max(1)
+    };
+    let (mut patched, mut last_first) = (0, None);
+    for round in 0..80 {
+        let first = usize::from(round % 7 >= 4);
+        let (mut sockets, edits) = spaces[first].table.lend();
+        let own = sockets.len();
+        if round % 2 == 1 {
+            let (others, _) = spaces[1 - first].table.lend();
+            sockets.extend(others.iter().cloned());
+            assert!(spaces[1 - first].table.give_back(others));
+        }
+        let peers = topology.topology(&sockets, Some(&edits));
+        let pairs: Vec<(u64, u32)> = sockets
+            .iter()
+            .filter(|s| s.inode != 0)
+            .flat_map(|s| holders_of(s.inode, &passed))
+            .collect();
+        let mut processes = vec![process(2000, "registry"), process(3000, "sidecar")];
+        processes.extend((1000..1004).map(|pid| process(pid, &format!("client{}", pid - 1000))));
+        let sample = sample()
+            .sockets(sockets)
+            .owners(pairs)
+            .processes(processes)
+            .build();
+        let joined = Joined::with_topology_of(&sample, &peers);
+        let scratch = Joined::new(&sample);
+        for (q, groups) in queries.iter().zip(&mut kept) {
+            let (report, counts) = groups.report(&joined, q, Some(&edits), true);
+            let (want, want_counts) = aggregate_with_counts(&scratch, q);
+            assert_eq!(report, want, "round {round}: {q:?}");
+            assert_eq!(counts, Some(want_counts), "round {round}: {q:?}");
+            // Patched whenever the query can be kept and the table lent first is the last
+            // round's (whose lend the edits count from); made anew otherwise.
+            assert_eq!(
+                groups.last_patched().is_some(),
+                keeps(q) && last_first == Some(first),
+                "round {round}: {q:?}"
+            );
+            patched += usize::from(groups.last_patched().is_some());
+        }
+        drop((joined, scratch));
+        let mut sockets = sample.sockets;
+        sockets.truncate(own);
+        assert!(spaces[first].table.give_back(sockets));
+        last_first = Some(first);
+        for space in &mut spaces {
+            space.churn(&mut roll);
+        }
+        // A holder or two change hands; one goes back.
+        for _ in 0..2 {
+            let inode = 100_000 + roll(200);
+            passed.insert(inode, 3000);
+        }
+        if let Some(&inode) = passed.keys().nth(roll(passed.len() as u64 + 1) as usize) {
+            passed.remove(&inode);
+        }
+    }
+    assert!(patched > 300, "{patched} reports patched");
+}

@@ -1,0 +1,447 @@
+//! Stage 4 in a loop, the grouping kept: a loop's groups are those of its last sample,
+//! brought up to date where something changed, instead of grouped again from every socket.
+//!
+//! Input: a `Joined` sample whose sockets an event-kept table lent, with the table's `Edits`
+//! (the places it wrote since its last lend). Output: the `Report` and `GroupCounts` that
+//! `aggregate_with_counts` gives for the same sample, equal field for field.
+//!
+//! A socket's groups, and what it adds to their counts, depend on the socket itself, its
+//! holders, the holders of its other end, and (folded `--by port`) whether it listens. Each
+//! socket's groups are kept, with the holders and peers they were counted with. A new sample
+//! is compared with those: the places the table wrote and the sockets whose holders, peer or
+//! peer's holders changed are taken out of their groups and put into their new ones. Nothing
+//! else can have changed: a listener opening or closing makes a new table.
+//!
+//! Grouped from scratch instead: without edits (no events, or a dump), for another query, a
+//! table other than the last one's, `--by pod` and `--process` (a process's place or name can
+//! change with no socket changing), and past `KEPT_GROUPS` groups. Pure: no I/O, no clock.
+
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+
+use super::{
+    Counted, Counting, GroupBy, GroupCounts, KeyParts, Member, Places, Query, Report, Totals,
+    aggregate_with_counts, make_group, report_of, socket_keys,
+};
+use crate::collect::events::Edits;
+use crate::join::{Joined, NO_PEER, Tally, held};
+use crate::model::TcpState;
+
+/// Groups kept at most. Each holds its counts and two tallies of holders (about 200 bytes):
+/// `--by pair` on a server is a group per client, and past this many the loop groups from
+/// scratch, which holds 24 bytes a socket instead.
+const KEPT_GROUPS: usize = 1 << 16;
+
+/// `Base::first` of a socket the query leaves out.
+const LEFT_OUT: u32 = u32::MAX;
+
+/// The groups a loop keeps from one sample to the next.
+#[derive(Default)]
+pub struct KeptGroups {
+    base: Option<Base>,
+    /// A table whose sockets made more than `KEPT_GROUPS` groups: its samples are grouped
+    /// from scratch, without trying again, until a dump makes a new table.
+    crowded: Option<u64>,
+    /// How the last report was made: `Some(n)` by taking out and putting back `n` sockets,
+    /// `None` from scratch.
+    patched: Option<usize>,
+}
+
+/// The last sample's groups, and what each of its sockets was counted with.
+struct Base {
+    query: Query,
+    /// The table that lent the sockets, its lend, and how many of the sample's it lent.
+    table: u64,
+    lend: u64,
+    lent: usize,
+    keys: KeyParts,
+    places: Places,
+    groups: Groups,
+    /// Per socket: its first group, or `LEFT_OUT`.
+    first: Vec<u32>,
+    /// Per socket counted: its state (kernel number, low 4 bits) and how it counted in the
+    /// totals (`Counted`, above them).
+    info: Vec<u8>,
+    /// The other groups of a socket several processes share (`--by process`, `--by pair`).
+    more: FxHashMap<u32, Vec<u32>>,
+    /// The holders and peers the sockets were counted with.
+    one: Vec<u32>,
+    shared: FxHashMap<u32, Vec<u32>>,
+    peer: Arc<Vec<u32>>,
+    totals: Totals,
+    /// Sockets counted `Counted::Hidden`.
+    hidden: usize,
+}
+
+/// The groups, each where it was first put; a slot emptied is taken by the next new group.
+#[derive(Default)]
+struct Groups {
+    at: FxHashMap<(u64, u64, u16), u32>,
+    list: Vec<Counting>,
+    free: Vec<u32>,
+}
+
+impl KeptGroups {
+    /// How the last report was made: `Some(n)` from the report before, `n` sockets taken
+    /// out of their groups and put back; `None` from scratch.
+    pub fn last_patched(&self) -> Option<usize> {
+        self.patched
+    }
+
+    /// The report of `joined` for `query` (sockets lent by the table `edits` speaks for, if
+    /// any), and, with `counts`, every group's size: what `aggregate_with_counts` gives.
+    pub fn report(
+        &mut self,
+        joined: &Joined<'_>,
+        query: &Query,
+        edits: Option<&Edits>,
+        counts: bool,
+    ) -> (Report, Option<GroupCounts>) {
+        let keepable = query.group_by != GroupBy::Pod && query.process.is_none();
+        let edits = edits.filter(|e| keepable && self.crowded != Some(e.table));
+        let Some(edits) = edits else {
+            (self.base, self.patched) = (None, None);
+            let (report, all) = aggregate_with_counts(joined, query);
+            return (report, counts.then_some(all));
+        };
+        self.patched = self
+            .base
+            .as_mut()
+            .and_then(|b| b.patch(joined, query, edits));
+        if self.patched.is_none() {
+            self.base = Base::new(joined, query, edits);
+        }
+        match &self.base {
+            Some(base) => base.report(joined, query, counts),
+            None => {
+                self.crowded = Some(edits.table);
+                let (report, all) = aggregate_with_counts(joined, query);
+                (report, counts.then_some(all))
+            }
+        }
+    }
+}
+
+impl Base {
+    /// Every socket of `joined` grouped; `None` past `KEPT_GROUPS` groups.
+    fn new(joined: &Joined<'_>, query: &Query, edits: &Edits) -> Option<Base> {
+        let n = joined.sample.sockets.len();
+        let parts = joined.parts();
+        let mut base = Base {
+            query: query.clone(),
+            table: edits.table,
+            lend: edits.lend,
+            lent: edits.len,
+            keys: KeyParts::default(),
+            places: Places::default(),
+            groups: Groups::default(),
+            first: vec![LEFT_OUT; n],
+            info: vec![0; n],
+            more: FxHashMap::default(),
+            one: parts.one.to_vec(),
+            shared: parts.shared.clone(),
+            peer: Arc::clone(parts.peer),
+            totals: Totals::default(),
+            hidden: 0,
+        };
+        let mut owners = Vec::new();
+        for i in 0..n {
+            if !base.put(joined, i, &mut owners) {
+                return None;
+            }
+        }
+        Some(base)
+    }
+
+    /// Brings the groups up to `joined`, whose sockets the table lent with `edits`; returns
+    /// how many sockets were taken out and put back, or `None` when the groups cannot be
+    /// brought up to date (another query or table, edits not counted from the last lend, too
+    /// many groups): then they must be made anew.
+    fn patch(&mut self, joined: &Joined<'_>, query: &Query, edits: &Edits) -> Option<usize> {
+        let since = edits.since.as_ref()?;
+        if self.query != *query
+            || self.table != edits.table
+            || since.lend != self.lend
+            || since.len != self.lent
+        {
+            return None;
+        }
+        let n = joined.sample.sockets.len();
+        let n32 = u32::try_from(n).ok()?;
+        let dirty = self.dirty(joined, since.before.keys().copied(), edits.len, n32);
+        let old = self.first.len();
+        for &i in dirty.iter().filter(|&&i| (i as usize) < old) {
+            self.take(i as usize);
+        }
+        let parts = joined.parts();
+        self.one.clear();
+        self.one.extend_from_slice(parts.one);
+        self.shared.clone_from(parts.shared);
+        self.peer = Arc::clone(parts.peer);
+        self.first.resize(n, LEFT_OUT);
+        self.info.resize(n, 0);
+        let mut owners = Vec::new();
+        for &i in dirty.iter().filter(|&&i| i < n32) {
+            if !self.put(joined, i as usize, &mut owners) {
+                return None;
+            }
+        }
+        (self.lend, self.lent) = (edits.lend, edits.len);
+        Some(dirty.len())
+    }
+
+    /// The sockets, old or new, whose groups or counts may differ between the last sample
+    /// and `joined` (`n` sockets, the first `lent` lent by the table), sorted: the places
+    /// `written`, every place past the table's shorter lend (the other namespaces' sockets,
+    /// copied anew every sample), and those whose holders, peer or peer's holders changed.
+    /// (Whether a socket listens, which decides a folded `--by port` group, changes only when
+    /// a listener opens or closes; the table is then dumped anew, `Redump::Listener`, and a
+    /// new table is grouped from scratch.)
+    fn dirty(
+        &self,
+        joined: &Joined<'_>,
+        written: impl Iterator<Item = u32>,
+        lent: usize,
+        n: u32,
+    ) -> Vec<u32> {
+        let parts = joined.parts();
+        let old = self.first.len() as u32;
+        let common = old.min(n) as usize;
+        let mut dirty: Vec<u32> = written.collect();
+        let from = self.lent.min(lent).min(common) as u32;
+        dirty.extend(from..old.max(n));
+        // Holders: a socket's own count, and its peer's count of holders.
+        let mut moved = vec![0u64; common.div_ceil(64)];
+        let mut any_moved = false;
+        let mut holder_moved = |i: usize, dirty: &mut Vec<u32>| {
+            moved[i / 64] |= 1 << (i % 64);
+            any_moved = true;
+            dirty.push(i as u32);
+        };
+        for i in changed(&self.one[..common], &parts.one[..common]) {
+            holder_moved(i, &mut dirty);
+        }
+        for (&i, pids) in parts.shared {
+            if (i as usize) < common && self.shared.get(&i).is_some_and(|was| was != pids) {
+                holder_moved(i as usize, &mut dirty);
+            }
+        }
+        // Peers: one pass, where a peer changed or a holder did (a socket's other end is found
+        // only this way: several ends of one tuple can have the same peer).
+        if any_moved || !Arc::ptr_eq(&self.peer, parts.peer) {
+            let (was, now) = (&self.peer[..common], &parts.peer[..common]);
+            for (i, (&was, &now)) in was.iter().zip(now).enumerate() {
+                let j = now as usize;
+                if was != now || (j < common && moved[j / 64] >> (j % 64) & 1 != 0) {
+                    dirty.push(i as u32);
+                }
+            }
+        }
+        dirty.sort_unstable();
+        dirty.dedup();
+        dirty
+    }
+
+    /// Takes socket `i` of the last sample out of its groups and the totals.
+    fn take(&mut self, i: usize) {
+        let g = std::mem::replace(&mut self.first[i], LEFT_OUT);
+        if g == LEFT_OUT {
+            return;
+        }
+        let info = self.info[i];
+        let counted = match info >> 4 {
+            1 => Counted::Attributed,
+            2 => Counted::Unattributed,
+            _ => Counted::Hidden,
+        };
+        counted.count(&mut self.totals, false);
+        if counted == Counted::Hidden {
+            self.hidden -= 1;
+        }
+        let Some(state) = TcpState::from_kernel(info & 0xf) else {
+            return;
+        };
+        let owners = held(&self.one, &self.shared, i);
+        let peer_owners = match self.peer.get(i) {
+            Some(&j) if j != NO_PEER => held(&self.one, &self.shared, j as usize),
+            _ => &[],
+        };
+        let more = self.more.remove(&(i as u32)).unwrap_or_default();
+        for g in std::iter::once(g).chain(more) {
+            self.groups.take(g, state, owners, peer_owners);
+        }
+    }
+
+    /// Puts socket `i` of `joined` into its groups and the totals; false past `KEPT_GROUPS`
+    /// groups.
+    fn put(&mut self, joined: &Joined<'_>, i: usize, owners: &mut Vec<u32>) -> bool {
+        let s = joined.socket(i);
+        let at = i as u32;
+        let (keys, groups) = (&mut self.keys, &mut self.groups);
+        let mut slots: Vec<u32> = Vec::new();
+        let mut room = true;
+        let counted = socket_keys(
+            joined,
+            &self.query,
+            i,
+            owners,
+            &mut self.places,
+            |key, owners| match groups.put(keys.pack(key, s.state, at), owners, joined) {
+                Some(g) => slots.push(g),
+                None => room = false,
+            },
+        );
+        let Some(counted) = counted else {
+            return room;
+        };
+        counted.count(&mut self.totals, true);
+        if counted == Counted::Hidden {
+            self.hidden += 1;
+        }
+        let code = match counted {
+            Counted::Attributed => 1,
+            Counted::Unattributed => 2,
+            Counted::Hidden => 3,
+        };
+        self.info[i] = code << 4 | s.state.kernel_number();
+        if let Some((&g, rest)) = slots.split_first() {
+            self.first[i] = g;
+            if !rest.is_empty() {
+                self.more.insert(at, rest.to_vec());
+            }
+        }
+        room
+    }
+
+    /// The report of the groups kept, as `aggregate_with_counts` makes it of `joined`.
+    fn report(
+        &self,
+        joined: &Joined<'_>,
+        query: &Query,
+        counts: bool,
+    ) -> (Report, Option<GroupCounts>) {
+        let keys = &self.keys;
+        let list = &self.groups.list;
+        let mut live: Vec<u32> = (0..list.len() as u32)
+            .filter(|&g| list[g as usize].acc.count > 0)
+            .collect();
+        let all = counts.then(|| {
+            GroupCounts(
+                live.iter()
+                    .map(|&g| {
+                        let c = &list[g as usize];
+                        (keys.raw(&c.first), c.acc.count as usize)
+                    })
+                    .collect(),
+            )
+        });
+        let total = live.len();
+        let order = |x: &u32, y: &u32| {
+            let (x, y) = (&list[*x as usize], &list[*y as usize]);
+            (y.acc.count.cmp(&x.acc.count))
+                .then_with(|| keys.raw(&x.first).cmp(&keys.raw(&y.first)))
+        };
+        if let Some(top) = query.top.filter(|&t| t > 0 && t < live.len()) {
+            live.select_nth_unstable_by(top, order);
+            live.truncate(top);
+        }
+        live.sort_unstable_by(order);
+        let groups = live
+            .iter()
+            .map(|&g| {
+                let c = &list[g as usize];
+                make_group(
+                    joined,
+                    &self.places,
+                    keys.raw(&c.first),
+                    c.acc.clone(),
+                    c.own.counts(),
+                    c.peer.counts(),
+                )
+            })
+            .collect();
+        let report = report_of(
+            joined.sample,
+            query,
+            self.totals,
+            total,
+            self.hidden > 0,
+            groups,
+        );
+        (report, all)
+    }
+}
+
+impl Groups {
+    /// Counts membership `m` of a socket held by `owners`; its group, or `None` when that
+    /// would be a group past `KEPT_GROUPS`.
+    fn put(&mut self, m: Member, owners: &[u32], joined: &Joined<'_>) -> Option<u32> {
+        let key = (m.a, m.b, m.port);
+        let g = match self.at.get(&key) {
+            Some(&g) => g,
+            None if self.at.len() >= KEPT_GROUPS => return None,
+            None => {
+                let fresh = Counting {
+                    first: m,
+                    acc: super::Acc::default(),
+                    own: Tally::default(),
+                    peer: Tally::default(),
+                };
+                let g = match self.free.pop() {
+                    Some(g) => {
+                        self.list[g as usize] = fresh;
+                        g
+                    }
+                    None => {
+                        self.list.push(fresh);
+                        (self.list.len() - 1) as u32
+                    }
+                };
+                self.at.insert(key, g);
+                g
+            }
+        };
+        let c = &mut self.list[g as usize];
+        c.acc.count += 1;
+        c.acc.states.add(m.state);
+        owners.iter().for_each(|&pid| c.own.add(pid));
+        if let Some(j) = joined.peer(m.at as usize) {
+            joined.owners(j).for_each(|pid| c.peer.add(pid));
+        }
+        Some(g)
+    }
+
+    /// Takes a socket in `state`, held by `owners`, its peer by `peer_owners`, out of group
+    /// `g`; a group left empty is gone.
+    fn take(&mut self, g: u32, state: TcpState, owners: &[u32], peer_owners: &[u32]) {
+        let Some(c) = self.list.get_mut(g as usize) else {
+            return;
+        };
+        c.acc.count -= 1;
+        c.acc.states.remove(state);
+        owners.iter().for_each(|&pid| c.own.remove(pid));
+        peer_owners.iter().for_each(|&pid| c.peer.remove(pid));
+        if c.acc.count == 0 {
+            self.at.remove(&(c.first.a, c.first.b, c.first.port));
+            self.free.push(g);
+        }
+    }
+}
+
+/// The indices where `a` and `b` (of one length) differ, found a block of equal elements at a
+/// time: two samples' holders differ in a few places among a million.
+fn changed<'v>(a: &'v [u32], b: &'v [u32]) -> impl Iterator<Item = usize> + 'v {
+    const BLOCK: usize = 64;
+    a.chunks(BLOCK)
+        .zip(b.chunks(BLOCK))
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .flat_map(|(k, (x, y))| {
+            x.iter()
+                .zip(y.iter())
+                .enumerate()
+                .filter(|(_, (p, q))| p != q)
+                .map(move |(i, _)| k * BLOCK + i)
+        })
+}
