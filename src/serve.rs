@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -23,14 +23,15 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::{Serialize, Serializer};
 
-use crate::aggregate::Report;
-use crate::aggregate::{self, GroupBy, KeptGroups, Query};
+use crate::aggregate::{self, Group, GroupBy, KeptGroups, Query, Report};
 use crate::cli::ServeArgs;
 use crate::detect::{Digest, History, MIN_RISES};
 use crate::join::Joined;
 use crate::model::{StateSet, TcpState};
-use crate::render::{self, metrics};
+use crate::render;
+use crate::render::metrics::{self, SocketCounts};
 use crate::sample::{Look, Mode, Sampler, Taken};
 
 /// Failed samples in a row after which /healthz answers 503.
@@ -48,20 +49,18 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// are elsewhere, so the whole list grows with the sockets; `total_groups` says how many
 /// there were.
 pub const REPORT_TOP: usize = 500;
-/// How often the sleep between samples checks for a signal.
-const TICK: Duration = Duration::from_millis(50);
 /// The sampling threads' nice value: a sample uses every core for a moment, and a scrape
 /// arriving then should not wait for it (the HTTP thread keeps the default priority).
 const SAMPLER_NICE: i32 = 10;
 
 /// What a scrape is answered from: replaced whole after every sample.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Publication {
     /// Text format 0.0.4 and OpenMetrics; empty before the first sample.
     text: Bytes,
     openmetrics: Bytes,
-    /// The latest report as JSON.
-    report: Bytes,
+    /// The latest report.
+    report: ReportBody,
     /// A sample is in and sampling has not failed `UNHEALTHY_AFTER` times in a row.
     healthy: bool,
     /// Why /healthz says 503.
@@ -74,7 +73,7 @@ impl Publication {
     /// attempts in a row) give.
     pub fn new(
         encoded: metrics::Encoded,
-        report: Bytes,
+        report: ReportBody,
         health: &metrics::SamplerHealth,
         failing: u32,
     ) -> Publication {
@@ -92,6 +91,59 @@ impl Publication {
             healthy: health.samples > 0 && failing < UNHEALTHY_AFTER,
             status,
         }
+    }
+}
+
+/// A report as `/report` answers it: written as JSON the first time it is asked for, once per
+/// sample (most samples nobody asks: Prometheus scrapes `/metrics`).
+#[derive(Debug, Default)]
+pub struct ReportBody {
+    report: Option<Arc<Report<SharedGroups>>>,
+    json: OnceLock<Bytes>,
+}
+
+impl ReportBody {
+    /// A report to write when asked.
+    fn of(report: Report<SharedGroups>) -> ReportBody {
+        ReportBody {
+            report: Some(Arc::new(report)),
+            json: OnceLock::new(),
+        }
+    }
+
+    /// The report as JSON; empty before the first sample.
+    fn json(&self) -> Bytes {
+        self.json
+            .get_or_init(|| {
+                let written = self
+                    .report
+                    .as_ref()
+                    .map(|r| serde_json::to_vec_pretty(&**r));
+                // A report is plain data: writing it to memory cannot fail.
+                Bytes::from(written.and_then(Result::ok).unwrap_or_default())
+            })
+            .clone()
+    }
+}
+
+impl From<Vec<u8>> for ReportBody {
+    /// A report written already, as JSON.
+    fn from(json: Vec<u8>) -> ReportBody {
+        ReportBody {
+            report: None,
+            json: OnceLock::from(Bytes::from(json)),
+        }
+    }
+}
+
+/// The groups of a report, shared by the samples where nothing moved (which reuse them) and
+/// the publications that answer with them.
+#[derive(Debug, Clone)]
+pub struct SharedGroups(Arc<Vec<Group>>);
+
+impl Serialize for SharedGroups {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
     }
 }
 
@@ -125,8 +177,14 @@ pub fn run(args: &ServeArgs, err: &mut dyn Write) -> anyhow::Result<usize> {
     let listen = args.listen_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
-        .context("cannot install the SIGTERM/SIGINT handler")?;
+    // The handler also wakes this thread, which sleeps between samples until the next one
+    // is due or a signal comes: no polling.
+    let sleeper = std::thread::current();
+    ctrlc::set_handler(move || {
+        flag.store(true, Ordering::SeqCst);
+        sleeper.unpark();
+    })
+    .context("cannot install the SIGTERM/SIGINT handler")?;
     let shared: Shared = Arc::new(RwLock::new(Arc::new(Publication {
         status: "no sample yet".into(),
         ..Publication::default()
@@ -143,6 +201,14 @@ pub fn run(args: &ServeArgs, err: &mut dyn Write) -> anyhow::Result<usize> {
         server.stop();
     }
     result.map(|()| 0)
+}
+
+/// A new sample and what the loop made of it: its digest, report and socket counts.
+struct Kept {
+    taken: Taken,
+    digest: Digest,
+    report: Report<SharedGroups>,
+    counts: SocketCounts,
 }
 
 /// Samples until `stop`, publishing after every attempt.
@@ -167,25 +233,25 @@ fn sample_loop(
         errors: 0,
     };
     let mut families = metrics::Families::default();
-    let mut report = Bytes::new();
+    // The last report: published again, with the metrics of a failed attempt, until the next.
+    let mut report: Option<Report<SharedGroups>> = None;
     let mut failing = 0u32;
     let mut warned = render::WarnedOnce::default();
-    // The last new sample, its topology, the detector's digest of it and its report: what a
-    // look that saw nothing move reuses.
-    let mut kept: Option<(Taken, Digest, Report)> = None;
+    // The last new sample and what was made of it: what a look that saw nothing move reuses.
+    let mut kept: Option<Kept> = None;
     // The groups, brought up to date where the sockets lent by an event-kept table changed.
     let mut groups = KeptGroups::default();
     while !stop.load(Ordering::SeqCst) {
         let tick = Instant::now();
         // A new sample replaces the last: drop it first, never hold two.
-        let looked = match sampler.look(states, || kept.take().map(|k| k.0.sample.sockets)) {
+        let looked = match sampler.look(states, || kept.take().map(|k| k.taken.sample.sockets)) {
             Ok(Look::Same(moved)) => match kept.take() {
-                Some((mut taken, digest, last)) => {
-                    if taken.sample.apply(moved) {
+                Some(mut k) => {
+                    if k.taken.sample.apply(moved) {
                         // A holder exited: the same sockets, other owners; every stage again.
-                        Ok((taken, None))
+                        Ok((k.taken, None))
                     } else {
-                        Ok((taken, Some((digest, last))))
+                        Ok((k.taken, Some((k.digest, k.report, k.counts))))
                     }
                 }
                 // No sample to reuse yet (the first look always dumps): take one.
@@ -203,51 +269,60 @@ fn sample_loop(
                 },
                 last,
             )) => {
-                let mut joined = Joined::with_topology_of(&sample, &topology);
-                let (digest, mut r) = match last {
-                    // Nothing moved but time: the groups stand, the findings are judged anew.
-                    Some((digest, mut last)) => {
+                let (digest, mut r, counts) = match last {
+                    // Nothing moved but time: the groups and the socket counts stand, the
+                    // findings and the idle connections are judged anew, without a pass over
+                    // the sockets.
+                    Some((digest, mut last, counts)) => {
                         history.observe_same(sample.taken_at);
                         last.taken_at = aggregate::rfc3339(sample.taken_at);
-                        (digest, last)
+                        (digest, last, counts)
                     }
                     None => {
+                        let joined = Joined::with_topology_of(&sample, &topology);
                         let (mut r, _) = groups.report(&joined, &query, edits.as_deref(), false);
                         if !args.report_cmdline {
                             r.drop_cmdlines();
                         }
+                        let r = r.with_groups(|g| SharedGroups(Arc::new(g)));
                         // The history counts the digest's pairs: no second pass.
                         let digest = Digest::new(&joined);
                         history.observe_digest(&digest, &sample);
-                        (digest, r)
+                        // Where the collector aged tcp_info clocks instead of reading them,
+                        // those a growth finding is judged by are read again (clocks a reuse
+                        // brought forward, `tcp_info_age_ms`, are exact: nothing moved).
+                        let wanted = match sample.tcp_info_age_ms {
+                            0 => history.clocks_wanted(&digest, &cfg),
+                            _ => Vec::new(),
+                        };
+                        drop(joined);
+                        if !wanted.is_empty() {
+                            sampler.fresh_clocks(&mut sample, &wanted);
+                        }
+                        let counts =
+                            SocketCounts::new(&Joined::with_topology_of(&sample, &topology), &cfg);
+                        (digest, r, counts)
                     }
                 };
-                // Where the collector aged tcp_info clocks instead of reading them, those a
-                // growth finding is judged by are read again (clocks a reuse brought forward,
-                // `tcp_info_age_ms`, are exact: nothing moved).
-                if sample.tcp_info_age_ms == 0 {
-                    let wanted = history.clocks_wanted(&digest, &cfg);
-                    if !wanted.is_empty() {
-                        drop(joined);
-                        sampler.fresh_clocks(&mut sample, &wanted);
-                        joined = Joined::with_topology_of(&sample, &topology);
-                    }
-                }
                 r.findings = digest.findings(&sample, Some(&history), &cfg);
-                families = metrics::families(&joined, &r.findings, &cfg, args.max_series);
-                report = Bytes::from(serde_json::to_vec_pretty(&r)?);
+                families = metrics::families_of(&sample, &counts, &r.findings, args.max_series);
                 // A closed stderr must not stop the agent: logging is best effort.
                 let _ = warned.print_new(err, &r.warnings);
                 health.samples += 1;
                 health.last_sample = Some((sample.taken_at, tick.elapsed()));
                 failing = 0;
-                drop(joined);
                 let taken = Taken {
                     sample,
                     topology,
                     edits,
                 };
-                kept = Some((taken, digest, r));
+                report = Some(r.clone());
+                kept = Some(Kept {
+                    taken,
+                    digest,
+                    report: r,
+                    counts,
+                });
             }
             Err(e) => {
                 health.errors += 1;
@@ -263,12 +338,16 @@ fn sample_loop(
                 let _ = writeln!(err, "shimcheck: error: textfile: {e:#}");
             }
         }
-        let publication = Arc::new(Publication::new(encoded, report.clone(), &health, failing));
+        let body = report.clone().map(ReportBody::of).unwrap_or_default();
+        let publication = Arc::new(Publication::new(encoded, body, &health, failing));
         if let Ok(mut slot) = shared.write() {
             *slot = publication;
         }
-        while tick.elapsed() < interval && !stop.load(Ordering::SeqCst) {
-            std::thread::sleep(TICK.min(interval.saturating_sub(tick.elapsed())));
+        while !stop.load(Ordering::SeqCst) {
+            match interval.checked_sub(tick.elapsed()) {
+                Some(left) if !left.is_zero() => std::thread::park_timeout(left),
+                _ => break,
+            }
         }
     }
     Ok(())
@@ -401,7 +480,7 @@ fn answer(req: &Request<Incoming>, p: &Publication) -> Response<Full<Bytes>> {
         "/healthz" => plain(StatusCode::SERVICE_UNAVAILABLE, &format!("{}\n", p.status)),
         // Before the first attempt; after it, failures are in the metrics themselves.
         _ if p.text.is_empty() => plain(StatusCode::SERVICE_UNAVAILABLE, "no sample yet\n"),
-        "/report" => body(p.report.clone(), "application/json"),
+        "/report" => body(p.report.json(), "application/json"),
         _ if wants_openmetrics(req) => {
             body(p.openmetrics.clone(), metrics::OPENMETRICS_CONTENT_TYPE)
         }

@@ -30,9 +30,6 @@ use crate::sample::{Look, Mode, Sampler, Taken};
 /// Groups the end-of-watch summary names, those that grew most.
 const SUMMARY_GROWERS: usize = 10;
 
-/// How often the sleep between samples checks for Ctrl-C.
-const TICK: Duration = Duration::from_millis(50);
-
 /// Runs the loop; returns the number of findings in the last sample.
 pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<usize> {
     let query = args.query()?;
@@ -43,8 +40,14 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
     }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
-        .context("cannot install the Ctrl-C handler")?;
+    // The handler also wakes this thread, which sleeps between samples until the next one
+    // is due or a signal comes: no polling.
+    let sleeper = std::thread::current();
+    ctrlc::set_handler(move || {
+        flag.store(true, Ordering::SeqCst);
+        sleeper.unpark();
+    })
+    .context("cannot install the Ctrl-C handler")?;
 
     let mut sampler = Sampler::open(&args.node, Mode::Incremental);
     let mut state = State {
@@ -118,8 +121,11 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
         if args.count.is_some_and(|c| n >= c) || stop.load(Ordering::SeqCst) {
             break report;
         }
-        while tick.elapsed() < interval && !stop.load(Ordering::SeqCst) {
-            std::thread::sleep(TICK.min(interval.saturating_sub(tick.elapsed())));
+        while !stop.load(Ordering::SeqCst) {
+            match interval.checked_sub(tick.elapsed()) {
+                Some(left) if !left.is_zero() => std::thread::park_timeout(left),
+                _ => break,
+            }
         }
         if stop.load(Ordering::SeqCst) {
             break report;

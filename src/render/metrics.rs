@@ -22,7 +22,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::detect::{DetectConfig, Finding, Kind, Severity};
 use crate::join::Joined;
-use crate::model::{FD_NAMED_SHARE, TcpState};
+use crate::model::{FD_NAMED_SHARE, Sample, TcpState};
 
 /// `process` of sockets no visible process holds.
 pub const UNATTRIBUTED: &str = "(unattributed)";
@@ -108,25 +108,131 @@ fn severity_label(s: Severity) -> &'static str {
 }
 
 /// The `netns` label: the namespace's name, or `net:[INODE]`.
-fn netns_label(j: &Joined<'_>, netns: u64) -> String {
-    j.sample
+fn netns_label(sample: &Sample, netns: u64) -> String {
+    sample
         .netns_names
         .get(&netns)
         .cloned()
         .unwrap_or_else(|| format!("net:[{netns}]"))
 }
 
-/// The `process` label of socket `i`: the name of its lowest-pid holder, so that each socket
-/// is counted once and `sum()` over processes is the socket count.
-fn process_label(j: &Joined<'_>, i: usize) -> String {
-    match j.owners(i).next() {
-        Some(pid) => j
-            .sample
+/// The `process` label of a socket whose lowest-pid holder is `pid` (each socket is counted
+/// once, so `sum()` over processes is the socket count).
+fn process_label(sample: &Sample, pid: Option<u32>) -> String {
+    match pid {
+        Some(pid) => sample
             .owners
             .processes
             .get(&pid)
             .map_or_else(|| "?".to_string(), |p| p.comm.clone()),
         None => UNATTRIBUTED.to_string(),
+    }
+}
+
+/// A connection as `shimcheck_connections` counts it: namespace, lowest-pid holder, service
+/// endpoint, server side, state.
+type ConnectionKey = (u64, Option<u32>, SocketAddr, bool, TcpState);
+/// A connection as `shimcheck_idle_connections` counts it.
+type IdleKey = (u64, Option<u32>, SocketAddr);
+/// A (namespace, source address, destination) tuple of client ends.
+type Tuple = (u64, IpAddr, SocketAddr);
+
+/// What the metrics read of a sample's sockets, counted in one pass by small keys: no label
+/// is spelled for a socket, only for each series after. `serve` keeps it from one new sample
+/// to the next: where nothing moved but time, none of it changes but which connections have
+/// been idle long enough, and the clocks kept here answer that.
+#[derive(Debug, Clone, Default)]
+pub struct SocketCounts {
+    totals: FxHashMap<(u64, TcpState), u32>,
+    connections: FxHashMap<ConnectionKey, u32>,
+    idle: FxHashMap<IdleKey, Idle>,
+    unattributed: FxHashMap<u64, u32>,
+    /// The `EPHEMERAL_TUPLES` tuples using the most local ports, and how many.
+    busiest: Vec<(Tuple, usize)>,
+    /// `--idle-after` in milliseconds.
+    idle_after: u64,
+}
+
+/// The ESTABLISHED connections of one idle series: how many were idle long enough when
+/// dumped, and the data-idle clocks of the others whose clocks age with the sample (sorted).
+#[derive(Debug, Clone, Default)]
+struct Idle {
+    already: u32,
+    waiting: Vec<u64>,
+}
+
+impl SocketCounts {
+    /// One pass over `j`'s sockets.
+    pub fn new(j: &Joined<'_>, cfg: &DetectConfig) -> SocketCounts {
+        let sample = j.sample;
+        let idle_after = u64::try_from(cfg.idle_after.as_millis()).unwrap_or(u64::MAX);
+        let mut counts = SocketCounts {
+            idle_after,
+            ..SocketCounts::default()
+        };
+        // Each tuple numbered, and the local ports of its client ends: counted once each
+        // after a sort (two ends can share a tuple and a port in two namespaces' views).
+        let mut tuples: FxHashMap<Tuple, u32> = FxHashMap::default();
+        let mut listed: Vec<Tuple> = Vec::new();
+        let mut ports: Vec<u64> = Vec::new();
+        for (i, s) in sample.sockets.iter().enumerate() {
+            *counts.totals.entry((s.netns, s.state)).or_default() += 1;
+            if !matches!(s.state, TcpState::Established | TcpState::CloseWait) {
+                continue;
+            }
+            let pid = j.owners(i).next();
+            if pid.is_none() {
+                *counts.unattributed.entry(s.netns).or_default() += 1;
+            }
+            let server = j.listens(i);
+            let endpoint = if server {
+                s.local()
+            } else {
+                let tuple = (s.netns, s.local().ip(), s.remote());
+                let id = *tuples.entry(tuple).or_insert_with(|| {
+                    listed.push(tuple);
+                    (listed.len() - 1) as u32
+                });
+                ports.push(u64::from(id) << 16 | u64::from(s.local().port()));
+                s.remote()
+            };
+            if let (TcpState::Established, Some(t)) = (s.state, s.tcp_info) {
+                let clock = u64::from(t.data_idle_ms());
+                let idle = counts.idle.entry((s.netns, pid, endpoint)).or_default();
+                if clock >= idle_after {
+                    idle.already += 1;
+                } else if s.has_clocks() {
+                    idle.waiting.push(clock);
+                }
+            }
+            *counts
+                .connections
+                .entry((s.netns, pid, endpoint, server, s.state))
+                .or_default() += 1;
+        }
+        for idle in counts.idle.values_mut() {
+            idle.waiting.sort_unstable();
+        }
+        crate::join::radix_sort_by_key(&mut ports, |&p| p);
+        ports.dedup();
+        let mut used: Vec<(Tuple, usize)> = ports
+            .chunk_by(|a, b| a >> 16 == b >> 16)
+            .filter_map(|run| Some((*listed.get((run[0] >> 16) as usize)?, run.len())))
+            .collect();
+        used.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        used.truncate(EPHEMERAL_TUPLES);
+        counts.busiest = used;
+        counts
+    }
+
+    /// Each idle series with its count, the clocks `age_ms` older than dumped.
+    fn idle_now(&self, age_ms: u64) -> impl Iterator<Item = (&IdleKey, u32)> {
+        let from = self.idle_after.saturating_sub(age_ms);
+        self.idle.iter().filter_map(move |(key, idle)| {
+            let crossed = idle.waiting.len() - idle.waiting.partition_point(|&c| c < from);
+            let n = idle.already + crossed as u32;
+            (n > 0).then_some((key, n))
+        })
     }
 }
 
@@ -169,70 +275,60 @@ fn cap(series: Vec<(Labels, f64)>, max: usize, fold: &[&str]) -> Vec<(Labels, f6
     series
 }
 
-/// The metric families of one sample and its findings.
+/// The metric families of one sample and its findings, its sockets counted anew.
 pub fn families(
     j: &Joined<'_>,
     findings: &[Finding],
     cfg: &DetectConfig,
     max_series: usize,
 ) -> Families {
-    let sample = j.sample;
-    let idle_ms = cfg.idle_after.as_millis();
+    families_of(j.sample, &SocketCounts::new(j, cfg), findings, max_series)
+}
+
+/// The metric families of one sample, whose sockets `counts` counted (for a sample where
+/// nothing moved but time, those of the last new one), and its findings: no pass over the
+/// sockets.
+pub fn families_of(
+    sample: &Sample,
+    counts: &SocketCounts,
+    findings: &[Finding],
+    max_series: usize,
+) -> Families {
+    let mut names: FxHashMap<u64, String> = FxHashMap::default();
+    let mut netns = |ns: u64| {
+        names
+            .entry(ns)
+            .or_insert_with(|| netns_label(sample, ns))
+            .clone()
+    };
     let mut connections: BTreeMap<Labels, f64> = BTreeMap::new();
+    for (&(ns, pid, endpoint, server, state), &n) in &counts.connections {
+        let labels = vec![
+            ("netns", netns(ns)),
+            ("process", process_label(sample, pid)),
+            ("endpoint", endpoint.to_string()),
+            ("side", if server { "server" } else { "client" }.into()),
+            ("state", state_label(state).into()),
+        ];
+        *connections.entry(labels).or_default() += f64::from(n);
+    }
     let mut idle: BTreeMap<Labels, f64> = BTreeMap::new();
+    for (&(ns, pid, endpoint), n) in counts.idle_now(sample.tcp_info_age_ms) {
+        let labels = vec![
+            ("netns", netns(ns)),
+            ("process", process_label(sample, pid)),
+            ("endpoint", endpoint.to_string()),
+        ];
+        *idle.entry(labels).or_default() += f64::from(n);
+    }
     let mut totals: BTreeMap<Labels, f64> = BTreeMap::new();
+    for (&(ns, state), &n) in &counts.totals {
+        let labels = vec![("netns", netns(ns)), ("state", state_label(state).into())];
+        *totals.entry(labels).or_default() += f64::from(n);
+    }
     let mut unattributed: BTreeMap<Labels, f64> = BTreeMap::new();
-    let mut ports: FxHashMap<(u64, IpAddr, SocketAddr), FxHashSet<u16>> = FxHashMap::default();
-    for (i, s) in sample.sockets.iter().enumerate() {
-        let netns = netns_label(j, s.netns);
-        *totals
-            .entry(vec![
-                ("netns", netns.clone()),
-                ("state", state_label(s.state).into()),
-            ])
-            .or_default() += 1.0;
-        if !matches!(s.state, TcpState::Established | TcpState::CloseWait) {
-            continue;
-        }
-        let process = process_label(j, i);
-        if process == UNATTRIBUTED {
-            *unattributed
-                .entry(vec![("netns", netns.clone())])
-                .or_default() += 1.0;
-        }
-        let server = j.listens(i);
-        let (side, endpoint) = if server {
-            ("server", s.local())
-        } else {
-            ports
-                .entry((s.netns, s.local().ip(), s.remote()))
-                .or_default()
-                .insert(s.local().port());
-            ("client", s.remote())
-        };
-        let endpoint = endpoint.to_string();
-        if s.state == TcpState::Established
-            && sample
-                .data_idle_ms(s)
-                .is_some_and(|ms| u128::from(ms) >= idle_ms)
-        {
-            *idle
-                .entry(vec![
-                    ("netns", netns.clone()),
-                    ("process", process.clone()),
-                    ("endpoint", endpoint.clone()),
-                ])
-                .or_default() += 1.0;
-        }
-        *connections
-            .entry(vec![
-                ("netns", netns),
-                ("process", process),
-                ("endpoint", endpoint),
-                ("side", side.into()),
-                ("state", state_label(s.state).into()),
-            ])
-            .or_default() += 1.0;
+    for (&ns, &n) in &counts.unattributed {
+        *unattributed.entry(vec![("netns", netns(ns))]).or_default() += f64::from(n);
     }
 
     let mut out = vec![
@@ -328,19 +424,16 @@ pub fn families(
         max,
     ));
 
-    let mut busiest: Vec<((u64, IpAddr, SocketAddr), usize)> =
-        ports.into_iter().map(|(k, v)| (k, v.len())).collect();
-    busiest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    busiest.truncate(EPHEMERAL_TUPLES);
     out.push(gauge(
         "shimcheck_ephemeral_ports_used",
         "Local ports used by connections from one source address to one destination \
          endpoint, for the busiest such tuples; compare with shimcheck_ephemeral_ports_range.",
-        busiest
-            .into_iter()
-            .map(|((netns, src, dst), n)| {
+        counts
+            .busiest
+            .iter()
+            .map(|&((ns, src, dst), n)| {
                 let labels = vec![
-                    ("netns", netns_label(j, netns)),
+                    ("netns", netns(ns)),
                     ("source", src.to_string()),
                     ("endpoint", dst.to_string()),
                 ];
@@ -356,7 +449,7 @@ pub fn families(
             .host
             .port_range
             .map(|(lo, hi)| {
-                let labels = vec![("netns", netns_label(j, sample.own_netns))];
+                let labels = vec![("netns", netns(sample.own_netns))];
                 (labels, f64::from(hi - lo) + 1.0)
             })
             .into_iter()
