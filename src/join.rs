@@ -462,7 +462,7 @@ pub(crate) fn held<'h>(
 pub(crate) struct JoinedParts<'j> {
     pub one: &'j [u32],
     pub shared: &'j FxHashMap<u32, Vec<u32>>,
-    pub peer: &'j Arc<Vec<u32>>,
+    pub peer: &'j [u32],
 }
 
 /// `Holders::one` of a socket no process holds (pid 0 is no process).

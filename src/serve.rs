@@ -295,12 +295,13 @@ fn sample_loop(
                             0 => history.clocks_wanted(&digest, &cfg),
                             _ => Vec::new(),
                         };
-                        drop(joined);
-                        if !wanted.is_empty() {
+                        let counts = if wanted.is_empty() {
+                            SocketCounts::new(&joined, &cfg)
+                        } else {
+                            drop(joined);
                             sampler.fresh_clocks(&mut sample, &wanted);
-                        }
-                        let counts =
-                            SocketCounts::new(&Joined::with_topology_of(&sample, &topology), &cfg);
+                            SocketCounts::new(&Joined::with_topology_of(&sample, &topology), &cfg)
+                        };
                         (digest, r, counts)
                     }
                 };

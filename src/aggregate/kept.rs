@@ -16,13 +16,14 @@
 //! table other than the last one's, `--by pod` and `--process` (a process's place or name can
 //! change with no socket changing), and past `KEPT_GROUPS` groups. Pure: no I/O, no clock.
 
-use std::sync::Arc;
+use std::cmp::Reverse;
+use std::collections::BTreeSet;
 
 use rustc_hash::FxHashMap;
 
 use super::{
-    Counted, Counting, GroupBy, GroupCounts, KeyParts, Member, Places, Query, Report, Totals,
-    aggregate_with_counts, make_group, report_of, socket_keys,
+    Acc, Counted, Counting, GroupBy, GroupCounts, KeyParts, Member, Places, Query, RawKey, Report,
+    Totals, aggregate_with_counts, make_group, report_of, socket_keys,
 };
 use crate::collect::events::Edits;
 use crate::join::{Joined, NO_PEER, Tally, held};
@@ -65,10 +66,12 @@ struct Base {
     info: Vec<u8>,
     /// The other groups of a socket several processes share (`--by process`, `--by pair`).
     more: FxHashMap<u32, Vec<u32>>,
-    /// The holders and peers the sockets were counted with.
+    /// The holders and peers the sockets were counted with: copies, refilled in place, so that
+    /// the kept peer match is not made to copy its own to patch it (it patches in place when
+    /// nothing else holds it).
     one: Vec<u32>,
     shared: FxHashMap<u32, Vec<u32>>,
-    peer: Arc<Vec<u32>>,
+    peer: Vec<u32>,
     totals: Totals,
     /// Sockets counted `Counted::Hidden`.
     hidden: usize,
@@ -79,7 +82,14 @@ struct Base {
 struct Groups {
     at: FxHashMap<(u64, u64, u16), u32>,
     list: Vec<Counting>,
+    /// Each slot's key, while its group lives.
+    raws: Vec<RawKey>,
     free: Vec<u32>,
+    /// The live groups in report order (largest first, then by key), once `rank` made it: a
+    /// report then reads its top ones off, where ranking them all again would cost as much
+    /// as the groups (tens of thousands for a server's `--by pair`).
+    ranked: BTreeSet<(Reverse<u32>, RawKey, u32)>,
+    ranking: bool,
 }
 
 impl KeptGroups {
@@ -141,7 +151,7 @@ impl Base {
             more: FxHashMap::default(),
             one: parts.one.to_vec(),
             shared: parts.shared.clone(),
-            peer: Arc::clone(parts.peer),
+            peer: parts.peer.to_vec(),
             totals: Totals::default(),
             hidden: 0,
         };
@@ -151,6 +161,7 @@ impl Base {
                 return None;
             }
         }
+        base.groups.rank();
         Some(base)
     }
 
@@ -178,7 +189,8 @@ impl Base {
         self.one.clear();
         self.one.extend_from_slice(parts.one);
         self.shared.clone_from(parts.shared);
-        self.peer = Arc::clone(parts.peer);
+        self.peer.clear();
+        self.peer.extend_from_slice(parts.peer);
         self.first.resize(n, LEFT_OUT);
         self.info.resize(n, 0);
         let mut owners = Vec::new();
@@ -227,16 +239,19 @@ impl Base {
                 holder_moved(i as usize, &mut dirty);
             }
         }
-        // Peers: one pass, where a peer changed or a holder did (a socket's other end is found
-        // only this way: several ends of one tuple can have the same peer).
-        if any_moved || !Arc::ptr_eq(&self.peer, parts.peer) {
-            let (was, now) = (&self.peer[..common], &parts.peer[..common]);
+        // Peers: where one changed, a block of equal ones at a time; where a holder changed,
+        // one pass over all of them (a socket's other end is found only this way: several
+        // ends of one tuple can have the same peer).
+        let (was, now) = (&self.peer[..common], &parts.peer[..common]);
+        if any_moved {
             for (i, (&was, &now)) in was.iter().zip(now).enumerate() {
                 let j = now as usize;
                 if was != now || (j < common && moved[j / 64] >> (j % 64) & 1 != 0) {
                     dirty.push(i as u32);
                 }
             }
+        } else {
+            dirty.extend(changed(was, now).map(|i| i as u32));
         }
         dirty.sort_unstable();
         dirty.dedup();
@@ -287,7 +302,7 @@ impl Base {
             i,
             owners,
             &mut self.places,
-            |key, owners| match groups.put(keys.pack(key, s.state, at), owners, joined) {
+            |key, owners| match groups.put(keys.pack(key, s.state, at), key, owners, joined) {
                 Some(g) => slots.push(g),
                 None => room = false,
             },
@@ -321,40 +336,25 @@ impl Base {
         query: &Query,
         counts: bool,
     ) -> (Report, Option<GroupCounts>) {
-        let keys = &self.keys;
-        let list = &self.groups.list;
-        let mut live: Vec<u32> = (0..list.len() as u32)
-            .filter(|&g| list[g as usize].acc.count > 0)
-            .collect();
+        let ranked = &self.groups.ranked;
         let all = counts.then(|| {
             GroupCounts(
-                live.iter()
-                    .map(|&g| {
-                        let c = &list[g as usize];
-                        (keys.raw(&c.first), c.acc.count as usize)
-                    })
+                ranked
+                    .iter()
+                    .map(|&(Reverse(n), raw, _)| (raw, n as usize))
                     .collect(),
             )
         });
-        let total = live.len();
-        let order = |x: &u32, y: &u32| {
-            let (x, y) = (&list[*x as usize], &list[*y as usize]);
-            (y.acc.count.cmp(&x.acc.count))
-                .then_with(|| keys.raw(&x.first).cmp(&keys.raw(&y.first)))
-        };
-        if let Some(top) = query.top.filter(|&t| t > 0 && t < live.len()) {
-            live.select_nth_unstable_by(top, order);
-            live.truncate(top);
-        }
-        live.sort_unstable_by(order);
-        let groups = live
+        let top = query.top.filter(|&t| t > 0).unwrap_or(usize::MAX);
+        let groups = ranked
             .iter()
-            .map(|&g| {
-                let c = &list[g as usize];
+            .take(top)
+            .map(|&(_, raw, g)| {
+                let c = &self.groups.list[g as usize];
                 make_group(
                     joined,
                     &self.places,
-                    keys.raw(&c.first),
+                    raw,
                     c.acc.clone(),
                     c.own.counts(),
                     c.peer.counts(),
@@ -365,7 +365,7 @@ impl Base {
             joined.sample,
             query,
             self.totals,
-            total,
+            ranked.len(),
             self.hidden > 0,
             groups,
         );
@@ -374,9 +374,9 @@ impl Base {
 }
 
 impl Groups {
-    /// Counts membership `m` of a socket held by `owners`; its group, or `None` when that
-    /// would be a group past `KEPT_GROUPS`.
-    fn put(&mut self, m: Member, owners: &[u32], joined: &Joined<'_>) -> Option<u32> {
+    /// Counts membership `m` (of group `raw`) of a socket held by `owners`; its group, or
+    /// `None` when that would be a group past `KEPT_GROUPS`.
+    fn put(&mut self, m: Member, raw: RawKey, owners: &[u32], joined: &Joined<'_>) -> Option<u32> {
         let key = (m.a, m.b, m.port);
         let g = match self.at.get(&key) {
             Some(&g) => g,
@@ -384,17 +384,19 @@ impl Groups {
             None => {
                 let fresh = Counting {
                     first: m,
-                    acc: super::Acc::default(),
+                    acc: Acc::default(),
                     own: Tally::default(),
                     peer: Tally::default(),
                 };
                 let g = match self.free.pop() {
                     Some(g) => {
                         self.list[g as usize] = fresh;
+                        self.raws[g as usize] = raw;
                         g
                     }
                     None => {
                         self.list.push(fresh);
+                        self.raws.push(raw);
                         (self.list.len() - 1) as u32
                     }
                 };
@@ -409,6 +411,8 @@ impl Groups {
         if let Some(j) = joined.peer(m.at as usize) {
             joined.owners(j).for_each(|pid| c.peer.add(pid));
         }
+        let n = c.acc.count;
+        self.reranked(g, n - 1, n);
         Some(g)
     }
 
@@ -422,10 +426,41 @@ impl Groups {
         c.acc.states.remove(state);
         owners.iter().for_each(|&pid| c.own.remove(pid));
         peer_owners.iter().for_each(|&pid| c.peer.remove(pid));
-        if c.acc.count == 0 {
+        let n = c.acc.count;
+        if n == 0 {
             self.at.remove(&(c.first.a, c.first.b, c.first.port));
             self.free.push(g);
         }
+        self.reranked(g, n + 1, n);
+    }
+
+    /// Group `g`, of `was` sockets, now of `now`, in the ranking (once made).
+    fn reranked(&mut self, g: u32, was: u32, now: u32) {
+        if !self.ranking {
+            return;
+        }
+        let raw = self.raws[g as usize];
+        if was > 0 {
+            self.ranked.remove(&(Reverse(was), raw, g));
+        }
+        if now > 0 {
+            self.ranked.insert((Reverse(now), raw, g));
+        }
+    }
+
+    /// Ranks the groups made so far; from here on each change keeps the ranking.
+    fn rank(&mut self) {
+        self.ranked = (0..self.list.len() as u32)
+            .filter(|&g| self.list[g as usize].acc.count > 0)
+            .map(|g| {
+                (
+                    Reverse(self.list[g as usize].acc.count),
+                    self.raws[g as usize],
+                    g,
+                )
+            })
+            .collect();
+        self.ranking = true;
     }
 }
 

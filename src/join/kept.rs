@@ -133,7 +133,7 @@ impl Base {
             m.ends.retain(|e| e.at != GONE);
         }
         come.sort_unstable_by_key(|e| (e.hi, e.lo, e.at));
-        m.ends = merged(std::mem::take(&mut m.ends), &come, |e| (e.hi, e.lo, e.at));
+        merge_into(&mut m.ends, &come, |e| (e.hi, e.lo, e.at));
         // Every connection an end left or joined is matched again, whole.
         let mut canons: Vec<(u64, u64)> = gone.iter().chain(&come).map(|e| (e.hi, e.lo)).collect();
         canons.sort_unstable();
@@ -163,7 +163,7 @@ impl Base {
             by_inode.retain(|&(_, at)| at != GONE);
         }
         inodes_come.sort_unstable();
-        *by_inode = merged(std::mem::take(by_inode), &inodes_come, |&p| p);
+        merge_into(by_inode, &inodes_come, |&p| p);
         let listens = Arc::make_mut(&mut m.listens);
         listens.resize(len.div_ceil(64), 0);
         if let Some(w) = listens.last_mut().filter(|_| !len.is_multiple_of(64)) {
@@ -214,32 +214,29 @@ impl Base {
             .map(|&(inode, at)| (inode, at + len as u32))
             .collect();
         let listeners: FxHashSet<_> = m.listeners.union(&after.listeners).copied().collect();
+        let mut by_inode = m.by_inode.to_vec();
+        merge_into(&mut by_inode, &moved, |&p| p);
         Topology {
             peer: Arc::new(peer),
             listeners,
             listens: Arc::new(listens),
-            by_inode: Arc::new(merged(m.by_inode.to_vec(), &moved, |&p| p)),
+            by_inode: Arc::new(by_inode),
         }
     }
 }
 
-/// `a` and `b`, each sorted by `key`, as one sorted list.
-fn merged<T: Copy, K: Ord>(a: Vec<T>, b: &[T], key: impl Fn(&T) -> K) -> Vec<T> {
-    if b.is_empty() {
-        return a;
-    }
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() && j < b.len() {
-        if key(&b[j]) < key(&a[i]) {
-            out.push(b[j]);
-            j += 1;
-        } else {
-            out.push(a[i]);
-            i += 1;
+/// Merges `b` into `a`, each sorted by `key` (of equal keys, `a`'s first), in place: from the
+/// back, into room made at `a`'s end. A new list of `a`'s size each sample (millions of ends)
+/// had every page of it faulted in and given back.
+fn merge_into<T: Copy, K: Ord>(a: &mut Vec<T>, b: &[T], key: impl Fn(&T) -> K) {
+    let mut i = a.len();
+    a.extend_from_slice(b);
+    for j in (0..b.len()).rev() {
+        // Every element of `a` greater than `b[j]` goes after it.
+        while i > 0 && key(&b[j]) < key(&a[i - 1]) {
+            a[i + j] = a[i - 1];
+            i -= 1;
         }
+        a[i + j] = b[j];
     }
-    out.extend_from_slice(&a[i..]);
-    out.extend_from_slice(&b[j..]);
-    out
 }
