@@ -119,6 +119,11 @@ impl StateCounts {
         self.0[usize::from(st.kernel_number() - 1)] -= 1;
     }
 
+    /// `n` sockets in state `st`, however many there were.
+    fn set(&mut self, st: TcpState, n: u32) {
+        self.0[usize::from(st.kernel_number() - 1)] = n;
+    }
+
     /// Non-zero counts in kernel order.
     pub fn iter(&self) -> impl Iterator<Item = (TcpState, usize)> + '_ {
         TcpState::ALL

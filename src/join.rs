@@ -139,26 +139,6 @@ impl<K: Copy + Eq + std::hash::Hash> Tally<K> {
         }
     }
 
-    /// Takes one `key` out; a key counted down to 0 is gone.
-    pub(crate) fn remove(&mut self, key: K) {
-        self.settle();
-        if let Some(n) = self.counts.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                self.counts.remove(&key);
-            }
-        }
-    }
-
-    /// Every key and its count, in no particular order, the tally kept.
-    pub(crate) fn counts(&self) -> Vec<(K, usize)> {
-        let mut counts: FxHashMap<K, usize> = self.counts.clone();
-        if let Some((k, n)) = self.run {
-            *counts.entry(k).or_default() += n;
-        }
-        counts.into_iter().collect()
-    }
-
     /// The run counted into the map.
     fn settle(&mut self) {
         if let Some((k, n)) = self.run.take() {

@@ -161,6 +161,30 @@ impl ProcScanner {
             .filter(|&n| n > 0 && n <= MAX_FDS)
     }
 
+    /// A process's fd directory held open for `fd_count_held` (`O_PATH`: nothing is read, and
+    /// no permission is needed beyond the lookup a `stat` makes); `None` where `fd_count`
+    /// gives no count anyway.
+    fn fd_dir(&self, pid: u32) -> Option<rustix::fd::OwnedFd> {
+        if !self.fd_sizes {
+            return None;
+        }
+        rustix::fs::open(
+            self.root.join(format!("{pid}/fd")),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()
+    }
+
+    /// `fd_count` through a held fd directory, without a path lookup: a third of the cost.
+    /// `Err` once its process is gone: a handle never follows a reused pid to another process.
+    fn fd_count_held(dir: &rustix::fd::OwnedFd) -> Result<Option<u64>, Errno> {
+        let st = rustix::fs::fstat(dir)?;
+        Ok(u64::try_from(st.st_size)
+            .ok()
+            .filter(|&n| n > 0 && n <= MAX_FDS))
+    }
+
     /// A process's number of open files by listing its fd directory (no link is read): what
     /// `fd_count` gives for free on Linux 6.2+, at the cost of one directory read.
     fn fd_count_listed(&self, pid: u32) -> Option<u64> {
@@ -526,6 +550,22 @@ pub struct OwnerCache {
     tables: FxHashMap<u32, Vec<Slot>>,
     /// Sockets seen in an fd table but not in the dump then, with where they were seen.
     undumped: FxHashMap<u64, (u32, u32)>,
+    /// Live processes' fd directories, held open (up to `held_fd_dirs`) so that a sample's
+    /// open-file counts need no path lookup each: the largest cost of a sample where nothing
+    /// moved.
+    fd_dirs: FxHashMap<u32, rustix::fd::OwnedFd>,
+}
+
+/// How many fd directories the owner cache holds open at most: half of what this process may
+/// open beyond 64 for its own work (sockets, directories, threads), so that a low limit is
+/// never why a sample fails; a process past it is counted by path.
+fn held_fd_dirs() -> usize {
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    usize::try_from(soft.saturating_sub(64) / 2)
+        .unwrap_or(usize::MAX)
+        .min(1 << 16)
 }
 
 /// The owner map after a refresh.
@@ -759,6 +799,11 @@ impl OwnerCache {
         OwnerCache::default()
     }
 
+    /// How many processes' fd directories are held open for counting (the tests ask).
+    pub fn held_fd_dirs(&self) -> usize {
+        self.fd_dirs.len()
+    }
+
     /// Brings the map up to date with `sockets`.
     pub fn refresh(
         &mut self,
@@ -981,6 +1026,7 @@ impl OwnerCache {
         self.fds.retain(|p, _| live.contains(p));
         self.tables.retain(|p, _| live.contains(p));
         self.undumped.retain(|_, (p, _)| live.contains(p));
+        self.fd_dirs.retain(|p, _| live.contains(p));
     }
 
     /// Open-file counts: cheap on Linux 6.2+ (the fd directory's size). Before, a process at
@@ -989,13 +1035,31 @@ impl OwnerCache {
     /// since: a leaking process's count follows its new sockets). Limits are read once per
     /// process.
     fn count_fds(&mut self, scanner: &ProcScanner, live: &[u32]) {
+        let budget = held_fd_dirs();
         for &pid in live {
             let near_limit = self
                 .fds
                 .get(&pid)
                 .is_some_and(|f| f.at_least(FD_NAMED_SHARE));
-            let open = scanner
-                .fd_count(pid)
+            let held = self.fd_dirs.get(&pid).map(ProcScanner::fd_count_held);
+            let counted = match held {
+                Some(Ok(n)) => n,
+                gone => {
+                    // Gone since, or never held: counted by path, and held from now on.
+                    if gone.is_some() {
+                        self.fd_dirs.remove(&pid);
+                    }
+                    let n = scanner.fd_count(pid);
+                    if n.is_some()
+                        && self.fd_dirs.len() < budget
+                        && let Some(dir) = scanner.fd_dir(pid)
+                    {
+                        self.fd_dirs.insert(pid, dir);
+                    }
+                    n
+                }
+            };
+            let open = counted
                 .or_else(|| near_limit.then(|| scanner.fd_count_listed(pid)).flatten())
                 .or_else(|| self.tables.get(&pid).map(|t| t.len() as u64));
             let entry = self.fds.entry(pid).or_insert_with(|| FdUse {

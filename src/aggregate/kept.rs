@@ -22,11 +22,11 @@ use std::collections::BTreeSet;
 use rustc_hash::FxHashMap;
 
 use super::{
-    Acc, Counted, Counting, GroupBy, GroupCounts, KeyParts, Member, Places, Query, RawKey, Report,
-    Totals, aggregate_with_counts, make_group, report_of, socket_keys,
+    Acc, Counted, GroupBy, GroupCounts, KeyParts, Member, Places, Query, RawKey, Report,
+    StateCounts, Totals, aggregate_with_counts, make_group, report_of, socket_keys,
 };
 use crate::collect::events::Edits;
-use crate::join::{Joined, NO_PEER, Tally, held};
+use crate::join::{Joined, NO_PEER, held};
 use crate::model::TcpState;
 
 /// Groups kept at most. Each holds its counts and two tallies of holders (about 200 bytes):
@@ -36,6 +36,14 @@ const KEPT_GROUPS: usize = 1 << 16;
 
 /// `Base::first` of a socket the query leaves out.
 const LEFT_OUT: u32 = u32::MAX;
+/// `Kept::next` of the last group of a hash.
+const NO_GROUP: u32 = u32::MAX;
+
+/// The hash `Groups::at` files a packed key under.
+fn hash_of(key: (u64, u64, u16)) -> u64 {
+    use std::hash::BuildHasher;
+    rustc_hash::FxBuildHasher.hash_one(key)
+}
 
 /// The groups a loop keeps from one sample to the next.
 #[derive(Default)]
@@ -80,10 +88,11 @@ struct Base {
 /// The groups, each where it was first put; a slot emptied is taken by the next new group.
 #[derive(Default)]
 struct Groups {
-    at: FxHashMap<(u64, u64, u16), u32>,
-    list: Vec<Counting>,
-    /// Each slot's key, while its group lives.
-    raws: Vec<RawKey>,
+    /// Each key's group by the key's hash, the groups of one hash chained (`Kept::next`):
+    /// 16 bytes a group where the key itself took 32.
+    at: FxHashMap<u64, u32>,
+    live: usize,
+    list: Vec<Kept>,
     free: Vec<u32>,
     /// The live groups in report order (largest first, then by key), once `rank` made it: a
     /// report then reads its top ones off, where ranking them all again would cost as much
@@ -161,7 +170,7 @@ impl Base {
                 return None;
             }
         }
-        base.groups.rank();
+        base.groups.rank(&base.keys);
         Some(base)
     }
 
@@ -284,7 +293,7 @@ impl Base {
         };
         let more = self.more.remove(&(i as u32)).unwrap_or_default();
         for g in std::iter::once(g).chain(more) {
-            self.groups.take(g, state, owners, peer_owners);
+            self.groups.take(g, &self.keys, state, owners, peer_owners);
         }
     }
 
@@ -355,7 +364,7 @@ impl Base {
                     joined,
                     &self.places,
                     raw,
-                    c.acc.clone(),
+                    c.acc(),
                     c.own.counts(),
                     c.peer.counts(),
                 )
@@ -378,68 +387,124 @@ impl Groups {
     /// `None` when that would be a group past `KEPT_GROUPS`.
     fn put(&mut self, m: Member, raw: RawKey, owners: &[u32], joined: &Joined<'_>) -> Option<u32> {
         let key = (m.a, m.b, m.port);
-        let g = match self.at.get(&key) {
-            Some(&g) => g,
-            None if self.at.len() >= KEPT_GROUPS => return None,
+        let g = match self.find(key) {
+            Some(g) => g,
+            None if self.live >= KEPT_GROUPS => return None,
             None => {
-                let fresh = Counting {
-                    first: m,
-                    acc: Acc::default(),
-                    own: Tally::default(),
-                    peer: Tally::default(),
+                let fresh = Kept {
+                    a: m.a,
+                    b: m.b,
+                    port: m.port,
+                    next: NO_GROUP,
+                    count: 0,
+                    states: States::default(),
+                    own: Pids::default(),
+                    peer: Pids::default(),
                 };
                 let g = match self.free.pop() {
                     Some(g) => {
                         self.list[g as usize] = fresh;
-                        self.raws[g as usize] = raw;
                         g
                     }
                     None => {
                         self.list.push(fresh);
-                        self.raws.push(raw);
                         (self.list.len() - 1) as u32
                     }
                 };
-                self.at.insert(key, g);
+                self.link(hash_of(key), g);
                 g
             }
         };
         let c = &mut self.list[g as usize];
-        c.acc.count += 1;
-        c.acc.states.add(m.state);
+        c.count += 1;
+        c.states.add(m.state);
         owners.iter().for_each(|&pid| c.own.add(pid));
         if let Some(j) = joined.peer(m.at as usize) {
             joined.owners(j).for_each(|pid| c.peer.add(pid));
         }
-        let n = c.acc.count;
-        self.reranked(g, n - 1, n);
+        let n = c.count;
+        self.reranked(g, raw, n - 1, n);
         Some(g)
     }
 
     /// Takes a socket in `state`, held by `owners`, its peer by `peer_owners`, out of group
     /// `g`; a group left empty is gone.
-    fn take(&mut self, g: u32, state: TcpState, owners: &[u32], peer_owners: &[u32]) {
+    fn take(
+        &mut self,
+        g: u32,
+        keys: &KeyParts,
+        state: TcpState,
+        owners: &[u32],
+        peer_owners: &[u32],
+    ) {
         let Some(c) = self.list.get_mut(g as usize) else {
             return;
         };
-        c.acc.count -= 1;
-        c.acc.states.remove(state);
+        c.count -= 1;
+        c.states.remove(state);
         owners.iter().for_each(|&pid| c.own.remove(pid));
         peer_owners.iter().for_each(|&pid| c.peer.remove(pid));
-        let n = c.acc.count;
+        let n = c.count;
+        let (key, raw) = (c.key(), keys.raw(&c.member()));
         if n == 0 {
-            self.at.remove(&(c.first.a, c.first.b, c.first.port));
+            self.unlink(hash_of(key), g);
             self.free.push(g);
         }
-        self.reranked(g, n + 1, n);
+        self.reranked(g, raw, n + 1, n);
     }
 
-    /// Group `g`, of `was` sockets, now of `now`, in the ranking (once made).
-    fn reranked(&mut self, g: u32, was: u32, now: u32) {
+    /// The group of packed key `key`.
+    fn find(&self, key: (u64, u64, u16)) -> Option<u32> {
+        self.find_at(hash_of(key), key)
+    }
+
+    /// `find`, the key's hash being `h`.
+    fn find_at(&self, h: u64, key: (u64, u64, u16)) -> Option<u32> {
+        let mut g = *self.at.get(&h)?;
+        while let Some(c) = self.list.get(g as usize) {
+            if c.key() == key {
+                return Some(g);
+            }
+            g = c.next;
+        }
+        None
+    }
+
+    /// Makes group `g` the one `find` gives for its key, whose hash is `h`.
+    fn link(&mut self, h: u64, g: u32) {
+        let next = self.at.insert(h, g).unwrap_or(NO_GROUP);
+        self.list[g as usize].next = next;
+        self.live += 1;
+    }
+
+    /// Takes group `g`, whose key's hash is `h`, out of `find`'s reach.
+    fn unlink(&mut self, h: u64, g: u32) {
+        let next = self.list[g as usize].next;
+        if self.at.get(&h) == Some(&g) {
+            if next == NO_GROUP {
+                self.at.remove(&h);
+            } else {
+                self.at.insert(h, next);
+            }
+        } else if let Some(&head) = self.at.get(&h) {
+            // Another key of the same hash came after it: g is further down the chain.
+            let mut p = head;
+            while let Some(c) = self.list.get(p as usize) {
+                if c.next == g {
+                    self.list[p as usize].next = next;
+                    break;
+                }
+                p = c.next;
+            }
+        }
+        self.live -= 1;
+    }
+
+    /// Group `g` (of key `raw`), of `was` sockets, now of `now`, in the ranking (once made).
+    fn reranked(&mut self, g: u32, raw: RawKey, was: u32, now: u32) {
         if !self.ranking {
             return;
         }
-        let raw = self.raws[g as usize];
         if was > 0 {
             self.ranked.remove(&(Reverse(was), raw, g));
         }
@@ -449,18 +514,146 @@ impl Groups {
     }
 
     /// Ranks the groups made so far; from here on each change keeps the ranking.
-    fn rank(&mut self) {
+    fn rank(&mut self, keys: &KeyParts) {
         self.ranked = (0..self.list.len() as u32)
-            .filter(|&g| self.list[g as usize].acc.count > 0)
-            .map(|g| {
-                (
-                    Reverse(self.list[g as usize].acc.count),
-                    self.raws[g as usize],
-                    g,
-                )
+            .filter_map(|g| {
+                let c = &self.list[g as usize];
+                (c.count > 0).then(|| (Reverse(c.count), keys.raw(&c.member()), g))
             })
             .collect();
         self.ranking = true;
+    }
+}
+
+/// A kept group: its first membership (its key), its counts, its holders and those of its
+/// sockets' other ends. 80 bytes: the groups of a server's `--by pair`, one per client, are
+/// tens of thousands.
+struct Kept {
+    /// Its key, packed as its memberships are (`Member`).
+    a: u64,
+    b: u64,
+    port: u16,
+    /// The next group whose key has the same hash (`Groups::at`), or `NO_GROUP`.
+    next: u32,
+    count: u32,
+    states: States,
+    own: Pids,
+    peer: Pids,
+}
+
+const _: () = assert!(std::mem::size_of::<Kept>() <= 80);
+
+impl Kept {
+    fn key(&self) -> (u64, u64, u16) {
+        (self.a, self.b, self.port)
+    }
+
+    /// A membership of it, for `KeyParts::raw`.
+    fn member(&self) -> Member {
+        Member {
+            a: self.a,
+            b: self.b,
+            port: self.port,
+            state: TcpState::Established,
+            at: 0,
+        }
+    }
+
+    /// Its counts as the report spells them.
+    fn acc(&self) -> Acc {
+        let mut states = StateCounts::default();
+        match &self.states {
+            States::None => {}
+            States::One(st, n) => states.set(*st, *n),
+            States::Many(all) => states = (**all).clone(),
+        }
+        Acc {
+            count: self.count,
+            states,
+        }
+    }
+}
+
+/// Sockets per state, as a kept group counts them: most groups have one state.
+#[derive(Default)]
+enum States {
+    #[default]
+    None,
+    One(TcpState, u32),
+    Many(Box<StateCounts>),
+}
+
+impl States {
+    fn add(&mut self, st: TcpState) {
+        match self {
+            States::None => *self = States::One(st, 1),
+            States::One(s, n) if *s == st => *n += 1,
+            States::One(s, n) => {
+                let mut all = StateCounts::default();
+                all.set(*s, *n);
+                all.add(st);
+                *self = States::Many(Box::new(all));
+            }
+            States::Many(all) => all.add(st),
+        }
+    }
+
+    fn remove(&mut self, st: TcpState) {
+        match self {
+            States::One(s, 1) if *s == st => *self = States::None,
+            States::One(s, n) if *s == st => *n -= 1,
+            States::Many(all) => all.remove(st),
+            _ => {}
+        }
+    }
+}
+
+/// Sockets per pid, as a kept group counts its holders: most groups have one (a server's
+/// `--by pair` is a group per client), which takes no map; 16 bytes where a map took 32 and
+/// its table more.
+#[derive(Default)]
+enum Pids {
+    #[default]
+    None,
+    One(u32, u32),
+    Many(Box<FxHashMap<u32, u32>>),
+}
+
+impl Pids {
+    fn add(&mut self, pid: u32) {
+        match self {
+            Pids::None => *self = Pids::One(pid, 1),
+            Pids::One(p, n) if *p == pid => *n += 1,
+            Pids::One(p, n) => {
+                *self = Pids::Many(Box::new(FxHashMap::from_iter([(*p, *n), (pid, 1)])));
+            }
+            Pids::Many(m) => *m.entry(pid).or_default() += 1,
+        }
+    }
+
+    fn remove(&mut self, pid: u32) {
+        match self {
+            Pids::One(p, 1) if *p == pid => *self = Pids::None,
+            Pids::One(p, n) if *p == pid => *n -= 1,
+            Pids::Many(m) => {
+                if let Some(n) = m.get_mut(&pid) {
+                    *n -= 1;
+                    if *n == 0 {
+                        m.remove(&pid);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Every pid and its count, in no particular order.
+    fn counts(&self) -> Vec<(u32, usize)> {
+        match self {
+            Pids::None => Vec::new(),
+            Pids::One(p, n) => vec![(*p, *n as usize)],
+            Pids::Many(m) => m.iter().map(|(&p, &n)| (p, n as usize)).collect(),
+        }
     }
 }
 
@@ -479,4 +672,47 @@ fn changed<'v>(a: &'v [u32], b: &'v [u32]) -> impl Iterator<Item = usize> + 'v {
                 .filter(|(_, (p, q))| p != q)
                 .map(move |(i, _)| k * BLOCK + i)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(port: u16) -> Kept {
+        Kept {
+            a: 1,
+            b: 2,
+            port,
+            next: NO_GROUP,
+            count: 1,
+            states: States::default(),
+            own: Pids::default(),
+            peer: Pids::default(),
+        }
+    }
+
+    #[test]
+    fn groups_whose_keys_share_a_hash_are_each_found_until_taken_out() {
+        let mut groups = Groups {
+            list: vec![group(1), group(2), group(3)],
+            ..Groups::default()
+        };
+        // Three keys filed under one hash, as two keys whose hashes collide are.
+        let h = 7;
+        (0..3).for_each(|g| groups.link(h, g));
+        let found = |groups: &Groups| {
+            (1..=3)
+                .map(|p| groups.find_at(h, (1, 2, p)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(found(&groups), [Some(0), Some(1), Some(2)]);
+        groups.unlink(h, 1);
+        assert_eq!(found(&groups), [Some(0), None, Some(2)]);
+        groups.unlink(h, 2);
+        assert_eq!(found(&groups), [Some(0), None, None]);
+        groups.unlink(h, 0);
+        assert_eq!(found(&groups), [None, None, None]);
+        assert!(groups.at.is_empty());
+        assert_eq!(groups.live, 0);
+    }
 }

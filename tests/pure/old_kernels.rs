@@ -925,3 +925,47 @@ fn on_the_real_proc_open_files_are_counted_by_size_from_linux_6_2() {
         assert_eq!(after, before, "kept from the table read before");
     }
 }
+
+#[test]
+fn a_process_is_counted_through_its_held_fd_directory_until_it_exits() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    if kernel_version() < (6, 2) {
+        eprintln!("skipped: counts by fd directory size need Linux 6.2");
+        return;
+    }
+    let scanner = ProcScanner::new(Path::new("/proc"));
+    // A child that opens 100 files when asked, then says so.
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            "import sys\nsys.stdin.readline()\nkeep=[open('/dev/null') for _ in range(100)]\n\
+             print('opened', flush=True)\nsys.stdin.readline()",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut cache = OwnerCache::new();
+    // The first look scans every fd table; the next counts by path and holds the directory.
+    let first = cache.refresh(&scanner, &[], 2).unwrap().fds[&pid].open;
+    let _ = cache.refresh_same(&scanner, 2).unwrap();
+    assert!(cache.held_fd_dirs() > 0, "fd directories are held");
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin).unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "opened");
+    let held = cache.refresh_same(&scanner, 2).unwrap().fds[&pid].open;
+    assert_eq!(held, first + 100, "counted through the held directory");
+    drop(stdin);
+    child.wait().unwrap();
+    let gone = cache.refresh_same(&scanner, 2).unwrap();
+    assert!(
+        !gone.fds.contains_key(&pid),
+        "an exited process is forgotten"
+    );
+}
