@@ -348,21 +348,20 @@ impl State {
     /// again on the same sockets.
     fn same(
         &mut self,
-        kept: Kept,
+        mut kept: Kept,
         moved: Moved,
         query: &Query,
         cfg: &DetectConfig,
         sampler: &mut Sampler,
     ) -> Report {
         // The report's warnings stay: the collector's and the last full scan's are the same.
-        let Kept {
-            mut sample,
-            topology,
-            edits,
-            digest,
-            mut report,
-        } = kept;
-        if sample.apply(moved) {
+        if kept.sample.apply(moved) {
+            let Kept {
+                sample,
+                topology,
+                edits,
+                ..
+            } = kept;
             let taken = Taken {
                 sample,
                 topology,
@@ -370,18 +369,11 @@ impl State {
             };
             return self.full(taken, query, cfg, sampler);
         }
-        self.history.observe_same(sample.taken_at);
-        report.taken_at = aggregate::rfc3339(sample.taken_at);
-        for g in &mut report.groups {
+        self.history.observe_same(kept.sample.taken_at);
+        kept.report.taken_at = aggregate::rfc3339(kept.sample.taken_at);
+        for g in &mut kept.report.groups {
             g.delta = Some(0);
         }
-        let kept = Kept {
-            sample,
-            topology,
-            edits,
-            digest,
-            report,
-        };
         self.judge(kept, cfg)
     }
 

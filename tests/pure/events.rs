@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use shimcheck::bpf::events::StateChange;
 use shimcheck::collect::CollectError;
-use shimcheck::collect::events::{Drain, Pending, Redump, Table, follows};
+use shimcheck::collect::events::{Drain, Edits, Pending, Redump, Table, follows};
 use shimcheck::collect::netlink::Exact;
 use shimcheck::model::{Socket, StateSet, TcpState};
 
@@ -594,43 +594,92 @@ impl Namespace {
     }
 }
 
+/// A step of xorshift64: the tests' rolls of dice, the same every run.
+fn xorshift(state: &mut u64, n: u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state % n.max(1)
+}
+
+/// Two namespaces' tables swept as `--all-netns` sweeps them: the larger lends its sockets
+/// first and is patched; the other's are copied after them (every other round) and given back
+/// at once. Which one lends first changes every few rounds, so a patch must start from the
+/// match of the very lend its edits are counted from.
+struct Sweep {
+    spaces: [Namespace; 2],
+    rng: u64,
+}
+
+/// One round's sockets: the first `own` lent by namespace `first`, with its edits, then, every
+/// other round, the other namespace's.
+struct Swept {
+    first: usize,
+    own: usize,
+    sockets: Vec<Socket>,
+    edits: Edits,
+}
+
+impl Sweep {
+    fn new(seed: u64) -> Sweep {
+        Sweep {
+            spaces: [Namespace::new(1, 1, 40), Namespace::new(2, 10_000, 20)],
+            rng: seed,
+        }
+    }
+
+    fn roll(&mut self, n: u64) -> u64 {
+        xorshift(&mut self.rng, n)
+    }
+
+    fn lend(&mut self, round: u32) -> Swept {
+        let first = usize::from(round % 7 >= 4);
+        let (mut sockets, edits) = self.spaces[first].table.lend();
+        let own = sockets.len();
+        if round % 2 == 1 {
+            let (others, _) = self.spaces[1 - first].table.lend();
+            sockets.extend(others.iter().cloned());
+            assert!(self.spaces[1 - first].table.give_back(others));
+        }
+        Swept {
+            first,
+            own,
+            sockets,
+            edits,
+        }
+    }
+
+    /// Gives a round's sockets back to the table that lent them, then moves every namespace on.
+    fn next(&mut self, swept: Swept) {
+        let Swept {
+            first,
+            own,
+            mut sockets,
+            ..
+        } = swept;
+        sockets.truncate(own);
+        assert!(self.spaces[first].table.give_back(sockets));
+        let Sweep { spaces, rng } = self;
+        for space in spaces.iter_mut() {
+            space.churn(&mut |n| xorshift(rng, n));
+        }
+    }
+}
+
 #[test]
 fn a_peer_match_patched_by_a_tables_edits_is_the_match_from_scratch() {
     use shimcheck::join::{KeptTopology, Topology};
-    // Two namespaces, each with its table, as `--all-netns` sweeps them: the larger lends its
-    // sockets first and is patched; the other's are copied after them and given back at once.
-    // Which one is the larger changes every few rounds, so a patch must start from the match
-    // of the very lend its edits are counted from.
-    let mut spaces = [Namespace::new(1, 1, 40), Namespace::new(2, 10_000, 20)];
+    let mut sweep = Sweep::new(0x2545_f491_4f6c_dd1d);
     let mut kept = KeptTopology::default();
-    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
-    let mut roll = |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n.max(1)
-    };
     for round in 0..80 {
-        let first = usize::from(round % 7 >= 4);
-        let (mut sockets, edits) = spaces[first].table.lend();
-        let own = sockets.len();
-        // Every other round, the other namespace's sockets after the lent ones.
-        if round % 2 == 1 {
-            let (others, _) = spaces[1 - first].table.lend();
-            sockets.extend(others.iter().cloned());
-            assert!(spaces[1 - first].table.give_back(others));
-        }
-        let patched = kept.topology(&sockets, Some(&edits));
+        let swept = sweep.lend(round);
+        let patched = kept.topology(&swept.sockets, Some(&swept.edits));
         assert_eq!(
             patched,
-            Topology::with_inode_order(&sockets),
+            Topology::with_inode_order(&swept.sockets),
             "round {round}"
         );
-        sockets.truncate(own);
-        assert!(spaces[first].table.give_back(sockets));
-        for space in &mut spaces {
-            space.churn(&mut roll);
-        }
+        sweep.next(swept);
     }
 }
 
@@ -655,10 +704,9 @@ fn groups_kept_by_a_tables_edits_are_the_groups_made_from_scratch() {
     use shimcheck::join::{Joined, KeptTopology};
 
     use crate::support::builders::{process, query, sample};
-    // Two namespaces' tables taking turns being lent first, as in the test above; holders
-    // that change hands between rounds; every grouping a loop keeps, with and without
+    // Two namespaces' tables taking turns being lent first (`Sweep`); holders that change
+    // hands between rounds; every grouping a loop keeps, with and without
     // filters and a top, and two it does not keep (`--by pod`, `--process`).
-    let mut spaces = [Namespace::new(1, 1, 40), Namespace::new(2, 10_000, 20)];
     let shown = [TcpState::Established, TcpState::CloseWait];
     let mut queries: Vec<Query> = [GroupBy::Port, GroupBy::Peer, GroupBy::Process]
         .into_iter()
@@ -684,25 +732,17 @@ fn groups_kept_by_a_tables_edits_are_the_groups_made_from_scratch() {
     });
     let keeps = |q: &Query| q.group_by != GroupBy::Pod && q.process.is_none();
     let mut kept: Vec<KeptGroups> = queries.iter().map(|_| KeptGroups::default()).collect();
+    let mut sweep = Sweep::new(0x9e37_79b9_7f4a_7c15);
     let mut topology = KeptTopology::default();
     let mut passed: BTreeMap<u64, u32> = BTreeMap::new();
-    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
-    let mut roll = |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n.max(1)
-    };
     let (mut patched, mut last_first) = (0, None);
     for round in 0..80 {
-        let first = usize::from(round % 7 >= 4);
-        let (mut sockets, edits) = spaces[first].table.lend();
-        let own = sockets.len();
-        if round % 2 == 1 {
-            let (others, _) = spaces[1 - first].table.lend();
-            sockets.extend(others.iter().cloned());
-            assert!(spaces[1 - first].table.give_back(others));
-        }
+        let Swept {
+            first,
+            own,
+            sockets,
+            edits,
+        } = sweep.lend(round);
         let peers = topology.topology(&sockets, Some(&edits));
         let pairs: Vec<(u64, u32)> = sockets
             .iter()
@@ -733,19 +773,23 @@ fn groups_kept_by_a_tables_edits_are_the_groups_made_from_scratch() {
             patched += usize::from(groups.last_patched().is_some());
         }
         drop((joined, scratch));
-        let mut sockets = sample.sockets;
-        sockets.truncate(own);
-        assert!(spaces[first].table.give_back(sockets));
+        let swept = Swept {
+            first,
+            own,
+            sockets: sample.sockets,
+            edits,
+        };
+        sweep.next(swept);
         last_first = Some(first);
-        for space in &mut spaces {
-            space.churn(&mut roll);
-        }
         // A holder or two change hands; one goes back.
         for _ in 0..2 {
-            let inode = 100_000 + roll(200);
+            let inode = 100_000 + sweep.roll(200);
             passed.insert(inode, 3000);
         }
-        if let Some(&inode) = passed.keys().nth(roll(passed.len() as u64 + 1) as usize) {
+        if let Some(&inode) = passed
+            .keys()
+            .nth(sweep.roll(passed.len() as u64 + 1) as usize)
+        {
             passed.remove(&inode);
         }
     }
