@@ -935,18 +935,24 @@ fn a_process_is_counted_through_its_held_fd_directory_until_it_exits() {
         return;
     }
     let scanner = ProcScanner::new(Path::new("/proc"));
-    // A child that opens 100 files when asked, then says so.
+    // A child that says when it is up (its start opens and closes files), then opens 100
+    // files when asked and says so.
     let mut child = Command::new("python3")
         .args([
             "-c",
-            "import sys\nsys.stdin.readline()\nkeep=[open('/dev/null') for _ in range(100)]\n\
-             print('opened', flush=True)\nsys.stdin.readline()",
+            "import sys\nprint('ready', flush=True)\nsys.stdin.readline()\n\
+             keep=[open('/dev/null') for _ in range(100)]\nprint('opened', flush=True)\n\
+             sys.stdin.readline()",
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let pid = child.id();
+    let mut said = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    said.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
     let mut cache = OwnerCache::new();
     // The first look scans every fd table; the next counts by path and holds the directory.
     let first = cache.refresh(&scanner, &[], 2).unwrap().fds[&pid].open;
@@ -954,10 +960,8 @@ fn a_process_is_counted_through_its_held_fd_directory_until_it_exits() {
     assert!(cache.held_fd_dirs() > 0, "fd directories are held");
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin).unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    line.clear();
+    said.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "opened");
     let held = cache.refresh_same(&scanner, 2).unwrap().fds[&pid].open;
     assert_eq!(held, first + 100, "counted through the held directory");
