@@ -144,8 +144,10 @@ type Tuple = (u64, IpAddr, SocketAddr);
 #[derive(Debug, Clone, Default)]
 pub struct SocketCounts {
     totals: FxHashMap<(u64, TcpState), u32>,
-    connections: FxHashMap<ConnectionKey, u32>,
-    idle: FxHashMap<IdleKey, Idle>,
+    /// Each connection series: its count and its idle series (an index into `idle`), found
+    /// with one lookup a socket.
+    connections: FxHashMap<ConnectionKey, (u32, u32)>,
+    idle: Vec<(IdleKey, Idle)>,
     unattributed: FxHashMap<u64, u32>,
     /// The `EPHEMERAL_TUPLES` tuples using the most local ports, and how many.
     busiest: Vec<(Tuple, usize)>,
@@ -158,7 +160,7 @@ pub struct SocketCounts {
 #[derive(Debug, Clone, Default)]
 struct Idle {
     already: u32,
-    waiting: Vec<u64>,
+    waiting: Vec<u32>,
 }
 
 impl SocketCounts {
@@ -175,8 +177,19 @@ impl SocketCounts {
         let mut tuples: FxHashMap<Tuple, u32> = FxHashMap::default();
         let mut listed: Vec<Tuple> = Vec::new();
         let mut ports: Vec<u64> = Vec::new();
+        let mut idle_at: FxHashMap<IdleKey, u32> = FxHashMap::default();
+        // A namespace's sockets mostly share a state: counted in a run, the map asked once a
+        // run.
+        let mut run: Option<((u64, TcpState), u32)> = None;
         for (i, s) in sample.sockets.iter().enumerate() {
-            *counts.totals.entry((s.netns, s.state)).or_default() += 1;
+            match &mut run {
+                Some((key, n)) if *key == (s.netns, s.state) => *n += 1,
+                last => {
+                    if let Some((key, n)) = last.replace(((s.netns, s.state), 1)) {
+                        *counts.totals.entry(key).or_default() += n;
+                    }
+                }
+            }
             if !matches!(s.state, TcpState::Established | TcpState::CloseWait) {
                 continue;
             }
@@ -196,21 +209,35 @@ impl SocketCounts {
                 ports.push(u64::from(id) << 16 | u64::from(s.local().port()));
                 s.remote()
             };
+            let idle = &mut counts.idle;
+            let (n, at) = counts
+                .connections
+                .entry((s.netns, pid, endpoint, server, s.state))
+                .or_insert_with(|| {
+                    let key = (s.netns, pid, endpoint);
+                    let at = *idle_at.entry(key).or_insert_with(|| {
+                        idle.push((key, Idle::default()));
+                        (idle.len() - 1) as u32
+                    });
+                    (0, at)
+                });
+            *n += 1;
             if let (TcpState::Established, Some(t)) = (s.state, s.tcp_info) {
-                let clock = u64::from(t.data_idle_ms());
-                let idle = counts.idle.entry((s.netns, pid, endpoint)).or_default();
-                if clock >= idle_after {
+                let clock = t.data_idle_ms();
+                let Some((_, idle)) = idle.get_mut(*at as usize) else {
+                    continue;
+                };
+                if u64::from(clock) >= idle_after {
                     idle.already += 1;
                 } else if s.has_clocks() {
                     idle.waiting.push(clock);
                 }
             }
-            *counts
-                .connections
-                .entry((s.netns, pid, endpoint, server, s.state))
-                .or_default() += 1;
         }
-        for idle in counts.idle.values_mut() {
+        if let Some((key, n)) = run {
+            *counts.totals.entry(key).or_default() += n;
+        }
+        for (_, idle) in &mut counts.idle {
             idle.waiting.sort_unstable();
         }
         crate::join::radix_sort_by_key(&mut ports, |&p| p);
@@ -229,7 +256,8 @@ impl SocketCounts {
     fn idle_now(&self, age_ms: u64) -> impl Iterator<Item = (&IdleKey, u32)> {
         let from = self.idle_after.saturating_sub(age_ms);
         self.idle.iter().filter_map(move |(key, idle)| {
-            let crossed = idle.waiting.len() - idle.waiting.partition_point(|&c| c < from);
+            let crossed =
+                idle.waiting.len() - idle.waiting.partition_point(|&c| u64::from(c) < from);
             let n = idle.already + crossed as u32;
             (n > 0).then_some((key, n))
         })
@@ -302,7 +330,7 @@ pub fn families_of(
             .clone()
     };
     let mut connections: BTreeMap<Labels, f64> = BTreeMap::new();
-    for (&(ns, pid, endpoint, server, state), &n) in &counts.connections {
+    for (&(ns, pid, endpoint, server, state), &(n, _)) in &counts.connections {
         let labels = vec![
             ("netns", netns(ns)),
             ("process", process_label(sample, pid)),

@@ -589,3 +589,107 @@ fn no_color_and_pipes_turn_colour_off_and_always_turns_it_on() {
     assert!(ColorWhen::Always.colored(false, Some(OsStr::new("1"))));
     assert!(!ColorWhen::Never.colored(true, None));
 }
+
+/// The value of the series of family `name` whose labels include all of `labels`.
+fn series_value(
+    families: &shimcheck::render::metrics::Families,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    let family = families.0.iter().find(|f| f.name == name)?;
+    family
+        .series
+        .iter()
+        .find(|(have, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
+        })
+        .map(|(_, v)| *v)
+}
+
+#[test]
+fn metrics_count_each_socket_once_and_a_still_sample_judges_only_the_idle_clocks_again() {
+    use shimcheck::render::metrics::{self, SocketCounts};
+    let cfg = DetectConfig::default();
+    let s = sample();
+    let families = metrics::families(&Joined::new(&s), &[], &cfg, 500);
+    let conn = |process: &str, endpoint: &str, side: &str, state: &str| {
+        let labels = [
+            ("process", process),
+            ("endpoint", endpoint),
+            ("side", side),
+            ("state", state),
+        ];
+        series_value(&families, "shimcheck_connections", &labels)
+    };
+    assert_eq!(
+        conn("image-cri-shim", "10.0.0.101:5000", "client", "established"),
+        Some(60.0)
+    );
+    assert_eq!(
+        conn("registry", "10.0.0.101:5000", "server", "established"),
+        Some(60.0)
+    );
+    assert_eq!(
+        conn("kubelet", "[::1]:6443", "client", "established"),
+        Some(3.0)
+    );
+    assert_eq!(
+        conn("kube-apiserver", "[::1]:6443", "server", "established"),
+        Some(3.0)
+    );
+    assert_eq!(
+        conn("evil\u{1b}[31m", "127.0.0.1:7000", "client", "close_wait"),
+        Some(2.0)
+    );
+    let idle = |families: &metrics::Families, process: &str| {
+        series_value(
+            families,
+            "shimcheck_idle_connections",
+            &[("process", process)],
+        )
+    };
+    assert_eq!(idle(&families, "image-cri-shim"), Some(60.0));
+    assert_eq!(idle(&families, "registry"), Some(60.0));
+    assert_eq!(idle(&families, "kubelet"), None, "10 ms idle is not idle");
+    let total = |state: &str| series_value(&families, "shimcheck_sockets", &[("state", state)]);
+    assert_eq!(
+        [total("listen"), total("established"), total("close_wait")],
+        [Some(2.0), Some(126.0), Some(2.0)]
+    );
+    let ports = |endpoint: &str| {
+        series_value(
+            &families,
+            "shimcheck_ephemeral_ports_used",
+            &[("endpoint", endpoint)],
+        )
+    };
+    assert_eq!(
+        [
+            ports("10.0.0.101:5000"),
+            ports("[::1]:6443"),
+            ports("127.0.0.1:7000")
+        ],
+        [Some(60.0), Some(3.0), Some(2.0)]
+    );
+    assert!(
+        families
+            .0
+            .iter()
+            .find(|f| f.name == "shimcheck_unattributed_sockets")
+            .is_some_and(|f| f.series.is_empty())
+    );
+    // Five minutes later with nothing moved: the counts of the sample before, its clocks
+    // brought forward, give what counting the later sample anew gives; kubelet's connections
+    // are idle now.
+    let mut later = s.clone();
+    later.tcp_info_age_ms = 300_000;
+    let kept = SocketCounts::new(&Joined::new(&s), &cfg);
+    let reused = metrics::families_of(&later, &kept, &[], 500);
+    assert_eq!(
+        reused,
+        metrics::families(&Joined::new(&later), &[], &cfg, 500)
+    );
+    assert_eq!(idle(&reused, "kubelet"), Some(3.0));
+}
