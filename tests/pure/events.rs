@@ -6,7 +6,7 @@ use shimcheck::bpf::events::StateChange;
 use shimcheck::collect::CollectError;
 use shimcheck::collect::events::{Drain, Edits, Pending, Redump, Table, follows};
 use shimcheck::collect::netlink::Exact;
-use shimcheck::model::{Socket, StateSet, TcpState};
+use shimcheck::model::{ScanStats, Socket, StateSet, TcpState};
 
 use crate::support::builders::{SocketWith, sock};
 
@@ -683,13 +683,14 @@ fn a_peer_match_patched_by_a_tables_edits_is_the_match_from_scratch() {
     }
 }
 
-/// The holders of socket `inode` in the test below: none for some, two processes for others,
-/// the server ends one process, the client ends one of four; those `passed` names are held by
-/// another process since (an fd passed, a holder exited), or shared with another one.
-fn holders_of(inode: u64, passed: &BTreeMap<u64, u32>) -> Vec<(u64, u32)> {
+/// The holders of socket `inode` in the test below: none for some (while `hidden`: a holder
+/// the scan could not see), two processes for others, the server ends one process, the
+/// client ends one of four; those `passed` names are held by another process since (an fd
+/// passed, a holder exited), or shared with another one.
+fn holders_of(inode: u64, passed: &BTreeMap<u64, u32>, hidden: bool) -> Vec<(u64, u32)> {
     let passed = passed.get(&inode).copied();
     match (inode, passed) {
-        (i, _) if i % 11 == 0 => vec![],
+        (i, _) if hidden && i % 11 == 0 => vec![],
         // Shared, by a second process that can change.
         (i, p) if i % 13 == 0 => vec![(i, 1000), (i, p.unwrap_or(1001))],
         (i, Some(pid)) => vec![(i, pid)],
@@ -722,6 +723,10 @@ fn groups_kept_by_a_tables_edits_are_the_groups_made_from_scratch() {
         ..query(GroupBy::Pair, &shown)
     });
     queries.push(Query {
+        top: Some(0),
+        ..query(GroupBy::Process, &shown)
+    });
+    queries.push(Query {
         pid: Some(2000),
         port: Some(5000),
         ..query(GroupBy::Peer, &[TcpState::Established])
@@ -747,14 +752,20 @@ fn groups_kept_by_a_tables_edits_are_the_groups_made_from_scratch() {
         let pairs: Vec<(u64, u32)> = sockets
             .iter()
             .filter(|s| s.inode != 0)
-            .flat_map(|s| holders_of(s.inode, &passed))
+            .flat_map(|s| holders_of(s.inode, &passed, round % 10 < 5))
             .collect();
         let mut processes = vec![process(2000, "registry"), process(3000, "sidecar")];
         processes.extend((1000..1004).map(|pid| process(pid, &format!("client{}", pid - 1000))));
+        // A process the scan could not read: a socket with an inode and no holder warns so.
+        let denied = ScanStats {
+            denied: 1,
+            ..ScanStats::default()
+        };
         let sample = sample()
             .sockets(sockets)
             .owners(pairs)
             .processes(processes)
+            .scan(denied)
             .build();
         let joined = Joined::with_topology_of(&sample, &peers);
         let scratch = Joined::new(&sample);
@@ -793,5 +804,96 @@ fn groups_kept_by_a_tables_edits_are_the_groups_made_from_scratch() {
             passed.remove(&inode);
         }
     }
-    assert!(patched > 300, "{patched} reports patched");
+    assert!(patched > 350, "{patched} reports patched");
+}
+
+#[test]
+fn kept_groups_asked_another_question_or_lent_by_another_table_or_lend_are_made_anew() {
+    use shimcheck::aggregate::{GroupBy, KeptGroups, Query, aggregate_with_counts};
+    use shimcheck::join::{Joined, Topology};
+
+    use crate::support::builders::{query, sample};
+    let shown = [TcpState::Established, TcpState::CloseWait];
+    // Two tables of as many sockets, on other client ports.
+    let (mut a, mut b) = (Namespace::new(1, 1, 20), Namespace::new(1, 10_000, 20));
+    let mut kept = KeptGroups::default();
+    let mut look = |ns: &mut Namespace, q: &Query, what: &str| {
+        let (sockets, edits) = ns.table.lend();
+        let topology = Topology::with_inode_order(&sockets);
+        let s = sample().sockets(sockets).build();
+        let (report, _) = kept.report(
+            &Joined::with_topology_of(&s, &topology),
+            q,
+            Some(&edits),
+            false,
+        );
+        let (want, _) = aggregate_with_counts(&Joined::new(&s), q);
+        assert_eq!(report, want, "{what}");
+        assert!(ns.table.give_back(s.sockets));
+        kept.last_patched()
+    };
+    let (by_port, by_peer) = (query(GroupBy::Port, &shown), query(GroupBy::Peer, &shown));
+    assert_eq!(look(&mut a, &by_port, "a's first lend"), None);
+    assert_eq!(look(&mut a, &by_port, "a again, nothing moved"), Some(0));
+    // A connection half-closes, then a lend the groups never see: the next edits count from
+    // that lend and do not hold the change: grouped anew.
+    a.churn(&mut |_| 0);
+    let (sockets, _) = a.table.lend();
+    assert!(a.table.give_back(sockets));
+    assert_eq!(
+        look(&mut a, &by_port, "a after a lend it did not see"),
+        None
+    );
+    // The same table, nothing moved, another question: grouped anew.
+    assert_eq!(look(&mut a, &by_peer, "a asked by peer"), None);
+    // Another table whose edits count from a lend of the same number and length as the
+    // last one's: grouped anew.
+    for _ in 0..3 {
+        let (sockets, _) = b.table.lend();
+        assert!(b.table.give_back(sockets));
+    }
+    assert_eq!(look(&mut b, &by_peer, "b's fourth lend"), None);
+}
+
+#[test]
+fn past_the_groups_a_loop_keeps_it_groups_from_scratch() {
+    use shimcheck::aggregate::{GroupBy, KeptGroups, aggregate_with_counts};
+    use shimcheck::join::Joined;
+
+    use crate::support::builders::{query, sample};
+    // 70,000 connections to as many places: a group each by peer, past the 65,536 kept.
+    let sockets: Vec<Socket> = (0..70_000u64)
+        .map(|i| {
+            let remote = format!("10.{}.{}.{}:443", i >> 16, (i >> 8) & 255, i & 255);
+            sock(
+                TcpState::Established,
+                "10.0.0.1:40000",
+                &remote,
+                1_000_000 + i,
+            )
+            .cookie(i + 1)
+        })
+        .collect();
+    let mut table = Table::new(sockets, shown()).unwrap();
+    let by_peer = query(GroupBy::Peer, &[TcpState::Established]);
+    let mut kept = KeptGroups::default();
+    for look in 0..2 {
+        let (sockets, edits) = table.lend();
+        let s = sample().sockets(sockets).build();
+        let joined = Joined::new(&s);
+        let (report, _) = kept.report(&joined, &by_peer, Some(&edits), false);
+        assert_eq!(
+            report,
+            aggregate_with_counts(&joined, &by_peer).0,
+            "look {look}"
+        );
+        assert_eq!(report.total_groups, 70_000);
+        assert_eq!(
+            kept.last_patched(),
+            None,
+            "look {look}: grouped from scratch"
+        );
+        drop(joined);
+        assert!(table.give_back(s.sockets));
+    }
 }
