@@ -22,8 +22,8 @@ use std::collections::BTreeSet;
 use rustc_hash::FxHashMap;
 
 use super::{
-    Acc, Counted, GroupBy, GroupCounts, KeyParts, Member, Places, Query, RawKey, Report,
-    StateCounts, Totals, aggregate_with_counts, make_group, report_of, socket_keys,
+    Acc, Counted, GroupBy, GroupCounts, KeyParts, LazyGroups, Member, Places, Query, RawKey,
+    Report, StateCounts, Totals, group, make_group, report_of, socket_keys,
 };
 use crate::collect::events::Edits;
 use crate::join::{Joined, NO_PEER, held};
@@ -121,8 +121,7 @@ impl KeptGroups {
         let edits = edits.filter(|e| keepable && self.crowded != Some(e.table));
         let Some(edits) = edits else {
             (self.base, self.patched) = (None, None);
-            let (report, all) = aggregate_with_counts(joined, query);
-            return (report, counts.then_some(all));
+            return from_scratch(joined, query, counts);
         };
         self.patched = self
             .base
@@ -135,11 +134,17 @@ impl KeptGroups {
             Some(base) => base.report(joined, query, counts),
             None => {
                 self.crowded = Some(edits.table);
-                let (report, all) = aggregate_with_counts(joined, query);
-                (report, counts.then_some(all))
+                from_scratch(joined, query, counts)
             }
         }
     }
+}
+
+/// The report grouped from scratch, and every group's size only when asked for (`serve`
+/// never is: its groups can be one per client).
+fn from_scratch(joined: &Joined<'_>, query: &Query, counts: bool) -> (Report, Option<GroupCounts>) {
+    let (report, all) = group(joined, query, counts);
+    (report.with_groups(LazyGroups::into_vec), all)
 }
 
 impl Base {
