@@ -66,7 +66,7 @@ fn main() -> anyhow::Result<()> {
         let digest = Digest::new(&joined);
         let t_digest = t.elapsed();
         let t = Instant::now();
-        history.observe_digest(&digest, &sample);
+        history.observe_digest(&digest, &joined, &aggregate::KeptGroups::default(), None);
         let t_observe = t.elapsed();
         let t = Instant::now();
         let findings = digest.findings(&sample, Some(&history), &cfg);

@@ -16,7 +16,7 @@ use crate::join::{Joined, Numbers, Tally};
 use crate::model::{Attribution, NetnsRef, Place, Sample, StateSet, TcpState, Warning};
 
 mod kept;
-pub use kept::KeptGroups;
+pub use kept::{KeptGroups, Mark};
 
 /// The JSON schema version this module writes.
 pub const SCHEMA_VERSION: u32 = 1;

@@ -17,8 +17,11 @@ use std::time::{Duration, SystemTime};
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
+use crate::aggregate::{KeptGroups, Mark};
+use crate::collect::events::Edits;
 use crate::culprits;
 use crate::join::{Joined, Tally};
+use crate::keyed::{Keyed, Lists, NONE};
 use crate::model::{NetnsRef, Sample, Socket, TcpState};
 
 /// Thresholds, as the `--min-growth`, `--window`, `--idle-*` and `--close-wait-min` options
@@ -267,112 +270,236 @@ fn finish(mut f: Finding, generic_fix: Option<&str>) -> Finding {
     f
 }
 
-/// What the detector needs of one sample's sockets, computed in one pass when its sockets are
-/// new: each (process, namespace, destination) pair with its members, their data-idle clocks
-/// (sorted) and the note naming the other ends' holders; the CLOSE_WAIT and port findings,
-/// which only the sockets decide. Judging it again at a later time, as a loop does when its
-/// collector saw nothing move, costs a search per pair instead of a pass over every socket:
-/// the clocks all moved on by the sample's `tcp_info_age_ms`.
-#[derive(Debug, Clone, Default)]
+/// A member's clock when the kernel gave none (the /proc/net fallback).
+const NO_CLOCK: i64 = i64::MIN;
+
+/// What the detector needs of one sample's sockets: each (process, namespace, destination)
+/// pair with its members, their data-idle clocks and the note naming the other ends'
+/// holders; each process's CLOSE_WAIT sockets; the client ends per destination and the port
+/// findings, which only the sockets decide. Judging it again at a later time, as a loop does
+/// when its collector saw nothing move, costs a look per pair instead of a pass over every
+/// socket: the clocks all moved on by the sample's `tcp_info_age_ms`.
+///
+/// A loop keeps it from one sample to the next (`update`): each socket's memberships are kept
+/// by its place, so a new sample takes out and puts back only the sockets at the places its
+/// kept groups changed (`KeptGroups::changes_since`), and makes anew the notes and facts of
+/// the pairs and processes they were in. The clocks age with the table: they are kept less
+/// its aging since the digest was made.
+#[derive(Debug, Default)]
 pub struct Digest {
-    /// Sorted by key.
-    pairs: Vec<PairFacts>,
-    close_wait: Vec<CloseWaitFacts>,
+    /// Each pair's sockets, with their clocks as kept (`NO_CLOCK` where there is none).
+    pairs: Lists<PairKey, i64>,
+    /// ", the other ends are held by ..." or nothing, by pair (list slot).
+    mirrors: FxHashMap<u32, String>,
+    /// Each process's CLOSE_WAIT sockets, and what they make, by list slot. Few sockets are
+    /// in CLOSE_WAIT: no room is kept for them by place.
+    close_wait: Lists<u32, ()>,
+    close_wait_facts: FxHashMap<u32, CloseWaitFacts>,
+    /// Client ends (not on a listening port) by destination, and each socket's, by place.
+    dests: Keyed<Dest, usize>,
+    dest_of: Vec<u32>,
     ports: Vec<Finding>,
+    /// The table's clock aging (`Edits::aged_ms`) when the digest was made, and now.
+    base: u64,
+    aged: u64,
+    made_with: Option<Mark>,
 }
 
-#[derive(Debug, Clone)]
-struct PairFacts {
-    key: PairKey,
-    /// The pair's sockets, by index.
-    members: Vec<u32>,
-    /// Their identities (`identity`), member by member: what the history keys them by, here
-    /// so that observing a sample reads no socket again.
-    ids: Vec<u64>,
-    /// The data-idle clocks of the members that have one, as dumped, in no order: only the
-    /// pairs with enough idle members are ever looked at closer (`snapshot`).
-    idle_ms: Vec<u64>,
-    /// ", the other ends are held by ..." or nothing.
-    mirror: String,
-}
-
-/// A pair's members as `Digest::new` gathers them.
+/// The pairs and processes whose sockets changed, whose notes and facts are made anew.
 #[derive(Default)]
-struct Members {
-    at: Vec<u32>,
-    ids: Vec<u64>,
-    idle_ms: Vec<u64>,
+struct Touched {
+    pairs: Vec<u32>,
+    close_wait: Vec<u32>,
 }
 
 impl Digest {
-    /// One pass over a joined sample's sockets: everything the detector reads of a socket is
-    /// read while it is at hand (a pass over 120,000 sockets costs a millisecond or two of
-    /// cache misses in a loop, where the kernel's work between samples evicts them).
+    /// Every socket of `j` digested.
     pub fn new(j: &Joined<'_>) -> Digest {
-        let sockets = &j.sample.sockets;
-        // Each pair's facts, and where each pair is in that list: a pair's sockets come in
-        // runs (a process's connections to one place), so the pair of the last key is kept
-        // at hand and the map asked once a run.
-        let mut facts: Vec<(PairKey, Members)> = Vec::new();
-        let mut at: FxHashMap<PairKey, usize> = FxHashMap::default();
-        let mut last: Option<(PairKey, usize)> = None;
-        let mut close_wait: FxHashMap<u32, Vec<usize>> = FxHashMap::default();
-        // Client ends (not on a listening port) per destination, for the port findings.
-        let mut dests: Tally<Dest> = Tally::default();
+        Digest::aged(j, 0)
+    }
+
+    /// `new`, of sockets whose clocks a table moved on by `aged` ms since it was made.
+    fn aged(j: &Joined<'_>, aged: u64) -> Digest {
+        let n = j.sample.sockets.len();
+        let mut d = Digest {
+            base: aged,
+            aged,
+            dest_of: vec![NONE; n],
+            ..Digest::default()
+        };
+        d.pairs.resize(n);
+        let mut touched = Touched::default();
         let mut keys = Vec::new();
-        for (i, s) in sockets.iter().enumerate() {
-            if s.state == TcpState::CloseWait {
-                for pid in j.owners(i) {
-                    close_wait.entry(pid).or_default().push(i);
-                }
+        for i in 0..n {
+            d.put(j, i, &mut keys, &mut touched);
+        }
+        d.finish(j, touched);
+        d
+    }
+
+    /// The digest of `j`, a loop's new sample: `last` (the digest of its last one) brought up
+    /// to date at the places the groups' report of `j`, just made, changed (`groups`), when
+    /// that report was patched from the one `last` was made alongside; made anew otherwise.
+    /// `edits` are those of the table that lent `j`'s sockets.
+    pub fn update(
+        last: Option<Digest>,
+        j: &Joined<'_>,
+        groups: &KeptGroups,
+        edits: Option<&Edits>,
+    ) -> Digest {
+        let patchable = last.and_then(|d| {
+            let changed = groups.changes_since(d.made_with, edits)?;
+            Some((d, changed, edits?))
+        });
+        let mut digest = match patchable {
+            Some((mut d, changed, edits)) => {
+                d.patch(j, changed, edits.aged_ms);
+                d
             }
-            if s.state != TcpState::Listen && !j.listens(i) {
-                dests.add(dest(s));
-            }
-            pair_keys(j, i, &mut keys);
-            let Ok(index) = u32::try_from(i) else {
-                continue;
-            };
-            for k in &keys {
-                let slot = match last {
-                    Some((l, slot)) if l == *k => slot,
-                    _ => *at.entry(*k).or_insert_with(|| {
-                        facts.push((*k, Members::default()));
-                        facts.len() - 1
-                    }),
-                };
-                let m = &mut facts[slot].1;
-                m.at.push(index);
-                m.ids.push(identity(s));
-                if let Some(t) = s.tcp_info {
-                    m.idle_ms.push(u64::from(t.data_idle_ms()));
-                }
-                last = Some((*k, slot));
+            None => Digest::aged(j, edits.map_or(0, |e| e.aged_ms)),
+        };
+        digest.made_with = groups.mark(edits);
+        digest
+    }
+
+    /// Digests again the sockets at `places` of `j`, whose clocks were read anew since
+    /// (`Sampler::fresh_clocks`).
+    pub fn recount(&mut self, j: &Joined<'_>, places: &[u32]) {
+        let mut touched = Touched::default();
+        let mut keys = Vec::new();
+        let n = self.dest_of.len();
+        for &i in places.iter().filter(|&&i| (i as usize) < n) {
+            self.take(i, &mut touched);
+            self.put(j, i as usize, &mut keys, &mut touched);
+        }
+        self.finish(j, touched);
+    }
+
+    /// Takes out the sockets at `changed` (sorted), old and new places alike, and puts in
+    /// those of `j`, whose unchanged sockets' clocks moved on to the table's aging `aged`.
+    fn patch(&mut self, j: &Joined<'_>, changed: &[u32], aged: u64) {
+        let n = j.sample.sockets.len();
+        let mut touched = Touched::default();
+        let old = self.dest_of.len();
+        for &i in changed.iter().filter(|&&i| (i as usize) < old) {
+            self.take(i, &mut touched);
+        }
+        self.pairs.resize(n);
+        self.dest_of.resize(n, NONE);
+        self.aged = aged;
+        let mut keys = Vec::new();
+        for &i in changed.iter().filter(|&&i| (i as usize) < n) {
+            self.put(j, i as usize, &mut keys, &mut touched);
+        }
+        self.finish(j, touched);
+    }
+
+    /// Adds socket `i` of `j`.
+    fn put(&mut self, j: &Joined<'_>, i: usize, keys: &mut Vec<PairKey>, touched: &mut Touched) {
+        let s = j.socket(i);
+        let Ok(place) = u32::try_from(i) else {
+            return;
+        };
+        if s.state == TcpState::CloseWait {
+            for pid in j.owners(i) {
+                touched.close_wait.push(self.close_wait.add(place, pid, ()));
             }
         }
-        let mut pairs: Vec<PairFacts> = facts
-            .into_iter()
-            .map(|(key, m)| PairFacts {
-                key,
-                mirror: mirror_note(j, m.at.iter().map(|&i| i as usize)),
-                members: m.at,
-                ids: m.ids,
-                idle_ms: m.idle_ms,
-            })
-            .collect();
-        pairs.sort_by_key(|p| p.key);
-        Digest {
-            pairs,
-            close_wait: close_wait_facts(j.sample, close_wait),
-            ports: port_exhaustion(j, dests),
+        if s.state != TcpState::Listen && !j.listens(i) {
+            let slot = self.dests.slot(dest(s));
+            if let Some(n) = self.dests.get_mut(slot) {
+                *n += 1;
+            }
+            self.dest_of[i] = slot;
+        }
+        pair_keys(j, i, keys);
+        if keys.is_empty() {
+            return;
+        }
+        let aging = self.aging();
+        let clock = s
+            .tcp_info
+            .map_or(NO_CLOCK, |t| i64::from(t.data_idle_ms()) - aging);
+        for k in keys.iter() {
+            touched.pairs.push(self.pairs.add(place, *k, clock));
         }
     }
 
-    fn pair(&self, key: &PairKey) -> Option<&PairFacts> {
+    /// Takes out the socket at place `i`.
+    fn take(&mut self, i: u32, touched: &mut Touched) {
+        let mirrors = &mut self.mirrors;
+        self.pairs.remove(i, &mut |slot, gone| match gone {
+            true => drop(mirrors.remove(&slot)),
+            false => touched.pairs.push(slot),
+        });
+        let facts = &mut self.close_wait_facts;
+        self.close_wait.remove(i, &mut |slot, gone| match gone {
+            true => drop(facts.remove(&slot)),
+            false => touched.close_wait.push(slot),
+        });
+        let Some(slot) = self.dest_of.get_mut(i as usize) else {
+            return;
+        };
+        let slot = std::mem::replace(slot, NONE);
+        if let Some(n) = self.dests.get_mut(slot) {
+            *n -= 1;
+            if *n == 0 {
+                self.dests.free(slot);
+            }
+        }
+    }
+
+    /// Makes anew the notes of the pairs and the facts of the processes `touched`, and the
+    /// port findings.
+    fn finish(&mut self, j: &Joined<'_>, mut touched: Touched) {
+        touched.pairs.sort_unstable();
+        touched.pairs.dedup();
+        for slot in touched.pairs {
+            if let Some((_, list)) = self.pairs.at(slot) {
+                let note = mirror_note(j, list.places.iter().map(|&i| i as usize));
+                self.mirrors.insert(slot, note);
+            }
+        }
+        touched.close_wait.sort_unstable();
+        touched.close_wait.dedup();
+        for slot in touched.close_wait {
+            if let Some(&(pid, ref list)) = self.close_wait.at(slot)
+                && let Some(facts) = close_wait_facts(j.sample, pid, &list.places)
+            {
+                self.close_wait_facts.insert(slot, facts);
+            }
+        }
+        self.ports = port_exhaustion(j, self.dests.iter().map(|(_, &(d, n))| (d, n)));
+    }
+
+    /// How far the table aged the clocks since the digest was made (a sum of the milliseconds
+    /// between samples: far from `i64::MAX`).
+    fn aging(&self) -> i64 {
+        i64::try_from(self.aged.saturating_sub(self.base)).unwrap_or(i64::MAX)
+    }
+
+    /// A member's clock as kept, as the sample's sockets give it now.
+    fn clock_now(&self, kept: i64) -> Option<u64> {
+        (kept != NO_CLOCK).then(|| {
+            let now = kept.saturating_add(self.aging());
+            // The table's clocks stop at the kernel's 32 bits.
+            u64::try_from(now).unwrap_or(0).min(u64::from(u32::MAX))
+        })
+    }
+
+    /// The members of `key`'s pair, by place, and its note.
+    fn pair(&self, key: &PairKey) -> Option<(&[u32], &str)> {
+        let slot = self.pairs.slot_of(key)?;
+        let (_, list) = self.pairs.at(slot)?;
+        let note = self.mirrors.get(&slot).map_or("", String::as_str);
+        Some((&list.places, note))
+    }
+
+    /// Each pair and how many sockets it has.
+    fn pair_counts(&self) -> impl Iterator<Item = (PairKey, u32)> + '_ {
         self.pairs
-            .binary_search_by(|p| p.key.cmp(key))
-            .ok()
-            .map(|i| &self.pairs[i])
+            .iter()
+            .map(|(_, (key, list))| (*key, list.places.len() as u32))
     }
 
     /// Every finding for `sample` (the digest's, brought forward or not): growth from the
@@ -405,17 +532,27 @@ impl Digest {
         // while. A member's clock now is its clock as dumped plus the sample's age.
         let idle_ms = u64::try_from(cfg.idle_after.as_millis()).unwrap_or(u64::MAX);
         let age = sample.tcp_info_age_ms;
-        for p in &self.pairs {
-            let quiet = |&ms: &u64| ms.saturating_add(age) >= idle_ms;
+        // In the pairs' order, so that findings equal in all they are sorted by keep it.
+        let mut pairs: Vec<(PairKey, u32, &[i64])> = self
+            .pairs
+            .iter()
+            .filter(|(_, (_, list))| list.places.len() >= cfg.idle_min_count.max(1))
+            .map(|(slot, (key, list))| (*key, slot, &list.data[..]))
+            .collect();
+        pairs.sort_unstable_by_key(|p| p.0);
+        for (key, slot, clocks) in pairs {
+            let quiet = |ms: &u64| ms.saturating_add(age) >= idle_ms;
+            let clocks = clocks.iter().filter_map(|&kept| self.clock_now(kept));
             // Counted first: most pairs have too few idle members to be looked at closer.
-            let n = p.idle_ms.iter().filter(|ms| quiet(ms)).count();
+            let n = clocks.clone().filter(quiet).count();
             if n < cfg.idle_min_count || n == 0 {
                 continue;
             }
-            let mut idle: Vec<u64> = p.idle_ms.iter().copied().filter(quiet).collect();
+            let mut idle: Vec<u64> = clocks.filter(quiet).collect();
             let (below, &mut median, _) = idle.select_nth_unstable(n / 2);
             let min = below.iter().copied().min().unwrap_or(median);
-            let (pid, netns, target) = p.key;
+            let mirror = self.mirrors.get(&slot).map_or("", String::as_str);
+            let (pid, netns, target) = key;
             let comm = comm_of(sample, pid);
             let (remote, where_) = describe_target(sample, netns, &target);
             let min_s = min.saturating_add(age) / 1000;
@@ -431,7 +568,7 @@ impl Digest {
                         idle.len(),
                         human(min_s),
                         human(median_s),
-                        p.mirror
+                        mirror
                     ),
                     comm,
                     remote,
@@ -447,9 +584,10 @@ impl Digest {
                 Some(IDLE_FIX),
             ));
         }
+        // One a process: `findings` sorts them by it.
         out.extend(
-            self.close_wait
-                .iter()
+            self.close_wait_facts
+                .values()
                 .filter(|f| f.count >= cfg.close_wait_min)
                 .map(|f| close_wait_finding(sample, f, cfg)),
         );
@@ -475,27 +613,18 @@ struct CloseWaitFacts {
     netns: Option<NetnsRef>,
 }
 
-fn close_wait_facts(
-    sample: &Sample,
-    close_wait: FxHashMap<u32, Vec<usize>>,
-) -> Vec<CloseWaitFacts> {
+fn close_wait_facts(sample: &Sample, pid: u32, members: &[u32]) -> Option<CloseWaitFacts> {
     let sockets = &sample.sockets;
-    let mut out: Vec<CloseWaitFacts> = close_wait
-        .into_iter()
-        .map(|(pid, members)| {
-            let remotes: FxHashSet<SocketAddr> =
-                members.iter().map(|&i| sockets[i].remote()).collect();
-            let spaces: FxHashSet<u64> = members.iter().map(|&i| sockets[i].netns).collect();
-            CloseWaitFacts {
-                pid,
-                count: members.len(),
-                remote: (remotes.len() == 1).then(|| sockets[members[0]].remote().to_string()),
-                netns: (spaces.len() == 1).then(|| sample.netns_ref(sockets[members[0]].netns)),
-            }
-        })
-        .collect();
-    out.sort_by_key(|f| f.pid);
-    out
+    let at = |i: &u32| sockets.get(*i as usize);
+    // One remote (namespace) when every member's is the first's: no set of them.
+    let first = at(members.first()?)?;
+    let all = |same: &dyn Fn(&Socket) -> bool| members.iter().filter_map(at).all(same);
+    Some(CloseWaitFacts {
+        pid,
+        count: members.len(),
+        remote: all(&|s| s.remote() == first.remote()).then(|| first.remote().to_string()),
+        netns: all(&|s| s.netns == first.netns).then(|| sample.netns_ref(first.netns)),
+    })
 }
 
 /// CLOSE_WAIT: the peer hung up and the application never called close().
@@ -545,7 +674,7 @@ fn dest(s: &Socket) -> Dest {
 
 /// Connections from one source address to one destination using half the ephemeral range.
 /// `dests` counts the client ends (those not on a listening port) per destination.
-fn port_exhaustion(j: &Joined<'_>, dests: Tally<Dest>) -> Vec<Finding> {
+fn port_exhaustion(j: &Joined<'_>, dests: impl Iterator<Item = (Dest, usize)>) -> Vec<Finding> {
     let Some((lo, hi)) = j.sample.host.port_range else {
         return Vec::new();
     };
@@ -554,8 +683,6 @@ fn port_exhaustion(j: &Joined<'_>, dests: Tally<Dest>) -> Vec<Finding> {
     // A destination uses no more ports than it has sockets: only the destinations with enough
     // have their ports and holders looked at, in a second pass.
     let mut by_dest: FxHashMap<Dest, DestUse> = dests
-        .into_counts()
-        .into_iter()
         .filter(|&(_, n)| n as f64 >= enough)
         .map(|(d, _)| (d, DestUse::default()))
         .collect();
@@ -667,6 +794,10 @@ fn human(secs: u64) -> String {
 /// The window of samples growth is judged on. Memory stays bounded: per sample only the
 /// count of each (process, destination) pair is kept, and per socket only when it was first
 /// seen, for the sockets open now.
+///
+/// When a socket was first seen is kept by its place in the sample last observed. A loop
+/// whose groups are kept (`KeptGroups`) brings it up to date at the places they changed;
+/// otherwise it is carried over, by the sockets' identities, from the sample before.
 #[derive(Debug, Clone)]
 pub struct History {
     window: Duration,
@@ -675,10 +806,19 @@ pub struct History {
     /// their activity is judged by their quiet time alone.
     baseline: bool,
     samples: VecDeque<(SystemTime, FxHashMap<PairKey, u32>)>,
-    /// Per socket open now: when it was first seen, and the number of the last sample that
-    /// had it (updated in place, so a sample never holds two maps of every socket).
-    first_seen: FxHashMap<u64, (SystemTime, u64)>,
-    observed: u64,
+    /// Per socket of the sample last observed, by place: its identity (`identity`) and when
+    /// it was first seen, in nanoseconds since the epoch; (0, 0) for a socket in no pair.
+    seen: Vec<(u64, u64)>,
+    /// The groups' report the places were brought up to alongside (`observe_digest`).
+    made_with: Option<Mark>,
+}
+
+/// `t` in nanoseconds since the epoch, never 0 (`History::seen`'s "not seen").
+fn nanos(t: SystemTime) -> u64 {
+    let ns = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    ns.max(1)
 }
 
 impl History {
@@ -690,8 +830,8 @@ impl History {
             min_rises,
             baseline: false,
             samples: VecDeque::new(),
-            first_seen: FxHashMap::default(),
-            observed: 0,
+            seen: Vec::new(),
+            made_with: None,
         }
     }
 
@@ -706,48 +846,87 @@ impl History {
 
     /// Adds a sample (at its own `taken_at`) and forgets what fell out of the window.
     pub fn observe(&mut self, j: &Joined<'_>) {
-        let t = j.sample.taken_at;
         let mut counts: FxHashMap<PairKey, u32> = FxHashMap::default();
-        self.observed += 1;
-        let n = self.observed;
         let mut keys = Vec::new();
         for i in 0..j.sample.sockets.len() {
             pair_keys(j, i, &mut keys);
-            if keys.is_empty() {
-                continue;
-            }
-            self.seen(identity(j.socket(i)), t, n);
             for k in &keys {
                 *counts.entry(*k).or_default() += 1;
             }
         }
-        self.first_seen.retain(|_, seen| seen.1 == n);
-        self.push(t, counts);
+        self.carry(j, None);
+        self.made_with = None;
+        self.push(j.sample.taken_at, counts);
     }
 
     /// `observe` for a sample already digested (a loop digests every new sample): the pairs'
-    /// counts are the digest's, so no socket's pairs are worked out twice.
-    pub fn observe_digest(&mut self, digest: &Digest, sample: &Sample) {
-        let t = sample.taken_at;
-        self.observed += 1;
-        let n = self.observed;
-        for p in &digest.pairs {
-            for &id in &p.ids {
-                self.seen(id, t, n);
-            }
-        }
-        self.first_seen.retain(|_, seen| seen.1 == n);
-        let counts = digest
-            .pairs
-            .iter()
-            .map(|p| (p.key, p.members.len() as u32))
-            .collect();
-        self.push(t, counts);
+    /// counts are the digest's, so no socket's pairs are worked out twice. `groups` made the
+    /// loop's report of the sample, whose sockets were lent with `edits`: when it was patched
+    /// from the report of the sample observed before, only the places it changed are looked
+    /// at again.
+    pub fn observe_digest(
+        &mut self,
+        digest: &Digest,
+        j: &Joined<'_>,
+        groups: &KeptGroups,
+        edits: Option<&Edits>,
+    ) {
+        self.carry(j, groups.changes_since(self.made_with, edits));
+        self.made_with = groups.mark(edits);
+        let counts = digest.pair_counts().collect();
+        self.push(j.sample.taken_at, counts);
     }
 
-    /// Marks the socket of identity `id` as in sample number `n`, taken at `t`: first seen then if it is new.
-    fn seen(&mut self, id: u64, t: SystemTime, n: u64) {
-        self.first_seen.entry(id).or_insert((t, n)).1 = n;
+    /// Brings `seen` up to `j`: at the places `changed` (sorted), or at every place. A socket
+    /// in a pair is first seen now unless it was at one of those places before (a table moves
+    /// a socket when it takes one out); a socket in no pair is forgotten.
+    fn carry(&mut self, j: &Joined<'_>, changed: Option<&[u32]>) {
+        let n = j.sample.sockets.len();
+        let now = nanos(j.sample.taken_at);
+        let mut before: Vec<(u64, u64)> = match changed {
+            Some(places) => places
+                .iter()
+                .filter_map(|&p| self.seen.get(p as usize).copied())
+                .filter(|&(_, at)| at != 0)
+                .collect(),
+            None => std::mem::take(&mut self.seen)
+                .into_iter()
+                .filter(|&(_, at)| at != 0)
+                .collect(),
+        };
+        crate::join::radix_sort_by_key(&mut before, |&(id, _)| id);
+        self.seen.resize(n, (0, 0));
+        self.seen.truncate(n);
+        let mut keys = Vec::new();
+        let mut fill = |seen: &mut [(u64, u64)], i: usize| {
+            pair_keys(j, i, &mut keys);
+            seen[i] = match keys.is_empty() {
+                true => (0, 0),
+                false => {
+                    let id = identity(j.socket(i));
+                    let at = before
+                        .binary_search_by_key(&id, |&(id, _)| id)
+                        .map_or(now, |k| before[k].1);
+                    (id, at)
+                }
+            };
+        };
+        match changed {
+            Some(places) => places
+                .iter()
+                .filter(|&&p| (p as usize) < n)
+                .for_each(|&p| fill(&mut self.seen, p as usize)),
+            None => (0..n).for_each(|i| fill(&mut self.seen, i)),
+        }
+    }
+
+    /// When the socket at place `i` of the sample last observed was first seen; `None` for
+    /// a socket in no (process, namespace, destination) pair.
+    pub fn first_seen(&self, i: usize) -> Option<SystemTime> {
+        self.seen
+            .get(i)
+            .filter(|&&(_, at)| at != 0)
+            .map(|&(_, at)| SystemTime::UNIX_EPOCH + Duration::from_nanos(at))
     }
 
     /// Adds a sample whose sockets and owners are the last one's (a loop whose collector saw
@@ -785,14 +964,18 @@ impl History {
     }
 
     /// The sockets whose tcp_info clocks decide the growth findings of the newest sample
-    /// observed: those opened within the window, of the pairs that rose enough, kept what they
-    /// had and rose often enough (`rising`). A loop whose collector aged clocks instead of
-    /// reading them (`collect::events`) reads these again before judging.
+    /// observed, by place, sorted: those opened within the window, of the pairs that rose
+    /// enough, kept what they had and rose often enough (`rising`). A loop whose collector aged
+    /// clocks instead of reading them (`collect::events`) reads these again before judging.
     pub fn clocks_wanted(&self, digest: &Digest, cfg: &DetectConfig) -> Vec<u32> {
-        self.rising(digest, cfg)
+        let mut wanted: Vec<u32> = self
+            .rising(digest, cfg)
             .into_iter()
             .flat_map(|r| r.young)
-            .collect()
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        wanted
     }
 
     /// The pairs that rose enough, kept what they had and rose often enough: everything a
@@ -816,13 +999,11 @@ impl History {
             }
             // The pair's sockets open now that were already open at the window's start, and
             // the ones opened since.
-            let (members, ids, mirror) = digest.pair(key).map_or((&[][..], &[][..], ""), |p| {
-                (&p.members[..], &p.ids[..], p.mirror.as_str())
-            });
+            let (members, mirror) = digest.pair(key).unwrap_or((&[], ""));
             let mut kept = 0u32;
             let mut young = Vec::new();
-            for (&i, id) in members.iter().zip(ids) {
-                let seen = self.first_seen.get(id).map_or(*t1, |seen| seen.0);
+            for &i in members {
+                let seen = self.first_seen(i as usize).unwrap_or(*t1);
                 if seen <= *t0 {
                     kept += 1;
                 } else {
@@ -883,7 +1064,7 @@ impl History {
             let mut a = Activity::default();
             for &i in &r.young {
                 let s = &sample.sockets[i as usize];
-                let seen = self.first_seen.get(&identity(s)).map_or(*t1, |seen| seen.0);
+                let seen = self.first_seen(i as usize).unwrap_or(*t1);
                 a.add(self.activity(sample.data_idle_ms(s), *t1, seen, quiet_after));
             }
             // A pool growing under load keeps using its new connections; a leak's go quiet.
@@ -1016,4 +1197,174 @@ impl History {
 /// the sample shows by itself, most severe first.
 pub fn findings(j: &Joined<'_>, history: Option<&History>, cfg: &DetectConfig) -> Vec<Finding> {
     Digest::new(j).findings(j.sample, history, cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use super::*;
+    use crate::model::{HostFacts, OwnerIndex, ScanStats, TcpInfo};
+
+    const LOOPBACK: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+    /// Connections of process 100 to 10.0.0.9:5000 in namespaces 1 and 2 (`per`), listed
+    /// namespace 2 first; the first two of each in CLOSE_WAIT. Idle for an hour.
+    fn sample(per: u64) -> Sample {
+        let mut sockets = Vec::new();
+        for (ns, at) in [(2u64, 0u64), (1, 1)] {
+            for c in 0..per {
+                let state = match c < 2 {
+                    true => TcpState::CloseWait,
+                    false => TcpState::Established,
+                };
+                let local = SocketAddr::from(([10, 0, 0, 1], 40_000 + c as u16));
+                let mut s = Socket::new(state, local, "10.0.0.9:5000".parse().unwrap_or(local));
+                (s.inode, s.netns) = (1 + at * per + c, ns);
+                s.tcp_info = Some(TcpInfo {
+                    last_data_sent_ms: 3_600_000,
+                    last_data_recv_ms: 3_600_000,
+                    ..TcpInfo::default()
+                });
+                sockets.push(s);
+            }
+        }
+        let pairs = sockets.iter().map(|s| (s.inode, 100)).collect();
+        Sample {
+            taken_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            hostname: "master1".into(),
+            sockets,
+            owners: OwnerIndex::from_pairs(pairs, HashMap::new()),
+            scan: ScanStats::default(),
+            host: HostFacts {
+                port_range: Some((40_000, 40_009)),
+                ..HostFacts::default()
+            },
+            warnings: Vec::new(),
+            own_netns: 1,
+            netns_names: BTreeMap::new(),
+            cgroup_places: BTreeMap::new(),
+            tcp_info_age_ms: 0,
+        }
+    }
+
+    #[test]
+    fn findings_equal_in_all_but_their_namespace_come_in_the_namespaces_order() {
+        // Both pairs have as many idle connections: the finding of namespace 1 comes first,
+        // though its sockets were listed last.
+        let s = sample(6);
+        let cfg = DetectConfig {
+            idle_min_count: 2,
+            ..DetectConfig::default()
+        };
+        let idle: Vec<Option<u64>> = findings(&Joined::new(&s), None, &cfg)
+            .into_iter()
+            .filter(|f| f.kind == Kind::Idle)
+            .map(|f| f.netns.map(|n| n.inode))
+            .collect();
+        assert_eq!(idle, [Some(1), Some(2)]);
+    }
+
+    #[test]
+    fn a_pair_that_loses_a_member_is_noted_anew() {
+        // Process 100's four connections to 127.0.0.1:5000, whose server ends 200 and 201
+        // hold two each: the note names 200 (the lower pid of a tie). One of 200's closes, its
+        // places taken by another process's listener: 201 holds most of the other ends now.
+        let end = |state, local: &str, remote: &str, inode| {
+            let mut s = Socket::new(
+                state,
+                local.parse().unwrap_or(LOOPBACK),
+                remote.parse().unwrap_or(LOOPBACK),
+            );
+            (s.inode, s.netns) = (inode, 1);
+            s.tcp_info = Some(TcpInfo::default());
+            s
+        };
+        let est = TcpState::Established;
+        let mut sockets: Vec<Socket> = (0..4u64)
+            .map(|c| {
+                end(
+                    est,
+                    &format!("127.0.0.1:{}", 40_000 + c),
+                    "127.0.0.1:5000",
+                    10 + c,
+                )
+            })
+            .collect();
+        sockets.extend((0..4u64).map(|c| {
+            end(
+                est,
+                "127.0.0.1:5000",
+                &format!("127.0.0.1:{}", 40_000 + c),
+                20 + c,
+            )
+        }));
+        let mut pairs: Vec<(u64, u32)> = (10..14).map(|i| (i, 100)).collect();
+        pairs.extend([(20, 200), (21, 201), (22, 200), (23, 201)]);
+        let mut before = sample(0);
+        (before.sockets, before.owners) = (
+            sockets,
+            OwnerIndex::from_pairs(pairs.clone(), HashMap::new()),
+        );
+        let mut after = before.clone();
+        for place in [0, 4] {
+            after.sockets[place] = end(
+                TcpState::Listen,
+                &format!("127.0.0.1:{}", 7000 + place),
+                "0.0.0.0:0",
+                30,
+            );
+        }
+        pairs.push((30, 300));
+        after.owners = OwnerIndex::from_pairs(pairs, HashMap::new());
+        let cfg = DetectConfig {
+            idle_after: Duration::ZERO,
+            idle_min_count: 1,
+            ..DetectConfig::default()
+        };
+        let mut d = Digest::new(&Joined::new(&before));
+        let note = |d: &Digest, s: &Sample| {
+            d.findings(s, None, &cfg)
+                .into_iter()
+                .map(|f| f.message)
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            note(&d, &before)
+                .iter()
+                .any(|m| m.contains("held by ?(200)"))
+        );
+        d.patch(&Joined::new(&after), &[0, 4], 0);
+        assert_eq!(
+            note(&d, &after),
+            note(&Digest::new(&Joined::new(&after)), &after)
+        );
+        assert!(
+            note(&d, &after)
+                .iter()
+                .any(|m| m.contains("held by ?(201)"))
+        );
+    }
+
+    #[test]
+    fn a_digest_whose_sockets_all_went_holds_nothing() {
+        // Pairs with notes, CLOSE_WAIT facts, destinations and a port finding, all gone with
+        // the sockets: a long-running loop holds only what is there now.
+        let s = sample(6);
+        let mut d = Digest::new(&Joined::new(&s));
+        assert!(d.pairs.iter().count() == 2 && d.mirrors.len() == 2);
+        assert!(d.close_wait_facts.len() == 1 && d.dests.iter().count() == 2);
+        assert_eq!(d.ports.len(), 2);
+        let gone = Sample {
+            sockets: Vec::new(),
+            ..s.clone()
+        };
+        let all: Vec<u32> = (0..12).collect();
+        d.patch(&Joined::new(&gone), &all, 0);
+        assert_eq!(d.pairs.iter().count(), 0);
+        assert!(d.mirrors.is_empty() && d.close_wait_facts.is_empty());
+        assert_eq!(d.close_wait.iter().count(), 0);
+        assert_eq!((d.dests.iter().count(), d.dest_of.len()), (0, 0));
+        assert!(d.ports.is_empty());
+    }
 }

@@ -14,6 +14,7 @@ pub mod collect;
 pub mod culprits;
 pub mod detect;
 pub mod join;
+mod keyed;
 pub mod model;
 pub mod privilege;
 pub mod procs;

@@ -10,6 +10,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU64;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize, Serializer};
@@ -443,8 +444,9 @@ impl Process {
 #[derive(Debug, Clone, Default)]
 pub struct OwnerIndex {
     /// Sorted, deduplicated `(inode, pid)`: a socket inherited across fork has one pair per
-    /// process; a process holding the same socket on two fds has one pair.
-    pairs: Vec<(u64, u32)>,
+    /// process; a process holding the same socket on two fds has one pair. Shared with the
+    /// owner cache that found them (`procs::OwnerCache`): a loop's sample holds no copy.
+    pairs: Arc<Vec<(u64, u32)>>,
     pub processes: HashMap<u32, Process>,
 }
 
@@ -453,6 +455,11 @@ impl OwnerIndex {
     pub fn from_pairs(mut pairs: Vec<(u64, u32)>, processes: HashMap<u32, Process>) -> OwnerIndex {
         pairs.sort_unstable();
         pairs.dedup();
+        OwnerIndex::shared(Arc::new(pairs), processes)
+    }
+
+    /// An index of `pairs` already sorted and deduplicated, shared with their keeper.
+    pub fn shared(pairs: Arc<Vec<(u64, u32)>>, processes: HashMap<u32, Process>) -> OwnerIndex {
         OwnerIndex { pairs, processes }
     }
 

@@ -13,8 +13,8 @@ use std::ffi::CStr;
 use std::fmt::Write as _;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rustix::fs::{Dir, Mode, OFlags};
 use rustix::io::Errno;
@@ -533,8 +533,9 @@ pub const FULL_SCAN_AFTER: std::time::Duration = std::time::Duration::from_secs(
 #[derive(Debug, Default)]
 pub struct OwnerCache {
     /// Sorted, deduplicated `(socket inode, pid)` of the sockets open at the last refresh:
-    /// 16 bytes a holder, where a map of vectors cost about 100 at 120,000 sockets.
-    owners: Vec<(u64, u32)>,
+    /// 16 bytes a holder, where a map of vectors cost about 100 at 120,000 sockets. Shared
+    /// with the owner index of the samples (`index`): changed in place when none holds it.
+    owners: Arc<Vec<(u64, u32)>>,
     unowned: FxHashSet<u64>,
     /// Pids that gained sockets, most recent first.
     recent: Vec<u32>,
@@ -678,6 +679,18 @@ impl Current {
             while current.next_if(|&i| i < inode).is_some() {}
             current.peek() == Some(&inode)
         });
+    }
+
+    /// `retain_held` of pairs a sample may share: copied only when one goes.
+    fn retain_held_shared(&self, owners: &mut Arc<Vec<(u64, u32)>>) {
+        let mut current = self.0.iter().copied().peekable();
+        let all_held = owners.iter().all(|&(inode, _)| {
+            while current.next_if(|&i| i < inode).is_some() {}
+            current.peek() == Some(&inode)
+        });
+        if !all_held {
+            self.retain_held(Arc::make_mut(owners));
+        }
     }
 }
 
@@ -895,15 +908,16 @@ impl OwnerCache {
                 .collect();
             self.undumped = undumped;
             cost.processes_read = scan.stats.scanned;
-            self.owners = scan.pairs;
-            self.owners.sort_unstable();
-            self.owners.dedup();
-            current.retain_held(&mut self.owners);
-            self.owners.shrink_to_fit();
+            let mut owners = scan.pairs;
+            owners.sort_unstable();
+            owners.dedup();
+            current.retain_held(&mut owners);
+            owners.shrink_to_fit();
+            self.owners = Arc::new(owners);
             self.unowned = unheld(&self.owners, &current).collect();
             // Where new sockets are looked for first: the processes holding the most now.
             let mut held: FxHashMap<u32, usize> = FxHashMap::default();
-            for (_, pid) in &self.owners {
+            for (_, pid) in self.owners.iter() {
                 *held.entry(*pid).or_default() += 1;
             }
             let mut recent: Vec<(u32, usize)> = held.into_iter().collect();
@@ -918,7 +932,7 @@ impl OwnerCache {
             self.since_full = self.since_full.map(|n| n + 1);
             // Forget the dead and what closed.
             self.forget_exited(&live_set);
-            current.retain_held(&mut self.owners);
+            current.retain_held_shared(&mut self.owners);
             self.unowned.retain(|&i| current.contains(i));
             let unowned = &self.unowned;
             let mut missing: FxHashSet<u64> = unheld(&self.owners, &current)
@@ -996,8 +1010,10 @@ impl OwnerCache {
                 // Two sorted runs: the stable sort merges them in one pass.
                 let mut added: Vec<(u64, u32)> = found.added.into_iter().collect();
                 added.sort_unstable();
-                self.owners.extend(added);
-                self.owners.sort();
+                let owners = Arc::make_mut(&mut self.owners);
+                owners.extend(added);
+                owners.sort_unstable();
+                owners.dedup();
                 for pid in found.found_in.into_iter().rev() {
                     self.recent.retain(|&p| p != pid);
                     self.recent.insert(0, pid);
@@ -1020,7 +1036,9 @@ impl OwnerCache {
 
     /// Drops every process not in `live`, and what it held.
     fn forget_exited(&mut self, live: &FxHashSet<u32>) {
-        self.owners.retain(|(_, pid)| live.contains(pid));
+        if self.owners.iter().any(|(_, pid)| !live.contains(pid)) {
+            Arc::make_mut(&mut self.owners).retain(|(_, pid)| live.contains(pid));
+        }
         self.recent.retain(|p| live.contains(p));
         self.processes.retain(|p, _| live.contains(p));
         self.fds.retain(|p, _| live.contains(p));
@@ -1075,13 +1093,13 @@ impl OwnerCache {
     /// The owner index of the sockets held now, with the details of their holders and of
     /// every process at half its fd limit or more (read once per process).
     fn index(&mut self, scanner: &ProcScanner, cost: RefreshCost) -> Refreshed {
-        let mut index = OwnerIndex::from_pairs(self.owners.clone(), HashMap::new());
+        let mut index = OwnerIndex::shared(Arc::clone(&self.owners), HashMap::new());
         // A set: the holders are few, their pairs many, and a pid repeats the last one's or
         // the one before (a connection's two ends have inodes next to each other), which is
         // told without hashing.
         let mut wanted: FxHashSet<u32> = FxHashSet::default();
         let mut recent = [None, None];
-        for &(_, pid) in &self.owners {
+        for &(_, pid) in self.owners.iter() {
             if !recent.contains(&Some(pid)) {
                 wanted.insert(pid);
                 recent = [Some(pid), recent[0]];

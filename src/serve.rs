@@ -203,12 +203,10 @@ pub fn run(args: &ServeArgs, err: &mut dyn Write) -> anyhow::Result<usize> {
     result.map(|()| 0)
 }
 
-/// A new sample and what the loop made of it: its digest, report and socket counts.
+/// A new sample and the loop's report of it.
 struct Kept {
     taken: Taken,
-    digest: Digest,
     report: Report<SharedGroups>,
-    counts: SocketCounts,
 }
 
 /// Samples until `stop`, publishing after every attempt.
@@ -239,8 +237,11 @@ fn sample_loop(
     let mut warned = render::WarnedOnce::default();
     // The last new sample and what was made of it: what a look that saw nothing move reuses.
     let mut kept: Option<Kept> = None;
-    // The groups, brought up to date where the sockets lent by an event-kept table changed.
+    // The groups, the detector's digest and the metrics' counts of the last new sample,
+    // brought up to date where the sockets lent by an event-kept table changed.
     let mut groups = KeptGroups::default();
+    let mut digest: Option<Digest> = None;
+    let mut counts: Option<SocketCounts> = None;
     while !stop.load(Ordering::SeqCst) {
         let tick = Instant::now();
         // A new sample replaces the last: drop it first, never hold two.
@@ -251,7 +252,7 @@ fn sample_loop(
                         // A holder exited: the same sockets, other owners; every stage again.
                         Ok((k.taken, None))
                     } else {
-                        Ok((k.taken, Some((k.digest, k.report, k.counts))))
+                        Ok((k.taken, Some(k.report)))
                     }
                 }
                 // No sample to reuse yet (the first look always dumps): take one.
@@ -269,14 +270,14 @@ fn sample_loop(
                 },
                 last,
             )) => {
-                let (digest, mut r, counts) = match last {
-                    // Nothing moved but time: the groups and the socket counts stand, the
-                    // findings and the idle connections are judged anew, without a pass over
-                    // the sockets.
-                    Some((digest, mut last, counts)) => {
+                let mut r = match last {
+                    // Nothing moved but time: the groups, the digest and the socket counts
+                    // stand, the findings and the idle connections are judged anew, without
+                    // a pass over the sockets.
+                    Some(mut last) => {
                         history.observe_same(sample.taken_at);
                         last.taken_at = aggregate::rfc3339(sample.taken_at);
-                        (digest, last, counts)
+                        last
                     }
                     None => {
                         let joined = Joined::with_topology_of(&sample, &topology);
@@ -286,27 +287,35 @@ fn sample_loop(
                         }
                         let r = r.with_groups(|g| SharedGroups(Arc::new(g)));
                         // The history counts the digest's pairs: no second pass.
-                        let digest = Digest::new(&joined);
-                        history.observe_digest(&digest, &sample);
+                        let edits = edits.as_deref();
+                        let mut d = Digest::update(digest.take(), &joined, &groups, edits);
+                        history.observe_digest(&d, &joined, &groups, edits);
                         // Where the collector aged tcp_info clocks instead of reading them,
                         // those a growth finding is judged by are read again (clocks a reuse
                         // brought forward, `tcp_info_age_ms`, are exact: nothing moved).
                         let wanted = match sample.tcp_info_age_ms {
-                            0 => history.clocks_wanted(&digest, &cfg),
+                            0 => history.clocks_wanted(&d, &cfg),
                             _ => Vec::new(),
                         };
-                        let counts = if wanted.is_empty() {
-                            SocketCounts::new(&joined, &cfg)
-                        } else {
+                        let mut kept =
+                            SocketCounts::update(counts.take(), &joined, &cfg, &groups, edits);
+                        if !wanted.is_empty() {
                             drop(joined);
                             sampler.fresh_clocks(&mut sample, &wanted);
-                            SocketCounts::new(&Joined::with_topology_of(&sample, &topology), &cfg)
-                        };
-                        (digest, r, counts)
+                            let joined = Joined::with_topology_of(&sample, &topology);
+                            d.recount(&joined, &wanted);
+                            kept.recount(&joined, &wanted);
+                        }
+                        (digest, counts) = (Some(d), Some(kept));
+                        r
                     }
                 };
-                r.findings = digest.findings(&sample, Some(&history), &cfg);
-                families = metrics::families_of(&sample, &counts, &r.findings, args.max_series);
+                if let Some(d) = &digest {
+                    r.findings = d.findings(&sample, Some(&history), &cfg);
+                }
+                if let Some(counts) = &counts {
+                    families = metrics::families_of(&sample, counts, &r.findings, args.max_series);
+                }
                 // A closed stderr must not stop the agent: logging is best effort.
                 let _ = warned.print_new(err, &r.warnings);
                 health.samples += 1;
@@ -318,12 +327,7 @@ fn sample_loop(
                     edits,
                 };
                 report = Some(r.clone());
-                kept = Some(Kept {
-                    taken,
-                    digest,
-                    report: r,
-                    counts,
-                });
+                kept = Some(Kept { taken, report: r });
             }
             Err(e) => {
                 health.errors += 1;

@@ -56,6 +56,7 @@ pub fn run(args: &PortsArgs, out: &mut dyn Write, err: &mut dyn Write) -> anyhow
         previous: None,
         kept: None,
         groups: KeptGroups::default(),
+        digest: None,
     };
     let redraw = args.output == Output::Table && std::io::stdout().is_terminal();
     let style = crate::table_style(args);
@@ -279,17 +280,17 @@ struct State {
     previous: Option<GroupCounts>,
     /// The last new sample: what a look that saw nothing move reuses.
     kept: Option<Kept>,
-    /// The groups, brought up to date where the sockets lent by an event-kept table changed.
+    /// The groups and the detector's digest of the last new sample, brought up to date where
+    /// the sockets lent by an event-kept table changed.
     groups: KeptGroups,
+    digest: Option<Digest>,
 }
 
-/// A new sample, its topology, what its table wrote since its last lend, what the detector
-/// digested of it, and its report.
+/// A new sample, its topology, what its table wrote since its last lend, and its report.
 struct Kept {
     sample: Sample,
     topology: Topology,
     edits: Option<Box<Edits>>,
-    digest: Digest,
     report: Report,
 }
 
@@ -320,23 +321,25 @@ impl State {
             base,
         );
         self.previous = Some(counts);
-        // The detector after the grouping, so that its digest is not held through the
-        // grouping's memory peak; the history counts the digest's pairs.
-        let digest = Digest::new(&joined);
-        self.history.observe_digest(&digest, &sample);
+        // The history counts the digest's pairs: no second pass.
+        let mut digest =
+            Digest::update(self.digest.take(), &joined, &self.groups, edits.as_deref());
+        self.history
+            .observe_digest(&digest, &joined, &self.groups, edits.as_deref());
         drop(joined);
         // Clocks brought forward by a reuse (`tcp_info_age_ms`) are exact: nothing moved.
         if sample.tcp_info_age_ms == 0 {
             let wanted = self.history.clocks_wanted(&digest, cfg);
             if !wanted.is_empty() {
                 sampler.fresh_clocks(&mut sample, &wanted);
+                digest.recount(&Joined::with_topology_of(&sample, &topology), &wanted);
             }
         }
+        self.digest = Some(digest);
         let kept = Kept {
             sample,
             topology,
             edits,
-            digest,
             report,
         };
         self.judge(kept, cfg)
@@ -379,7 +382,9 @@ impl State {
 
     /// Fills in the findings and keeps the sample for the next look.
     fn judge(&mut self, mut kept: Kept, cfg: &DetectConfig) -> Report {
-        kept.report.findings = kept.digest.findings(&kept.sample, Some(&self.history), cfg);
+        if let Some(digest) = &self.digest {
+            kept.report.findings = digest.findings(&kept.sample, Some(&self.history), cfg);
+        }
         let report = kept.report.clone();
         self.kept = Some(kept);
         report

@@ -45,6 +45,13 @@ fn hash_of(key: (u64, u64, u16)) -> u64 {
     rustc_hash::FxBuildHasher.hash_one(key)
 }
 
+/// A report of kept groups: the table that lent the sockets, and the report's number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    table: u64,
+    report: u64,
+}
+
 /// The groups a loop keeps from one sample to the next.
 #[derive(Default)]
 pub struct KeptGroups {
@@ -52,9 +59,11 @@ pub struct KeptGroups {
     /// A table whose sockets made more than `KEPT_GROUPS` groups: its samples are grouped
     /// from scratch, without trying again, until a dump makes a new table.
     crowded: Option<u64>,
-    /// How the last report was made: `Some(n)` by taking out and putting back `n` sockets,
-    /// `None` from scratch.
-    patched: Option<usize>,
+    /// How the last report was made: by taking out and putting back the sockets at these
+    /// places (sorted), or (`None`) from scratch.
+    patched: Option<Vec<u32>>,
+    /// Reports made so far.
+    reports: u64,
 }
 
 /// The last sample's groups, and what each of its sockets was counted with.
@@ -105,7 +114,28 @@ impl KeptGroups {
     /// How the last report was made: `Some(n)` from the report before, `n` sockets taken
     /// out of their groups and put back; `None` from scratch.
     pub fn last_patched(&self) -> Option<usize> {
-        self.patched
+        self.patched.as_ref().map(Vec::len)
+    }
+
+    /// The last report, as what else a loop keeps by socket remembers it was brought up to
+    /// alongside (with `edits`, those of the sample reported).
+    pub fn mark(&self, edits: Option<&Edits>) -> Option<Mark> {
+        edits.map(|e| Mark {
+            table: e.table,
+            report: self.reports,
+        })
+    }
+
+    /// The places of the sockets the last report (of a sample lent with `edits`) took out of
+    /// their groups and put back, when it was patched from the report marked `last`: nothing
+    /// else about a socket can have changed since, but its clocks (`Edits::aged_ms`). What the
+    /// loop's counts kept by socket are patched by (`render::metrics::SocketCounts`,
+    /// `detect::History`); `None` when they must be made anew.
+    pub fn changes_since(&self, last: Option<Mark>, edits: Option<&Edits>) -> Option<&[u32]> {
+        let follows = last
+            .zip(self.mark(edits))
+            .is_some_and(|(last, now)| last.table == now.table && last.report + 1 == now.report);
+        self.patched.as_deref().filter(|_| follows)
     }
 
     /// The report of `joined` for `query` (sockets lent by the table `edits` speaks for, if
@@ -117,6 +147,7 @@ impl KeptGroups {
         edits: Option<&Edits>,
         counts: bool,
     ) -> (Report, Option<GroupCounts>) {
+        self.reports += 1;
         let keepable = query.group_by != GroupBy::Pod && query.process.is_none();
         let edits = edits.filter(|e| keepable && self.crowded != Some(e.table));
         let Some(edits) = edits else {
@@ -180,10 +211,10 @@ impl Base {
     }
 
     /// Brings the groups up to `joined`, whose sockets the table lent with `edits`; returns
-    /// how many sockets were taken out and put back, or `None` when the groups cannot be
+    /// the places of the sockets taken out and put back, or `None` when the groups cannot be
     /// brought up to date (another query or table, edits not counted from the last lend, too
     /// many groups): then they must be made anew.
-    fn patch(&mut self, joined: &Joined<'_>, query: &Query, edits: &Edits) -> Option<usize> {
+    fn patch(&mut self, joined: &Joined<'_>, query: &Query, edits: &Edits) -> Option<Vec<u32>> {
         let since = edits.since.as_ref()?;
         if self.query != *query
             || self.table != edits.table
@@ -214,7 +245,7 @@ impl Base {
             }
         }
         (self.lend, self.lent) = (edits.lend, edits.len);
-        Some(dirty.len())
+        Some(dirty)
     }
 
     /// The sockets, old or new, whose groups or counts may differ between the last sample

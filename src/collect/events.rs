@@ -121,6 +121,8 @@ pub struct Table {
     id: u64,
     /// What was written where since the sockets were last lent (none before the first lend).
     since_lend: Option<Since>,
+    /// The clocks' aging since the table was made (`Edits::aged_ms`).
+    aged_ms: u64,
 }
 
 /// What a lending table's sockets are, against those of its last lend: what a loop's peer match
@@ -133,6 +135,9 @@ pub struct Edits {
     pub lend: u64,
     /// Its sockets now: the first this many of the sample's.
     pub len: usize,
+    /// How far the table has moved its sockets' clocks on since it was made (`Table::age`),
+    /// in milliseconds: a clock kept from an earlier lend is that much older now.
+    pub aged_ms: u64,
     /// What changed since its last lend; `None` at its first.
     pub since: Option<Since>,
 }
@@ -173,6 +178,7 @@ impl Table {
             waiting_after: 0,
             id: TABLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             since_lend: None,
+            aged_ms: 0,
         })
     }
 
@@ -192,6 +198,7 @@ impl Table {
             table: self.id,
             lend,
             len: sockets.len(),
+            aged_ms: self.aged_ms,
             since,
         };
         (sockets, edits)
@@ -239,6 +246,7 @@ impl Table {
 
     /// Moves every socket's clocks on by `ms`.
     pub fn age(&mut self, ms: u32) {
+        self.aged_ms += u64::from(ms);
         self.sockets.iter_mut().for_each(|s| s.age(ms));
     }
 

@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::collector::Collector;
@@ -23,6 +22,9 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use crate::detect::{DetectConfig, Finding, Kind, Severity};
 use crate::join::Joined;
 use crate::model::{FD_NAMED_SHARE, Sample, TcpState};
+
+mod counts;
+pub use counts::SocketCounts;
 
 /// `process` of sockets no visible process holds.
 pub const UNATTRIBUTED: &str = "(unattributed)";
@@ -129,141 +131,6 @@ fn process_label(sample: &Sample, pid: Option<u32>) -> String {
     }
 }
 
-/// A connection as `shimcheck_connections` counts it: namespace, lowest-pid holder, service
-/// endpoint, server side, state.
-type ConnectionKey = (u64, Option<u32>, SocketAddr, bool, TcpState);
-/// A connection as `shimcheck_idle_connections` counts it.
-type IdleKey = (u64, Option<u32>, SocketAddr);
-/// A (namespace, source address, destination) tuple of client ends.
-type Tuple = (u64, IpAddr, SocketAddr);
-
-/// What the metrics read of a sample's sockets, counted in one pass by small keys: no label
-/// is spelled for a socket, only for each series after. `serve` keeps it from one new sample
-/// to the next: where nothing moved but time, none of it changes but which connections have
-/// been idle long enough, and the clocks kept here answer that.
-#[derive(Debug, Clone, Default)]
-pub struct SocketCounts {
-    totals: FxHashMap<(u64, TcpState), u32>,
-    /// Each connection series: its count and its idle series (an index into `idle`), found
-    /// with one lookup a socket.
-    connections: FxHashMap<ConnectionKey, (u32, u32)>,
-    idle: Vec<(IdleKey, Idle)>,
-    unattributed: FxHashMap<u64, u32>,
-    /// The `EPHEMERAL_TUPLES` tuples using the most local ports, and how many.
-    busiest: Vec<(Tuple, usize)>,
-    /// `--idle-after` in milliseconds.
-    idle_after: u64,
-}
-
-/// The ESTABLISHED connections of one idle series: how many were idle long enough when
-/// dumped, and the data-idle clocks of the others whose clocks age with the sample (sorted).
-#[derive(Debug, Clone, Default)]
-struct Idle {
-    already: u32,
-    waiting: Vec<u32>,
-}
-
-impl SocketCounts {
-    /// One pass over `j`'s sockets.
-    pub fn new(j: &Joined<'_>, cfg: &DetectConfig) -> SocketCounts {
-        let sample = j.sample;
-        let idle_after = u64::try_from(cfg.idle_after.as_millis()).unwrap_or(u64::MAX);
-        let mut counts = SocketCounts {
-            idle_after,
-            ..SocketCounts::default()
-        };
-        // Each tuple numbered, and the local ports of its client ends: counted once each
-        // after a sort (two ends can share a tuple and a port in two namespaces' views).
-        let mut tuples: FxHashMap<Tuple, u32> = FxHashMap::default();
-        let mut listed: Vec<Tuple> = Vec::new();
-        let mut ports: Vec<u64> = Vec::new();
-        let mut idle_at: FxHashMap<IdleKey, u32> = FxHashMap::default();
-        // A namespace's sockets mostly share a state: counted in a run, the map asked once a
-        // run.
-        let mut run: Option<((u64, TcpState), u32)> = None;
-        for (i, s) in sample.sockets.iter().enumerate() {
-            match &mut run {
-                Some((key, n)) if *key == (s.netns, s.state) => *n += 1,
-                last => {
-                    if let Some((key, n)) = last.replace(((s.netns, s.state), 1)) {
-                        *counts.totals.entry(key).or_default() += n;
-                    }
-                }
-            }
-            if !matches!(s.state, TcpState::Established | TcpState::CloseWait) {
-                continue;
-            }
-            let pid = j.owners(i).next();
-            if pid.is_none() {
-                *counts.unattributed.entry(s.netns).or_default() += 1;
-            }
-            let server = j.listens(i);
-            let endpoint = if server {
-                s.local()
-            } else {
-                let tuple = (s.netns, s.local().ip(), s.remote());
-                let id = *tuples.entry(tuple).or_insert_with(|| {
-                    listed.push(tuple);
-                    (listed.len() - 1) as u32
-                });
-                ports.push(u64::from(id) << 16 | u64::from(s.local().port()));
-                s.remote()
-            };
-            let idle = &mut counts.idle;
-            let (n, at) = counts
-                .connections
-                .entry((s.netns, pid, endpoint, server, s.state))
-                .or_insert_with(|| {
-                    let key = (s.netns, pid, endpoint);
-                    let at = *idle_at.entry(key).or_insert_with(|| {
-                        idle.push((key, Idle::default()));
-                        (idle.len() - 1) as u32
-                    });
-                    (0, at)
-                });
-            *n += 1;
-            if let (TcpState::Established, Some(t)) = (s.state, s.tcp_info) {
-                let clock = t.data_idle_ms();
-                let Some((_, idle)) = idle.get_mut(*at as usize) else {
-                    continue;
-                };
-                if u64::from(clock) >= idle_after {
-                    idle.already += 1;
-                } else if s.has_clocks() {
-                    idle.waiting.push(clock);
-                }
-            }
-        }
-        if let Some((key, n)) = run {
-            *counts.totals.entry(key).or_default() += n;
-        }
-        for (_, idle) in &mut counts.idle {
-            idle.waiting.sort_unstable();
-        }
-        crate::join::radix_sort_by_key(&mut ports, |&p| p);
-        ports.dedup();
-        let mut used: Vec<(Tuple, usize)> = ports
-            .chunk_by(|a, b| a >> 16 == b >> 16)
-            .filter_map(|run| Some((*listed.get((run[0] >> 16) as usize)?, run.len())))
-            .collect();
-        used.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        used.truncate(EPHEMERAL_TUPLES);
-        counts.busiest = used;
-        counts
-    }
-
-    /// Each idle series with its count, the clocks `age_ms` older than dumped.
-    fn idle_now(&self, age_ms: u64) -> impl Iterator<Item = (&IdleKey, u32)> {
-        let from = self.idle_after.saturating_sub(age_ms);
-        self.idle.iter().filter_map(move |(key, idle)| {
-            let crossed =
-                idle.waiting.len() - idle.waiting.partition_point(|&c| u64::from(c) < from);
-            let n = idle.already + crossed as u32;
-            (n > 0).then_some((key, n))
-        })
-    }
-}
-
 /// Keeps at most `max` series: the largest, with the rest summed into series whose `fold`
 /// labels are `other` (the other labels, all of bounded values, are kept).
 fn cap(series: Vec<(Labels, f64)>, max: usize, fold: &[&str]) -> Vec<(Labels, f64)> {
@@ -330,7 +197,7 @@ pub fn families_of(
             .clone()
     };
     let mut connections: BTreeMap<Labels, f64> = BTreeMap::new();
-    for (&(ns, pid, endpoint, server, state), &(n, _)) in &counts.connections {
+    for (&(ns, pid, endpoint, server, state), n) in counts.connections() {
         let labels = vec![
             ("netns", netns(ns)),
             ("process", process_label(sample, pid)),
@@ -350,13 +217,13 @@ pub fn families_of(
         *idle.entry(labels).or_default() += f64::from(n);
     }
     let mut totals: BTreeMap<Labels, f64> = BTreeMap::new();
-    for (&(ns, state), &n) in &counts.totals {
+    let mut unattributed: BTreeMap<Labels, f64> = BTreeMap::new();
+    for ((ns, state), n, none) in counts.totals() {
         let labels = vec![("netns", netns(ns)), ("state", state_label(state).into())];
         *totals.entry(labels).or_default() += f64::from(n);
-    }
-    let mut unattributed: BTreeMap<Labels, f64> = BTreeMap::new();
-    for (&ns, &n) in &counts.unattributed {
-        *unattributed.entry(vec![("netns", netns(ns))]).or_default() += f64::from(n);
+        if none > 0 {
+            *unattributed.entry(vec![("netns", netns(ns))]).or_default() += f64::from(none);
+        }
     }
 
     let mut out = vec![
@@ -457,9 +324,9 @@ pub fn families_of(
         "Local ports used by connections from one source address to one destination \
          endpoint, for the busiest such tuples; compare with shimcheck_ephemeral_ports_range.",
         counts
-            .busiest
-            .iter()
-            .map(|&((ns, src, dst), n)| {
+            .busiest()
+            .into_iter()
+            .map(|((ns, src, dst), n)| {
                 let labels = vec![
                     ("netns", netns(ns)),
                     ("source", src.to_string()),

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use shimcheck::aggregate::KeptGroups;
 use shimcheck::detect::{self, Detail, DetectConfig, Finding, History, Kind, MIN_RISES, Severity};
 use shimcheck::join::Joined;
 use shimcheck::model::{FdUse, HostFacts, Sample, TcpInfo, TcpState};
@@ -702,7 +703,7 @@ fn a_history_fed_digests_judges_as_one_fed_joined_samples() {
         let j = Joined::new(&s);
         h_joined.observe(&j);
         let digest = Digest::new(&j);
-        h_digest.observe_digest(&digest, &s);
+        h_digest.observe_digest(&digest, &j, &KeptGroups::default(), None);
         assert_eq!(h_digest.len(), h_joined.len());
         let fresh = detect::findings(&j, Some(&h_joined), &c);
         assert_eq!(digest.findings(&s, Some(&h_digest), &c), fresh, "at {t} s");
@@ -1496,7 +1497,9 @@ fn a_tuple_that_left_and_came_back_is_first_seen_when_it_came_back() {
             .owners((0..=t).map(|n| (n + 1, 300)))
             .process(process(300, "app"))
             .build();
-        h.observe_digest(&Digest::new(&Joined::new(&s)), &s);
+        let j = Joined::new(&s);
+        h.observe_digest(&Digest::new(&j), &j, &KeptGroups::default(), None);
+        drop(j);
         last = Some(s);
     }
     let sample = last.unwrap();

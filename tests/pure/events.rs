@@ -6,7 +6,7 @@ use shimcheck::bpf::events::StateChange;
 use shimcheck::collect::CollectError;
 use shimcheck::collect::events::{Drain, Edits, Pending, Redump, Table, follows};
 use shimcheck::collect::netlink::Exact;
-use shimcheck::model::{ScanStats, Socket, StateSet, TcpState};
+use shimcheck::model::{Sample, ScanStats, Socket, StateSet, TcpState};
 
 use crate::support::builders::{SocketWith, sock};
 
@@ -500,7 +500,8 @@ fn unchanged_sockets_have_their_clocks_moved_on_by_the_time_since_the_last_sampl
 /// One connection on loopback in namespace `netns`, both ends: the client's cookie is `2c`,
 /// the server end's `2c + 1`, with no inode until accepted. Client ports repeat every 64
 /// connections, so a tuple can be held twice while its first connection lingers in
-/// CLOSE_WAIT.
+/// CLOSE_WAIT. Its ends have carried no data for up to 100 s as the kernel says, the ends of
+/// every 17th connection have no clocks (no tcp_info).
 fn connection(netns: u64, c: u64, accepted: bool) -> [Socket; 2] {
     let client = format!("127.0.0.1:{}", 40000 + c % 64);
     let server_inode = if accepted { 100_000 + 2 * c + 1 } else { 0 };
@@ -508,7 +509,13 @@ fn connection(netns: u64, c: u64, accepted: bool) -> [Socket; 2] {
         sock(TcpState::Established, &client, SERVER, 100_000 + 2 * c).cookie(2 * c),
         sock(TcpState::Established, SERVER, &client, server_inode).cookie(2 * c + 1),
     ]
-    .map(|s| s.netns(netns))
+    .map(|s| {
+        let s = s.netns(netns);
+        match Socket::cookie(&s) {
+            Some(k) if !c.is_multiple_of(17) => s.idle((k * 7919 % 100_000) as u32),
+            _ => s,
+        }
+    })
 }
 
 /// One namespace's table, the kernel its lookups ask, and the connections open there.
@@ -546,6 +553,8 @@ impl Namespace {
     /// accepted), one goes half-closed, and the waiting ones may be accepted meanwhile; the
     /// table is then brought up to date.
     fn churn(&mut self, roll: &mut impl FnMut(u64) -> u64) {
+        // Seconds pass: the sockets that did not change carry no data meanwhile.
+        self.table.age(roll(20_000) as u32);
         let mut pending = Pending::default();
         let add = |p: &mut Pending, s: &Socket, from: TcpState, to: TcpState| {
             let (local, remote) = (s.local().to_string(), s.remote().to_string());
@@ -694,8 +703,51 @@ fn holders_of(inode: u64, passed: &BTreeMap<u64, u32>, hidden: bool) -> Vec<(u64
         // Shared, by a second process that can change.
         (i, p) if i % 13 == 0 => vec![(i, 1000), (i, p.unwrap_or(1001))],
         (i, Some(pid)) => vec![(i, pid)],
-        (i, None) if i % 2 == 1 => vec![(i, 2000)],
+        // Two registries hold the server ends: which holds most of a client's other ends (the
+        // note of its findings) changes as its connections come and go.
+        (i, None) if i % 2 == 1 => vec![(i, 2000 + (i / 2 % 2) as u32)],
         (i, None) => vec![(i, 1000 + (i / 2 % 4) as u32)],
+    }
+}
+
+/// A round's sample of `sockets` for the tests of what a loop keeps: holders from
+/// `holders_of` (hidden in half the rounds), the processes they name, and one process the
+/// scan could not read, so that a socket with an inode and no holder warns so.
+fn round_sample(sockets: Vec<Socket>, passed: &BTreeMap<u64, u32>, round: u32) -> Sample {
+    use crate::support::builders::{process, sample};
+    let pairs: Vec<(u64, u32)> = sockets
+        .iter()
+        .filter(|s| s.inode != 0)
+        .flat_map(|s| holders_of(s.inode, passed, round % 10 < 5))
+        .collect();
+    let mut processes = vec![process(2000, "registry"), process(3000, "sidecar")];
+    processes.push(process(2001, "registry"));
+    processes.extend((1000..1004).map(|pid| process(pid, &format!("client{}", pid - 1000))));
+    let denied = ScanStats {
+        denied: 1,
+        ..ScanStats::default()
+    };
+    sample()
+        .at(1_800_000_000 + 15 * u64::from(round))
+        .port_range(40000, 40063)
+        .sockets(sockets)
+        .owners(pairs)
+        .processes(processes)
+        .scan(denied)
+        .build()
+}
+
+/// Between rounds a holder or two change hands, and one goes back.
+fn pass_holders(sweep: &mut Sweep, passed: &mut BTreeMap<u64, u32>) {
+    for _ in 0..2 {
+        let inode = 100_000 + sweep.roll(200);
+        passed.insert(inode, 3000);
+    }
+    if let Some(&inode) = passed
+        .keys()
+        .nth(sweep.roll(passed.len() as u64 + 1) as usize)
+    {
+        passed.remove(&inode);
     }
 }
 
@@ -704,7 +756,7 @@ fn groups_kept_by_a_tables_edits_are_the_groups_made_from_scratch() {
     use shimcheck::aggregate::{GroupBy, KeptGroups, Query, aggregate_with_counts};
     use shimcheck::join::{Joined, KeptTopology};
 
-    use crate::support::builders::{process, query, sample};
+    use crate::support::builders::query;
     // Two namespaces' tables taking turns being lent first (`Sweep`); holders that change
     // hands between rounds; every grouping a loop keeps, with and without
     // filters and a top, and two it does not keep (`--by pod`, `--process`).
@@ -749,24 +801,7 @@ fn groups_kept_by_a_tables_edits_are_the_groups_made_from_scratch() {
             edits,
         } = sweep.lend(round);
         let peers = topology.topology(&sockets, Some(&edits));
-        let pairs: Vec<(u64, u32)> = sockets
-            .iter()
-            .filter(|s| s.inode != 0)
-            .flat_map(|s| holders_of(s.inode, &passed, round % 10 < 5))
-            .collect();
-        let mut processes = vec![process(2000, "registry"), process(3000, "sidecar")];
-        processes.extend((1000..1004).map(|pid| process(pid, &format!("client{}", pid - 1000))));
-        // A process the scan could not read: a socket with an inode and no holder warns so.
-        let denied = ScanStats {
-            denied: 1,
-            ..ScanStats::default()
-        };
-        let sample = sample()
-            .sockets(sockets)
-            .owners(pairs)
-            .processes(processes)
-            .scan(denied)
-            .build();
+        let sample = round_sample(sockets, &passed, round);
         let joined = Joined::with_topology_of(&sample, &peers);
         let scratch = Joined::new(&sample);
         for (q, groups) in queries.iter().zip(&mut kept) {
@@ -792,19 +827,291 @@ fn groups_kept_by_a_tables_edits_are_the_groups_made_from_scratch() {
         };
         sweep.next(swept);
         last_first = Some(first);
-        // A holder or two change hands; one goes back.
-        for _ in 0..2 {
-            let inode = 100_000 + sweep.roll(200);
-            passed.insert(inode, 3000);
-        }
-        if let Some(&inode) = passed
-            .keys()
-            .nth(sweep.roll(passed.len() as u64 + 1) as usize)
-        {
-            passed.remove(&inode);
-        }
+        pass_holders(&mut sweep, &mut passed);
     }
     assert!(patched > 350, "{patched} reports patched");
+}
+
+#[test]
+fn socket_counts_kept_by_the_groups_changes_are_the_counts_made_from_scratch() {
+    use std::time::Duration;
+
+    use shimcheck::aggregate::KeptGroups;
+    use shimcheck::detect::DetectConfig;
+    use shimcheck::join::{Joined, KeptTopology};
+    use shimcheck::render::metrics::{self, Families, SocketCounts};
+    use shimcheck::serve::report_query;
+    // `serve`'s loop in small (`Sweep`): the groups patched by the table's edits, the metrics'
+    // counts by the groups' changes. Clocks age up to 20 s a round and cross --idle-after;
+    // some are read again between samples; a sample is reused 30 s later.
+    let cfg = DetectConfig {
+        idle_after: Duration::from_secs(60),
+        ..DetectConfig::default()
+    };
+    let query = report_query();
+    let scratch = |s: &Sample| metrics::families(&Joined::new(s), &[], &cfg, 10_000);
+    let kept_of =
+        |s: &Sample, c: &SocketCounts| -> Families { metrics::families_of(s, c, &[], 10_000) };
+    let mut sweep = Sweep::new(0x0517_cc1b_7272_20a1);
+    let mut topology = KeptTopology::default();
+    let mut groups = KeptGroups::default();
+    let mut counts: Option<SocketCounts> = None;
+    let mut passed: BTreeMap<u64, u32> = BTreeMap::new();
+    let (mut patched, mut idle_seen) = (0, 0.0);
+    for round in 0..80 {
+        let Swept {
+            first,
+            own,
+            sockets,
+            edits,
+        } = sweep.lend(round);
+        let peers = topology.topology(&sockets, Some(&edits));
+        let mut sample = round_sample(sockets, &passed, round);
+        let joined = Joined::with_topology_of(&sample, &peers);
+        groups.report(&joined, &query, Some(&edits), false);
+        // Now and then the groups move on without the counts: those are then a report
+        // behind, and must be counted anew.
+        let behind = round % 11 == 5;
+        let mut kept = match behind {
+            true => counts
+                .take()
+                .unwrap_or_else(|| SocketCounts::new(&joined, &cfg)),
+            false => SocketCounts::update(counts.take(), &joined, &cfg, &groups, Some(&edits)),
+        };
+        drop(joined);
+        if behind {
+            counts = Some(kept);
+            sweep.next(Swept {
+                first,
+                own,
+                sockets: sample.sockets,
+                edits,
+            });
+            continue;
+        }
+        let families = kept_of(&sample, &kept);
+        assert_eq!(families, scratch(&sample), "round {round}");
+        patched += usize::from(groups.last_patched().is_some());
+        idle_seen += families
+            .0
+            .iter()
+            .filter(|f| f.name == "shimcheck_idle_connections")
+            .flat_map(|f| f.series.iter().map(|(_, v)| v))
+            .sum::<f64>();
+        // Every third round some clocks are read again, as `serve` reads those a growth
+        // finding is judged by: data flowed on those connections meanwhile.
+        if round % 3 == 0 {
+            let wanted: Vec<u32> = (0..own as u32).step_by(7).collect();
+            for &i in &wanted {
+                if let Some(t) = sample.sockets[i as usize].tcp_info.as_mut() {
+                    t.last_data_recv_ms = 5;
+                }
+            }
+            kept.recount(&Joined::with_topology_of(&sample, &peers), &wanted);
+            assert_eq!(kept_of(&sample, &kept), scratch(&sample), "round {round}");
+        }
+        // Nothing moved since, 30 s later: the counts stand, their clocks brought forward.
+        let mut later = sample.clone();
+        later.tcp_info_age_ms = 30_000;
+        assert_eq!(kept_of(&later, &kept), scratch(&later), "round {round}");
+        counts = Some(kept);
+        sweep.next(Swept {
+            first,
+            own,
+            sockets: sample.sockets,
+            edits,
+        });
+        pass_holders(&mut sweep, &mut passed);
+    }
+    assert!(patched > 40, "{patched} rounds patched");
+    assert!(idle_seen > 0.0, "no connection ever idle long enough");
+}
+
+#[test]
+fn a_digest_and_history_kept_by_the_groups_changes_are_those_made_from_scratch() {
+    use std::time::Duration;
+
+    use shimcheck::aggregate::KeptGroups;
+    use shimcheck::detect::{self, DetectConfig, Digest, History, Kind};
+    use shimcheck::join::{Joined, KeptTopology};
+    use shimcheck::serve::report_query;
+    // A loop's digest and history brought up to date at the places its groups changed,
+    // against those made from every socket. When each socket was first seen decides which
+    // connections count as opened within the window, and so the growth findings and the
+    // clocks read again; the digest's members, clocks and notes decide the others. Two sets
+    // of thresholds: a loop's, and one that makes a finding of every pair, process and
+    // destination, so that every count, clock and note is compared.
+    let cfg = DetectConfig {
+        min_growth: 2,
+        window: Duration::from_secs(120),
+        idle_after: Duration::from_secs(60),
+        idle_min_count: 3,
+        close_wait_min: 1,
+    };
+    let everything = DetectConfig {
+        min_growth: 1,
+        idle_after: Duration::ZERO,
+        idle_min_count: 1,
+        ..cfg.clone()
+    };
+    let query = report_query();
+    let mut sweep = Sweep::new(0x2f69_3a1d_c0de_5eed);
+    let mut topology = KeptTopology::default();
+    let mut groups = KeptGroups::default();
+    let mut digest: Option<Digest> = None;
+    let (mut kept, mut scratch) = (History::new(cfg.window, 2), History::new(cfg.window, 2));
+    let mut passed: BTreeMap<u64, u32> = BTreeMap::new();
+    let (mut patched, mut young) = (0, 0);
+    let mut kinds = BTreeMap::new();
+    for round in 0..80 {
+        let Swept {
+            first,
+            own,
+            sockets,
+            edits,
+        } = sweep.lend(round);
+        let peers = topology.topology(&sockets, Some(&edits));
+        let mut sample = round_sample(sockets, &passed, round);
+        let joined = Joined::with_topology_of(&sample, &peers);
+        groups.report(&joined, &query, Some(&edits), false);
+        patched += usize::from(groups.last_patched().is_some());
+        // Now and then the loop misses a sample: the digest and the history must then look at
+        // every socket again, the groups' next changes being counted from a sample they
+        // never saw.
+        if round % 11 == 5 {
+            drop(joined);
+            sweep.next(Swept {
+                first,
+                own,
+                sockets: sample.sockets,
+                edits,
+            });
+            continue;
+        }
+        let mut d = Digest::update(digest.take(), &joined, &groups, Some(&edits));
+        kept.observe_digest(&d, &joined, &groups, Some(&edits));
+        drop(joined);
+        scratch.observe(&Joined::new(&sample));
+        for i in 0..sample.sockets.len() {
+            assert_eq!(
+                kept.first_seen(i),
+                scratch.first_seen(i),
+                "round {round}, {i}"
+            );
+        }
+        let wanted = kept.clocks_wanted(&d, &cfg);
+        let fresh = Digest::new(&Joined::new(&sample));
+        assert_eq!(wanted, scratch.clocks_wanted(&fresh, &cfg), "round {round}");
+        young += wanted.len();
+        // Every third round some clocks are read again, as a loop reads those a growth
+        // finding is judged by: data flowed on those connections meanwhile.
+        if round % 3 == 0 {
+            let places: Vec<u32> = (0..own as u32).step_by(5).chain(wanted).collect();
+            for &i in &places {
+                if let Some(t) = sample.sockets[i as usize].tcp_info.as_mut() {
+                    t.last_data_recv_ms = 5;
+                }
+            }
+            d.recount(&Joined::with_topology_of(&sample, &peers), &places);
+        }
+        // Judged now, and once more 30 s later with nothing moved.
+        let mut later = sample.clone();
+        later.tcp_info_age_ms = 30_000;
+        for (s, c) in [(&sample, &cfg), (&sample, &everything), (&later, &cfg)] {
+            let findings = d.findings(s, Some(&kept), c);
+            assert_eq!(
+                findings,
+                detect::findings(&Joined::new(s), Some(&scratch), c),
+                "round {round}"
+            );
+            for f in findings {
+                *kinds.entry(format!("{:?}", f.kind)).or_insert(0) += 1;
+            }
+        }
+        digest = Some(d);
+        sweep.next(Swept {
+            first,
+            own,
+            sockets: sample.sockets,
+            edits,
+        });
+        pass_holders(&mut sweep, &mut passed);
+    }
+    assert!(patched > 40, "{patched} rounds patched");
+    assert!(young > 0, "no socket opened within the window was judged");
+    for kind in [
+        Kind::Growth,
+        Kind::Idle,
+        Kind::CloseWait,
+        Kind::PortExhaustion,
+    ] {
+        assert!(
+            kinds.contains_key(&format!("{kind:?}")),
+            "no {kind:?} finding: {kinds:?}"
+        );
+    }
+}
+
+#[test]
+fn counts_kept_while_a_table_ages_a_month_still_tell_a_new_busy_connection_from_an_idle_one() {
+    use shimcheck::aggregate::KeptGroups;
+    use shimcheck::detect::DetectConfig;
+    use shimcheck::join::Joined;
+    use shimcheck::render::metrics::{self, SocketCounts};
+    use shimcheck::serve::report_query;
+
+    use crate::support::builders::sample;
+    // A table kept 35 days: its clocks aged past what the counts keep of them in 32 bits.
+    let mut kernel = Kernel::default();
+    for s in connection(1, 1, true) {
+        kernel
+            .now
+            .insert(Socket::cookie(&s).unwrap(), s.idle(1_000));
+    }
+    let mut table = Table::new(kernel.now.values().cloned().collect(), shown()).unwrap();
+    let cfg = DetectConfig::default();
+    let (mut groups, mut counts) = (KeptGroups::default(), None);
+    let mut look = |table: &mut Table, counts: &mut Option<SocketCounts>| {
+        let (sockets, edits) = table.lend();
+        let s = sample().sockets(sockets).build();
+        let joined = Joined::new(&s);
+        groups.report(&joined, &report_query(), Some(&edits), false);
+        let kept = SocketCounts::update(counts.take(), &joined, &cfg, &groups, Some(&edits));
+        let families = metrics::families_of(&s, &kept, &[], 100);
+        assert_eq!(families, metrics::families(&joined, &[], &cfg, 100));
+        *counts = Some(kept);
+        drop(joined);
+        assert!(table.give_back(s.sockets));
+        families
+    };
+    look(&mut table, &mut counts);
+    table.age(35 * 86_400_000);
+    // A connection opens: its clocks, read now, say it carried data 5 ms ago.
+    let mut pending = Pending::default();
+    for s in connection(1, 2, true) {
+        let (local, remote) = (s.local().to_string(), s.remote().to_string());
+        let cookie = Socket::cookie(&s).unwrap();
+        pending.add(change(
+            cookie,
+            TcpState::SynSent,
+            TcpState::Established,
+            &local,
+            &remote,
+        ));
+        kernel.now.insert(cookie, s.idle(5));
+    }
+    assert_eq!(apply(&mut table, &pending, &mut kernel), Ok(2));
+    let families = look(&mut table, &mut counts);
+    let idle: f64 = families
+        .0
+        .iter()
+        .filter(|f| f.name == "shimcheck_idle_connections")
+        .flat_map(|f| f.series.iter().map(|(_, v)| v))
+        .sum();
+    assert_eq!(
+        idle, 2.0,
+        "the first connection's two ends, not the new one's"
+    );
 }
 
 #[test]
