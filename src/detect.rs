@@ -314,27 +314,39 @@ struct Touched {
 
 impl Digest {
     /// Every socket of `j` digested.
+    /// Nothing is kept by place: a one-shot run never patches it, and a million sockets would
+    /// hold 12 MB more.
     pub fn new(j: &Joined<'_>) -> Digest {
-        Digest::aged(j, 0)
+        let mut d = Digest::default();
+        d.add_all(j);
+        d
     }
 
-    /// `new`, of sockets whose clocks a table moved on by `aged` ms since it was made.
+    /// A loop's digest of `j`, whose clocks a table moved on by `aged` ms since it was made:
+    /// each socket's memberships kept by its place, to be patched.
     fn aged(j: &Joined<'_>, aged: u64) -> Digest {
         let n = j.sample.sockets.len();
         let mut d = Digest {
+            pairs: Lists::by_place(n),
+            close_wait: Lists::by_map(),
+            dest_of: vec![NONE; n],
             base: aged,
             aged,
-            dest_of: vec![NONE; n],
             ..Digest::default()
         };
-        d.pairs.resize(n);
+        d.add_all(j);
+        d
+    }
+
+    /// Puts in every socket of `j`.
+    fn add_all(&mut self, j: &Joined<'_>) {
+        let n = j.sample.sockets.len();
         let mut touched = Touched::default();
         let mut keys = Vec::new();
         for i in 0..n {
-            d.put(j, i, &mut keys, &mut touched);
+            self.put(j, i, &mut keys, &mut touched);
         }
-        d.finish(j, touched);
-        d
+        self.finish(j, touched);
     }
 
     /// The digest of `j`, a loop's new sample: `last` (the digest of its last one) brought up
@@ -347,7 +359,7 @@ impl Digest {
         groups: &KeptGroups,
         edits: Option<&Edits>,
     ) -> Digest {
-        let patchable = last.and_then(|d| {
+        let patchable = last.filter(|d| d.pairs.kept()).and_then(|d| {
             let changed = groups.changes_since(d.made_with, edits)?;
             Some((d, changed, edits?))
         });
@@ -363,8 +375,12 @@ impl Digest {
     }
 
     /// Digests again the sockets at `places` of `j`, whose clocks were read anew since
-    /// (`Sampler::fresh_clocks`).
+    /// (`Sampler::fresh_clocks`); a digest not kept by place is made anew.
     pub fn recount(&mut self, j: &Joined<'_>, places: &[u32]) {
+        if !self.pairs.kept() {
+            *self = Digest::new(j);
+            return;
+        }
         let mut touched = Touched::default();
         let mut keys = Vec::new();
         let n = self.dest_of.len();
@@ -410,7 +426,9 @@ impl Digest {
             if let Some(n) = self.dests.get_mut(slot) {
                 *n += 1;
             }
-            self.dest_of[i] = slot;
+            if let Some(at) = self.dest_of.get_mut(i) {
+                *at = slot;
+            }
         }
         pair_keys(j, i, keys);
         if keys.is_empty() {
@@ -1322,7 +1340,7 @@ mod tests {
             idle_min_count: 1,
             ..DetectConfig::default()
         };
-        let mut d = Digest::new(&Joined::new(&before));
+        let mut d = Digest::aged(&Joined::new(&before), 0);
         let note = |d: &Digest, s: &Sample| {
             d.findings(s, None, &cfg)
                 .into_iter()
@@ -1351,7 +1369,7 @@ mod tests {
         // Pairs with notes, CLOSE_WAIT facts, destinations and a port finding, all gone with
         // the sockets: a long-running loop holds only what is there now.
         let s = sample(6);
-        let mut d = Digest::new(&Joined::new(&s));
+        let mut d = Digest::aged(&Joined::new(&s), 0);
         assert!(d.pairs.iter().count() == 2 && d.mirrors.len() == 2);
         assert!(d.close_wait_facts.len() == 1 && d.dests.iter().count() == 2);
         assert_eq!(d.ports.len(), 2);

@@ -82,12 +82,17 @@ impl<D> Default for List<D> {
     }
 }
 
-/// Sockets in lists by key, a socket in any number of them (one per holder), each taken out
-/// of all of its lists by its place. Its first membership is kept by place, 8 bytes a
-/// socket; the others (a socket several processes hold) in a map.
+/// Sockets in lists by key, a socket in any number of them (one per holder). Kept by place
+/// (`by_place`), each is taken out of all of its lists by its place: its first membership is
+/// kept by place, 8 bytes a socket, the others (a socket several processes hold, or every
+/// membership of lists that room was not made for) in a map. Lists made once and never
+/// patched keep no membership.
 #[derive(Debug, Clone)]
 pub(crate) struct Lists<K, D> {
     lists: Keyed<K, List<D>>,
+    kept: bool,
+    /// First memberships are kept by place.
+    room: bool,
     /// Per place: (list, index in it) of its first membership, or `(NONE, NONE)`.
     first: Vec<(u32, u32)>,
     more: FxHashMap<u32, Vec<(u32, u32)>>,
@@ -97,16 +102,48 @@ impl<K, D> Default for Lists<K, D> {
     fn default() -> Self {
         Lists {
             lists: Keyed::default(),
+            kept: false,
+            room: false,
             first: Vec::new(),
             more: FxHashMap::default(),
         }
     }
 }
 
+impl<K, D> Lists<K, D> {
+    /// Lists whose sockets can be taken out by place, with room made for `n` places' first
+    /// memberships.
+    pub(crate) fn by_place(n: usize) -> Lists<K, D> {
+        Lists {
+            kept: true,
+            room: true,
+            first: vec![(NONE, NONE); n],
+            ..Lists::default()
+        }
+    }
+
+    /// Lists whose sockets can be taken out by place, every membership in a map: for lists
+    /// few sockets are in.
+    pub(crate) fn by_map() -> Lists<K, D> {
+        Lists {
+            kept: true,
+            ..Lists::default()
+        }
+    }
+
+    /// Whether the sockets can be taken out by place.
+    pub(crate) fn kept(&self) -> bool {
+        self.kept
+    }
+}
+
 impl<K: Hash + Eq + Copy, D> Lists<K, D> {
-    /// Room for sockets at places below `n`; those at `n` and above must have been taken out.
+    /// Room for sockets at places below `n` (in lists with room by place); those at `n` and
+    /// above must have been taken out.
     pub(crate) fn resize(&mut self, n: usize) {
-        self.first.resize(n, (NONE, NONE));
+        if self.room {
+            self.first.resize(n, (NONE, NONE));
+        }
     }
 
     /// Puts the socket at `place` into the list of `key`, with `datum`; returns the list.
@@ -118,6 +155,9 @@ impl<K: Hash + Eq + Copy, D> Lists<K, D> {
         let at = (slot, list.places.len() as u32);
         list.places.push(place);
         list.data.push(datum);
+        if !self.kept {
+            return slot;
+        }
         match self.first.get_mut(place as usize) {
             Some(first) if first.0 == NONE => *first = at,
             _ => self.more.entry(place).or_default().push(at),
@@ -194,8 +234,7 @@ mod tests {
     #[test]
     fn sockets_taken_out_of_lists_leave_every_other_member_findable() {
         // Sockets 0..40 in lists by place % 3, every fifth also in list 7 (a second holder).
-        let mut lists: Lists<u32, u32> = Lists::default();
-        lists.resize(40);
+        let mut lists: Lists<u32, u32> = Lists::by_place(40);
         for p in 0..40 {
             lists.add(p, p % 3, p * 10);
             if p % 5 == 0 {
