@@ -284,7 +284,7 @@ const NO_CLOCK: i64 = i64::MIN;
 /// by its place, so a new sample takes out and puts back only the sockets at the places its
 /// kept groups changed (`KeptGroups::changes_since`), and makes anew the notes and facts of
 /// the pairs and processes they were in. The clocks age with the table: they are kept less
-/// its aging since the digest was made.
+/// its aging (`Edits::aged_ms`) as of when they were read.
 #[derive(Debug, Default)]
 pub struct Digest {
     /// Each pair's sockets, with their clocks as kept (`NO_CLOCK` where there is none).
@@ -299,8 +299,7 @@ pub struct Digest {
     dests: Keyed<Dest, usize>,
     dest_of: Vec<u32>,
     ports: Vec<Finding>,
-    /// The table's clock aging (`Edits::aged_ms`) when the digest was made, and now.
-    base: u64,
+    /// The table's clock aging (`Edits::aged_ms`) as of the last sample.
     aged: u64,
     made_with: Option<Mark>,
 }
@@ -330,7 +329,6 @@ impl Digest {
             pairs: Lists::by_place(n),
             close_wait: Lists::by_map(),
             dest_of: vec![NONE; n],
-            base: aged,
             aged,
             ..Digest::default()
         };
@@ -490,10 +488,10 @@ impl Digest {
         self.ports = port_exhaustion(j, self.dests.iter().map(|(_, &(d, n))| (d, n)));
     }
 
-    /// How far the table aged the clocks since the digest was made (a sum of the milliseconds
-    /// between samples: far from `i64::MAX`).
+    /// How far the table aged the clocks (a sum of the milliseconds between samples: far from
+    /// `i64::MAX`).
     fn aging(&self) -> i64 {
-        i64::try_from(self.aged.saturating_sub(self.base)).unwrap_or(i64::MAX)
+        i64::try_from(self.aged).unwrap_or(i64::MAX)
     }
 
     /// A member's clock as kept, as the sample's sockets give it now.
@@ -1362,6 +1360,23 @@ mod tests {
                 .iter()
                 .any(|m| m.contains("held by ?(201)"))
         );
+    }
+
+    #[test]
+    fn a_one_shot_digest_asked_to_count_sockets_again_is_made_anew() {
+        // It keeps nothing by place to take them out by: counted again, they would count twice.
+        let mut s = sample(6);
+        let mut d = Digest::new(&Joined::new(&s));
+        for sock in &mut s.sockets[..3] {
+            sock.tcp_info = Some(TcpInfo::default());
+        }
+        d.recount(&Joined::new(&s), &[0, 1, 2]);
+        let cfg = DetectConfig {
+            idle_min_count: 1,
+            ..DetectConfig::default()
+        };
+        let fresh = Digest::new(&Joined::new(&s));
+        assert_eq!(d.findings(&s, None, &cfg), fresh.findings(&s, None, &cfg));
     }
 
     #[test]

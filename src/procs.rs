@@ -1012,7 +1012,8 @@ impl OwnerCache {
                 added.sort_unstable();
                 let owners = Arc::make_mut(&mut self.owners);
                 owners.extend(added);
-                owners.sort_unstable();
+                // Stable: a sorted run and a few added, merged in one pass.
+                owners.sort();
                 owners.dedup();
                 for pid in found.found_in.into_iter().rev() {
                     self.recent.retain(|&p| p != pid);
