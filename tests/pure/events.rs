@@ -2,10 +2,12 @@
 //! kernel's state changes and its answers to lookups, with the lookups played by a map.
 use std::collections::BTreeMap;
 
+use shimcheck::aggregate::KeptGroups;
 use shimcheck::bpf::events::StateChange;
 use shimcheck::collect::CollectError;
 use shimcheck::collect::events::{Drain, Edits, Pending, Redump, Table, follows};
 use shimcheck::collect::netlink::Exact;
+use shimcheck::join::Topology;
 use shimcheck::model::{Sample, ScanStats, Socket, StateSet, TcpState};
 
 use crate::support::builders::{SocketWith, sock};
@@ -832,89 +834,54 @@ fn groups_kept_by_a_tables_edits_are_the_groups_made_from_scratch() {
     assert!(patched > 350, "{patched} reports patched");
 }
 
-#[test]
-fn socket_counts_kept_by_the_groups_changes_are_the_counts_made_from_scratch() {
-    use std::time::Duration;
+/// One round of `serve_rounds`: its sample (whose clocks a test may read again), the peers
+/// matched in it, the kept groups' report of it just made, and the edits of its table.
+struct Round<'a> {
+    number: u32,
+    own: usize,
+    sample: &'a mut Sample,
+    peers: &'a Topology,
+    groups: &'a KeptGroups,
+    edits: &'a Edits,
+}
 
-    use shimcheck::aggregate::KeptGroups;
-    use shimcheck::detect::DetectConfig;
+/// `serve`'s loop in small, over 80 rounds of `Sweep`: the peer match and the groups (by
+/// `report_query`) patched by the table's edits; `round` then does what the test keeps from
+/// sample to sample. Holders change hands between rounds. Returns the rounds whose groups were
+/// patched.
+fn serve_rounds(seed: u64, mut round: impl FnMut(Round<'_>)) -> usize {
     use shimcheck::join::{Joined, KeptTopology};
-    use shimcheck::render::metrics::{self, Families, SocketCounts};
     use shimcheck::serve::report_query;
-    // `serve`'s loop in small (`Sweep`): the groups patched by the table's edits, the metrics'
-    // counts by the groups' changes. Clocks age up to 20 s a round and cross --idle-after;
-    // some are read again between samples; a sample is reused 30 s later.
-    let cfg = DetectConfig {
-        idle_after: Duration::from_secs(60),
-        ..DetectConfig::default()
-    };
     let query = report_query();
-    let scratch = |s: &Sample| metrics::families(&Joined::new(s), &[], &cfg, 10_000);
-    let kept_of =
-        |s: &Sample, c: &SocketCounts| -> Families { metrics::families_of(s, c, &[], 10_000) };
-    let mut sweep = Sweep::new(0x0517_cc1b_7272_20a1);
+    let mut sweep = Sweep::new(seed);
     let mut topology = KeptTopology::default();
     let mut groups = KeptGroups::default();
-    let mut counts: Option<SocketCounts> = None;
     let mut passed: BTreeMap<u64, u32> = BTreeMap::new();
-    let (mut patched, mut idle_seen) = (0, 0.0);
-    for round in 0..80 {
+    let mut patched = 0;
+    for number in 0..80 {
         let Swept {
             first,
             own,
             sockets,
             edits,
-        } = sweep.lend(round);
+        } = sweep.lend(number);
         let peers = topology.topology(&sockets, Some(&edits));
-        let mut sample = round_sample(sockets, &passed, round);
-        let joined = Joined::with_topology_of(&sample, &peers);
-        groups.report(&joined, &query, Some(&edits), false);
-        // Now and then the groups move on without the counts: those are then a report
-        // behind, and must be counted anew.
-        let behind = round % 11 == 5;
-        let mut kept = match behind {
-            true => counts
-                .take()
-                .unwrap_or_else(|| SocketCounts::new(&joined, &cfg)),
-            false => SocketCounts::update(counts.take(), &joined, &cfg, &groups, Some(&edits)),
-        };
-        drop(joined);
-        if behind {
-            counts = Some(kept);
-            sweep.next(Swept {
-                first,
-                own,
-                sockets: sample.sockets,
-                edits,
-            });
-            continue;
-        }
-        let families = kept_of(&sample, &kept);
-        assert_eq!(families, scratch(&sample), "round {round}");
+        let mut sample = round_sample(sockets, &passed, number);
+        groups.report(
+            &Joined::with_topology_of(&sample, &peers),
+            &query,
+            Some(&edits),
+            false,
+        );
         patched += usize::from(groups.last_patched().is_some());
-        idle_seen += families
-            .0
-            .iter()
-            .filter(|f| f.name == "shimcheck_idle_connections")
-            .flat_map(|f| f.series.iter().map(|(_, v)| v))
-            .sum::<f64>();
-        // Every third round some clocks are read again, as `serve` reads those a growth
-        // finding is judged by: data flowed on those connections meanwhile.
-        if round % 3 == 0 {
-            let wanted: Vec<u32> = (0..own as u32).step_by(7).collect();
-            for &i in &wanted {
-                if let Some(t) = sample.sockets[i as usize].tcp_info.as_mut() {
-                    t.last_data_recv_ms = 5;
-                }
-            }
-            kept.recount(&Joined::with_topology_of(&sample, &peers), &wanted);
-            assert_eq!(kept_of(&sample, &kept), scratch(&sample), "round {round}");
-        }
-        // Nothing moved since, 30 s later: the counts stand, their clocks brought forward.
-        let mut later = sample.clone();
-        later.tcp_info_age_ms = 30_000;
-        assert_eq!(kept_of(&later, &kept), scratch(&later), "round {round}");
-        counts = Some(kept);
+        round(Round {
+            number,
+            own,
+            sample: &mut sample,
+            peers: &peers,
+            groups: &groups,
+            edits: &edits,
+        });
         sweep.next(Swept {
             first,
             own,
@@ -923,6 +890,87 @@ fn socket_counts_kept_by_the_groups_changes_are_the_counts_made_from_scratch() {
         });
         pass_holders(&mut sweep, &mut passed);
     }
+    patched
+}
+
+/// Every third round a loop reads again the clocks of some of the sockets a table lent
+/// (`own`), and of `wanted`: data flowed on those connections meanwhile. The places read.
+fn read_again(r: &mut Round<'_>, wanted: &[u32]) -> Vec<u32> {
+    if !r.number.is_multiple_of(3) {
+        return Vec::new();
+    }
+    let mut places: Vec<u32> = (0..r.own as u32)
+        .step_by(7)
+        .chain(wanted.iter().copied())
+        .collect();
+    places.sort_unstable();
+    places.dedup();
+    for &i in &places {
+        if let Some(t) = r.sample.sockets[i as usize].tcp_info.as_mut() {
+            t.last_data_recv_ms = 5;
+        }
+    }
+    places
+}
+
+#[test]
+fn socket_counts_kept_by_the_groups_changes_are_the_counts_made_from_scratch() {
+    use std::time::Duration;
+
+    use shimcheck::detect::DetectConfig;
+    use shimcheck::join::Joined;
+    use shimcheck::render::metrics::{self, Families, SocketCounts};
+    // The metrics' counts patched by the groups' changes, against counts made anew. Clocks age
+    // up to 20 s a round and cross --idle-after; some are read again between samples; a
+    // sample is reused 30 s later.
+    let cfg = DetectConfig {
+        idle_after: Duration::from_secs(60),
+        ..DetectConfig::default()
+    };
+    let scratch = |s: &Sample| metrics::families(&Joined::new(s), &[], &cfg, 10_000);
+    let kept_of =
+        |s: &Sample, c: &SocketCounts| -> Families { metrics::families_of(s, c, &[], 10_000) };
+    let mut counts: Option<SocketCounts> = None;
+    let mut idle_seen = 0.0;
+    let patched = serve_rounds(0x0517_cc1b_7272_20a1, |mut r| {
+        let joined = Joined::with_topology_of(r.sample, r.peers);
+        // Now and then the groups move on without the counts: those are then a report
+        // behind, and must be counted anew.
+        if r.number % 11 == 5 {
+            counts.get_or_insert_with(|| SocketCounts::new(&joined, &cfg));
+            return;
+        }
+        let mut kept = SocketCounts::update(counts.take(), &joined, &cfg, r.groups, Some(r.edits));
+        drop(joined);
+        let families = kept_of(r.sample, &kept);
+        assert_eq!(families, scratch(r.sample), "round {}", r.number);
+        idle_seen += families
+            .0
+            .iter()
+            .filter(|f| f.name == "shimcheck_idle_connections")
+            .flat_map(|f| f.series.iter().map(|(_, v)| v))
+            .sum::<f64>();
+        let places = read_again(&mut r, &[]);
+        if !places.is_empty() {
+            kept.recount(&Joined::with_topology_of(r.sample, r.peers), &places);
+            assert_eq!(
+                kept_of(r.sample, &kept),
+                scratch(r.sample),
+                "round {}",
+                r.number
+            );
+        }
+        // Nothing moved since, 30 s later: the counts stand, their clocks brought forward.
+        let mut later = r.sample.clone();
+        later.tcp_info_age_ms = 30_000;
+        assert_eq!(
+            kept_of(&later, &kept),
+            scratch(&later),
+            "round {}",
+            r.number
+        );
+        counts = Some(kept);
+    });
     assert!(patched > 40, "{patched} rounds patched");
     assert!(idle_seen > 0.0, "no connection ever idle long enough");
 }
@@ -931,10 +979,8 @@ fn socket_counts_kept_by_the_groups_changes_are_the_counts_made_from_scratch() {
 fn a_digest_and_history_kept_by_the_groups_changes_are_those_made_from_scratch() {
     use std::time::Duration;
 
-    use shimcheck::aggregate::KeptGroups;
     use shimcheck::detect::{self, DetectConfig, Digest, History, Kind};
-    use shimcheck::join::{Joined, KeptTopology};
-    use shimcheck::serve::report_query;
+    use shimcheck::join::Joined;
     // A loop's digest and history brought up to date at the places its groups changed,
     // against those made from every socket. When each socket was first seen decides which
     // connections count as opened within the window, and so the growth findings and the
@@ -954,89 +1000,64 @@ fn a_digest_and_history_kept_by_the_groups_changes_are_those_made_from_scratch()
         idle_min_count: 1,
         ..cfg.clone()
     };
-    let query = report_query();
-    let mut sweep = Sweep::new(0x2f69_3a1d_c0de_5eed);
-    let mut topology = KeptTopology::default();
-    let mut groups = KeptGroups::default();
     let mut digest: Option<Digest> = None;
     let (mut kept, mut scratch) = (History::new(cfg.window, 2), History::new(cfg.window, 2));
-    let mut passed: BTreeMap<u64, u32> = BTreeMap::new();
-    let (mut patched, mut young) = (0, 0);
+    let mut young = 0;
     let mut kinds = BTreeMap::new();
-    for round in 0..80 {
-        let Swept {
-            first,
-            own,
-            sockets,
-            edits,
-        } = sweep.lend(round);
-        let peers = topology.topology(&sockets, Some(&edits));
-        let mut sample = round_sample(sockets, &passed, round);
-        let joined = Joined::with_topology_of(&sample, &peers);
-        groups.report(&joined, &query, Some(&edits), false);
-        patched += usize::from(groups.last_patched().is_some());
-        // Now and then the loop misses a sample: the digest and the history must then look at
-        // every socket again, the groups' next changes being counted from a sample they
+    let patched = serve_rounds(0x2f69_3a1d_c0de_5eed, |mut r| {
+        // Now and then the loop misses a sample: the digest and the history must then look
+        // at every socket again, the groups' next changes being counted from a sample they
         // never saw.
-        if round % 11 == 5 {
-            drop(joined);
-            sweep.next(Swept {
-                first,
-                own,
-                sockets: sample.sockets,
-                edits,
-            });
-            continue;
+        if r.number % 11 == 5 {
+            return;
         }
-        let mut d = Digest::update(digest.take(), &joined, &groups, Some(&edits));
-        kept.observe_digest(&d, &joined, &groups, Some(&edits));
+        let joined = Joined::with_topology_of(r.sample, r.peers);
+        let mut d = Digest::update(digest.take(), &joined, r.groups, Some(r.edits));
+        kept.observe_digest(&d, &joined, r.groups, Some(r.edits));
         drop(joined);
-        scratch.observe(&Joined::new(&sample));
-        for i in 0..sample.sockets.len() {
+        scratch.observe(&Joined::new(r.sample));
+        for i in 0..r.sample.sockets.len() {
             assert_eq!(
                 kept.first_seen(i),
                 scratch.first_seen(i),
-                "round {round}, {i}"
+                "round {}, {i}",
+                r.number
             );
         }
         let wanted = kept.clocks_wanted(&d, &cfg);
-        let fresh = Digest::new(&Joined::new(&sample));
-        assert_eq!(wanted, scratch.clocks_wanted(&fresh, &cfg), "round {round}");
+        let fresh = Digest::new(&Joined::new(r.sample));
+        assert_eq!(
+            wanted,
+            scratch.clocks_wanted(&fresh, &cfg),
+            "round {}",
+            r.number
+        );
         young += wanted.len();
-        // Every third round some clocks are read again, as a loop reads those a growth
-        // finding is judged by: data flowed on those connections meanwhile.
-        if round % 3 == 0 {
-            let places: Vec<u32> = (0..own as u32).step_by(5).chain(wanted).collect();
-            for &i in &places {
-                if let Some(t) = sample.sockets[i as usize].tcp_info.as_mut() {
-                    t.last_data_recv_ms = 5;
-                }
-            }
-            d.recount(&Joined::with_topology_of(&sample, &peers), &places);
+        let places = read_again(&mut r, &wanted);
+        if !places.is_empty() {
+            d.recount(&Joined::with_topology_of(r.sample, r.peers), &places);
         }
         // Judged now, and once more 30 s later with nothing moved.
-        let mut later = sample.clone();
+        let mut later = r.sample.clone();
         later.tcp_info_age_ms = 30_000;
-        for (s, c) in [(&sample, &cfg), (&sample, &everything), (&later, &cfg)] {
+        for (s, c) in [
+            (&*r.sample, &cfg),
+            (&*r.sample, &everything),
+            (&later, &cfg),
+        ] {
             let findings = d.findings(s, Some(&kept), c);
             assert_eq!(
                 findings,
                 detect::findings(&Joined::new(s), Some(&scratch), c),
-                "round {round}"
+                "round {}",
+                r.number
             );
             for f in findings {
                 *kinds.entry(format!("{:?}", f.kind)).or_insert(0) += 1;
             }
         }
         digest = Some(d);
-        sweep.next(Swept {
-            first,
-            own,
-            sockets: sample.sockets,
-            edits,
-        });
-        pass_holders(&mut sweep, &mut passed);
-    }
+    });
     assert!(patched > 40, "{patched} rounds patched");
     assert!(young > 0, "no socket opened within the window was judged");
     for kind in [
