@@ -913,6 +913,14 @@ fn idle_needs_idle_min_count_sockets_each_silent_for_idle_after() {
     );
     assert_eq!(f.len(), 1, "{f:#?}");
     assert_eq!(f[0].count, 50);
+    // Nor do they make up for the silent ones missing: 49 silent among 79 is not enough.
+    let f = idle_findings(
+        &Pop::new()
+            .clients(300, 0, 49, 2_000)
+            .clients(300, 100, 30, 1_999)
+            .sample(0),
+    );
+    assert!(f.is_empty(), "{f:#?}");
 }
 
 #[test]
