@@ -302,6 +302,8 @@ pub struct Digest {
     /// The table's clock aging (`Edits::aged_ms`) as of the last sample.
     aged: u64,
     made_with: Option<Mark>,
+    /// The last `update` patched the digest before it, rather than made it anew.
+    patched: bool,
 }
 
 /// The pairs and processes whose sockets changed, whose notes and facts are made anew.
@@ -364,12 +366,18 @@ impl Digest {
         let mut digest = match patchable {
             Some((mut d, changed, edits)) => {
                 d.patch(j, changed, edits.aged_ms);
+                d.patched = true;
                 d
             }
             None => Digest::aged(j, edits.map_or(0, |e| e.aged_ms)),
         };
         digest.made_with = groups.mark(edits);
         digest
+    }
+
+    /// Whether the last `update` patched the digest before it (true) or made it anew.
+    pub fn patched(&self) -> bool {
+        self.patched
     }
 
     /// Digests again the sockets at `places` of `j`, whose clocks were read anew since

@@ -931,7 +931,7 @@ fn socket_counts_kept_by_the_groups_changes_are_the_counts_made_from_scratch() {
     let kept_of =
         |s: &Sample, c: &SocketCounts| -> Families { metrics::families_of(s, c, &[], 10_000) };
     let mut counts: Option<SocketCounts> = None;
-    let mut idle_seen = 0.0;
+    let (mut idle_seen, mut counted) = (0.0, 0);
     let patched = serve_rounds(0x0517_cc1b_7272_20a1, |mut r| {
         let joined = Joined::with_topology_of(r.sample, r.peers);
         // Now and then the groups move on without the counts: those are then a report
@@ -942,6 +942,9 @@ fn socket_counts_kept_by_the_groups_changes_are_the_counts_made_from_scratch() {
         }
         let mut kept = SocketCounts::update(counts.take(), &joined, &cfg, r.groups, Some(r.edits));
         drop(joined);
+        // Patched only where the groups were, and then unless a sample was missed.
+        assert!(!kept.patched() || r.groups.last_patched().is_some());
+        counted += usize::from(kept.patched());
         let families = kept_of(r.sample, &kept);
         assert_eq!(families, scratch(r.sample), "round {}", r.number);
         idle_seen += families
@@ -971,7 +974,8 @@ fn socket_counts_kept_by_the_groups_changes_are_the_counts_made_from_scratch() {
         );
         counts = Some(kept);
     });
-    assert!(patched > 40, "{patched} rounds patched");
+    assert!(patched > 40, "{patched} rounds' groups patched");
+    assert!(counted > 40, "{counted} rounds' counts patched");
     assert!(idle_seen > 0.0, "no connection ever idle long enough");
 }
 
@@ -1002,7 +1006,7 @@ fn a_digest_and_history_kept_by_the_groups_changes_are_those_made_from_scratch()
     };
     let mut digest: Option<Digest> = None;
     let (mut kept, mut scratch) = (History::new(cfg.window, 2), History::new(cfg.window, 2));
-    let mut young = 0;
+    let (mut young, mut digested) = (0, 0);
     let mut kinds = BTreeMap::new();
     let patched = serve_rounds(0x2f69_3a1d_c0de_5eed, |mut r| {
         // Now and then the loop misses a sample: the digest and the history must then look
@@ -1013,6 +1017,8 @@ fn a_digest_and_history_kept_by_the_groups_changes_are_those_made_from_scratch()
         }
         let joined = Joined::with_topology_of(r.sample, r.peers);
         let mut d = Digest::update(digest.take(), &joined, r.groups, Some(r.edits));
+        assert!(!d.patched() || r.groups.last_patched().is_some());
+        digested += usize::from(d.patched());
         kept.observe_digest(&d, &joined, r.groups, Some(r.edits));
         drop(joined);
         scratch.observe(&Joined::new(r.sample));
@@ -1058,7 +1064,8 @@ fn a_digest_and_history_kept_by_the_groups_changes_are_those_made_from_scratch()
         }
         digest = Some(d);
     });
-    assert!(patched > 40, "{patched} rounds patched");
+    assert!(patched > 40, "{patched} rounds' groups patched");
+    assert!(digested > 40, "{digested} rounds' digests patched");
     assert!(young > 0, "no socket opened within the window was judged");
     for kind in [
         Kind::Growth,

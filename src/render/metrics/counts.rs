@@ -153,6 +153,8 @@ pub struct SocketCounts {
     aged: u64,
     /// The groups' report the counts were brought up to alongside.
     made_with: Option<Mark>,
+    /// The last `update` patched the counts before it, rather than counted anew.
+    patched: bool,
 }
 
 impl SocketCounts {
@@ -199,12 +201,18 @@ impl SocketCounts {
         }) {
             Some((mut c, changed, edits)) => {
                 c.patch(j, changed, edits.aged_ms);
+                c.patched = true;
                 c
             }
             None => SocketCounts::aged(j, cfg, edits.map_or(0, |e| e.aged_ms)),
         };
         counts.made_with = groups.mark(edits);
         counts
+    }
+
+    /// Whether the last `update` patched the counts before it (true) or counted anew.
+    pub fn patched(&self) -> bool {
+        self.patched
     }
 
     /// Counts again the sockets at `places` of `j`, whose clocks were read anew since they were
