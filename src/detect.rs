@@ -1225,10 +1225,10 @@ pub fn findings(j: &Joined<'_>, history: Option<&History>, cfg: &DetectConfig) -
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{BTreeMap, HashMap};
+    use std::collections::HashMap;
 
     use super::*;
-    use crate::model::{HostFacts, OwnerIndex, ScanStats, TcpInfo};
+    use crate::model::{OwnerIndex, TcpInfo};
 
     const LOOPBACK: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
@@ -1254,22 +1254,9 @@ mod tests {
             }
         }
         let pairs = sockets.iter().map(|s| (s.inode, 100)).collect();
-        Sample {
-            taken_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
-            hostname: "master1".into(),
-            sockets,
-            owners: OwnerIndex::from_pairs(pairs, HashMap::new()),
-            scan: ScanStats::default(),
-            host: HostFacts {
-                port_range: Some((40_000, 40_009)),
-                ..HostFacts::default()
-            },
-            warnings: Vec::new(),
-            own_netns: 1,
-            netns_names: BTreeMap::new(),
-            cgroup_places: BTreeMap::new(),
-            tcp_info_age_ms: 0,
-        }
+        let mut s = Sample::of(sockets, pairs);
+        s.host.port_range = Some((40_000, 40_009));
+        s
     }
 
     #[test]

@@ -866,6 +866,28 @@ impl Sample {
     }
 }
 
+/// For the unit tests of the stages after the join.
+#[cfg(test)]
+impl Sample {
+    /// A sample of `sockets`, held as `pairs` (inode, pid) say, taken in namespace 1 at a fixed
+    /// time, the processes undescribed.
+    pub(crate) fn of(sockets: Vec<Socket>, pairs: Vec<(u64, u32)>) -> Sample {
+        Sample {
+            taken_at: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000),
+            hostname: "master1".into(),
+            sockets,
+            owners: OwnerIndex::from_pairs(pairs, HashMap::new()),
+            scan: ScanStats::default(),
+            host: HostFacts::default(),
+            warnings: Vec::new(),
+            own_netns: 1,
+            netns_names: BTreeMap::new(),
+            cgroup_places: BTreeMap::new(),
+            tcp_info_age_ms: 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -456,3 +456,52 @@ impl SocketCounts {
         used
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::{Sample, Socket, TcpInfo};
+
+    #[test]
+    fn clocks_that_crossed_idle_after_leave_the_waiting_list_at_the_next_sample() {
+        // Ten connections silent for 50 s, --idle-after 60 s: all wait. 10 s later (the
+        // table aged, no socket changed) all are idle, counted so with no look at the clocks.
+        let sockets: Vec<Socket> = (0..10u16)
+            .map(|c| {
+                let local = SocketAddr::from(([10, 0, 0, 1], 40_000 + c));
+                let remote = SocketAddr::from(([10, 0, 0, 9], 5000));
+                let mut s = Socket::new(TcpState::Established, local, remote);
+                (s.inode, s.netns) = (1 + u64::from(c), 1);
+                s.tcp_info = Some(TcpInfo {
+                    last_data_sent_ms: 50_000,
+                    last_data_recv_ms: 50_000,
+                    ..TcpInfo::default()
+                });
+                s
+            })
+            .collect();
+        let pairs = (1..=10).map(|inode| (inode, 100)).collect();
+        let s = Sample::of(sockets, pairs);
+        let j = Joined::new(&s);
+        let cfg = DetectConfig {
+            idle_after: Duration::from_secs(60),
+            ..DetectConfig::default()
+        };
+        let mut counts = SocketCounts::aged(&j, &cfg, 5_000);
+        let idle = |c: &SocketCounts, age| c.idle_now(age).map(|(_, n)| n).sum::<u32>();
+        let waiting = |c: &SocketCounts| {
+            c.idle
+                .iter()
+                .map(|(_, (_, i))| i.waiting.len())
+                .sum::<usize>()
+        };
+        assert_eq!(
+            (idle(&counts, 0), idle(&counts, 10_000), waiting(&counts)),
+            (0, 10, 10)
+        );
+        counts.patch(&j, &[], 15_000);
+        assert_eq!((idle(&counts, 0), waiting(&counts)), (10, 0));
+    }
+}
