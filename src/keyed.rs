@@ -241,6 +241,12 @@ mod tests {
                 lists.add(p, 7, p * 10);
             }
         }
+        // A socket's first membership is kept by place, a second one in the map; room is made
+        // for places past the first 40.
+        lists.resize(50);
+        lists.add(45, 1, 450);
+        assert_eq!(lists.more.len(), 8);
+        lists.remove(45, &mut |_, _| ());
         let mut gone = Vec::new();
         for p in [0, 39, 3, 6, 5, 20, 1] {
             lists.remove(p, &mut |slot, emptied| gone.push((slot, emptied)));
