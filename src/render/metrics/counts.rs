@@ -464,10 +464,8 @@ mod tests {
     use super::*;
     use crate::model::{Sample, Socket, TcpInfo};
 
-    #[test]
-    fn clocks_that_crossed_idle_after_leave_the_waiting_list_at_the_next_sample() {
-        // Ten connections silent for 50 s, --idle-after 60 s: all wait. 10 s later (the
-        // table aged, no socket changed) all are idle, counted so with no look at the clocks.
+    /// Ten connections of process 100 from 10.0.0.1 to 10.0.0.9:5000, silent for 50 s.
+    fn sample() -> Sample {
         let sockets: Vec<Socket> = (0..10u16)
             .map(|c| {
                 let local = SocketAddr::from(([10, 0, 0, 1], 40_000 + c));
@@ -483,14 +481,24 @@ mod tests {
             })
             .collect();
         let pairs = (1..=10).map(|inode| (inode, 100)).collect();
-        let s = Sample::of(sockets, pairs);
+        Sample::of(sockets, pairs)
+    }
+
+    fn idle(c: &SocketCounts, age: u64) -> u32 {
+        c.idle_now(age).map(|(_, n)| n).sum()
+    }
+
+    #[test]
+    fn clocks_that_crossed_idle_after_leave_the_waiting_list_at_the_next_sample() {
+        // All ten wait at --idle-after 60 s. 10 s later (the table aged, no socket changed)
+        // all are idle, counted so with no look at the clocks.
+        let s = sample();
         let j = Joined::new(&s);
         let cfg = DetectConfig {
             idle_after: Duration::from_secs(60),
             ..DetectConfig::default()
         };
         let mut counts = SocketCounts::aged(&j, &cfg, 5_000);
-        let idle = |c: &SocketCounts, age| c.idle_now(age).map(|(_, n)| n).sum::<u32>();
         let waiting = |c: &SocketCounts| {
             c.idle
                 .iter()
@@ -503,5 +511,35 @@ mod tests {
         );
         counts.patch(&j, &[], 15_000);
         assert_eq!((idle(&counts, 0), waiting(&counts)), (10, 0));
+    }
+
+    #[test]
+    fn an_idle_after_past_what_32_bits_of_milliseconds_hold_is_never_reached() {
+        // 30 days: more milliseconds than a kept clock holds. Silent for 50 s is not idle,
+        // now or a day later.
+        let s = sample();
+        let cfg = DetectConfig {
+            idle_after: Duration::from_secs(30 * 86_400),
+            ..DetectConfig::default()
+        };
+        let counts = SocketCounts::new(&Joined::new(&s), &cfg);
+        assert_eq!((idle(&counts, 0), idle(&counts, 86_400_000)), (0, 0));
+    }
+
+    #[test]
+    fn counts_whose_sockets_all_went_hold_nothing() {
+        // A long-running serve sees namespaces, processes and destinations come and go: what
+        // it counted of them goes with them.
+        let s = sample();
+        let cfg = DetectConfig::default();
+        let mut counts = SocketCounts::new(&Joined::new(&s), &cfg);
+        let gone = Sample::of(Vec::new(), Vec::new());
+        counts.patch(&Joined::new(&gone), &(0..10).collect::<Vec<u32>>(), 0);
+        assert_eq!(counts.places.len(), 0);
+        assert_eq!(
+            counts.totals.iter().count() + counts.series.iter().count(),
+            0
+        );
+        assert_eq!(counts.idle.iter().count() + counts.tuples.iter().count(), 0);
     }
 }
