@@ -21,6 +21,8 @@ use crate::model::{Socket, TcpState};
 #[derive(Default)]
 pub struct KeptTopology {
     base: Option<Base>,
+    /// The last match was patched from the one before, not made from scratch.
+    patched: bool,
 }
 
 /// The match of one table's sockets.
@@ -38,10 +40,16 @@ struct Base {
 const GONE: u32 = u32::MAX;
 
 impl KeptTopology {
+    /// Whether the last match was patched from the one before (true) or made from scratch.
+    pub fn last_patched(&self) -> bool {
+        self.patched
+    }
+
     /// The topology of `sockets`, whose first `edits.len` are a table's: patched where the
     /// edits say the table's sockets were written since the last call, if that call matched
     /// the same table; matched from scratch otherwise (and always without `edits`).
     pub fn topology(&mut self, sockets: &[Socket], edits: Option<&Edits>) -> Topology {
+        self.patched = false;
         let Some(edits) = edits.filter(|e| e.len <= sockets.len()) else {
             self.base = None;
             return Topology::with_inode_order(sockets);
@@ -55,6 +63,7 @@ impl KeptTopology {
             }
             _ => false,
         };
+        self.patched = patched;
         let base = match self.base.as_mut() {
             Some(b) if patched => b,
             _ => self.base.insert(Base::new(edits.table, own)),

@@ -682,6 +682,7 @@ fn a_peer_match_patched_by_a_tables_edits_is_the_match_from_scratch() {
     use shimcheck::join::{KeptTopology, Topology};
     let mut sweep = Sweep::new(0x2545_f491_4f6c_dd1d);
     let mut kept = KeptTopology::default();
+    let mut last_first = None;
     for round in 0..80 {
         let swept = sweep.lend(round);
         let patched = kept.topology(&swept.sockets, Some(&swept.edits));
@@ -690,6 +691,14 @@ fn a_peer_match_patched_by_a_tables_edits_is_the_match_from_scratch() {
             Topology::with_inode_order(&swept.sockets),
             "round {round}"
         );
+        // Patched whenever the table lent first is the last round's (whose lend the edits
+        // count from); matched anew otherwise.
+        assert_eq!(
+            kept.last_patched(),
+            last_first == Some(swept.first),
+            "round {round}"
+        );
+        last_first = Some(swept.first);
         sweep.next(swept);
     }
 }
