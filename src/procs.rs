@@ -1012,7 +1012,6 @@ impl OwnerCache {
                 added.sort_unstable();
                 let owners = Arc::make_mut(&mut self.owners);
                 owners.extend(added);
-                // Stable: a sorted run and a few added, merged in one pass.
                 owners.sort();
                 owners.dedup();
                 for pid in found.found_in.into_iter().rev() {
